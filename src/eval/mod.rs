@@ -1,0 +1,1 @@
+//! Evaluation of scores and circuits: ROC/AUC, faithfulness curves, correlation.

@@ -1,0 +1,1 @@
+//! Transformer models: configuration, weights, forward and activation-only backward.

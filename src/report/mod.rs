@@ -1,0 +1,1 @@
+//! Pictures (SVG, no graphviz) and the self-contained HTML report.

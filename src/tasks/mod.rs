@@ -1,0 +1,1 @@
+//! Tasks: the GPT-2 tokenizer, dataset generators, importers of other tools' datasets, metrics.
