@@ -188,20 +188,21 @@ def forward(cfg, p, tokens, track=False, perturb=None):
     short = cfg["positional_embedding_type"] == "shortformer"
     resid = p["embed.W_E"][tokens] + (0 if short else pos)
     acts = {"input": resid}
-    deltas, leaves = {}, {}
+    deltas = {}
     for L in range(cfg["n_layers"]):
         pre = f"blocks.{L}."
-        qk_base = resid + pos if short else resid
         xs = {}
-        for letter, base in (("q", qk_base), ("k", qk_base), ("v", resid)):
+        for letter in "qkv":
             dlt = zero(n_b, n_p, H, d)
-            leaves[f"{L}{letter}"] = dlt
             extra = torch.stack([perturb.get(f"a{L}.h{h}<{letter}>", torch.zeros(n_b, n_p, d,
                                  dtype=dt)) for h in range(H)], dim=2)
             for h in range(H):
                 deltas[f"a{L}.h{h}<{letter}>"] = (dlt, h)
-            x = base[:, :, None, :] + dlt + extra
+            x = resid[:, :, None, :] + dlt + extra
             xs[letter] = layer_norm(x, p.get(pre + "ln1.w"), p.get(pre + "ln1.b"), norm, eps)
+            if short and letter in "qk":
+                # TransformerLens: query/key input = ln1(resid) + W_pos, added AFTER ln1.
+                xs[letter] = xs[letter] + pos[None, :, None, :]
         q = torch.einsum("bphd,hde->bphe", xs["q"], p[pre + "attn.W_Q"]) + p[pre + "attn.b_Q"]
         k = torch.einsum("bphd,hde->bphe", xs["k"], p[pre + "attn.W_K"]) + p[pre + "attn.b_K"]
         v = torch.einsum("bphd,hde->bphe", xs["v"], p[pre + "attn.W_V"]) + p[pre + "attn.b_V"]
