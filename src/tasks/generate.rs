@@ -253,14 +253,14 @@ fn fill(template: &str, a: &[&str], b: &[&str], place: &str, object: &str) -> St
     while let Some(i) = rest.find('[') {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
-        if tail.starts_with("[A]") {
+        if let Some(after) = tail.strip_prefix("[A]") {
             out.push_str(a[na.min(a.len() - 1)]);
             na += 1;
-            rest = &tail[3..];
-        } else if tail.starts_with("[B]") {
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("[B]") {
             out.push_str(b[nb.min(b.len() - 1)]);
             nb += 1;
-            rest = &tail[3..];
+            rest = after;
         } else {
             out.push('[');
             rest = &tail[1..];
