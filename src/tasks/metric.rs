@@ -1,0 +1,523 @@
+//! Task metrics and their gradients with respect to the logits.
+//!
+//! Every metric reads one row of logits per example (the position that predicts the answer) and
+//! is averaged over examples. Log-softmax is computed in f64 so that near-one probabilities and
+//! large logit ranges stay exact; only the results are rounded to f32.
+//!
+//! Sign convention: each metric is reported as it is defined (larger logit difference = the model
+//! does the task better; larger KL and NLL = worse). Attribution code that wants a loss negates.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{Error, Result};
+
+/// The metrics of DESIGN §5.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// `mean_{a∈answers} logit[a] − max_{w∈wrongs} logit[w]`: IOI's IO − S, docstring's right
+    /// minus the largest wrong.
+    LogitDiff,
+    /// `Σ_{a∈answers} p[a] − Σ_{w∈wrongs} p[w]` with `p = softmax(logits)`: Greater-Than.
+    ProbDiff,
+    /// `KL(clean ‖ this) = Σ_i p_clean[i] (log p_clean[i] − log p[i])`.
+    Kl,
+    /// `−log Σ_{a∈answers} p[a]`.
+    Nll,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 4] = [Metric::LogitDiff, Metric::ProbDiff, Metric::Kl, Metric::Nll];
+
+    /// The name used on the command line and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::LogitDiff => "logit-diff",
+            Metric::ProbDiff => "prob-diff",
+            Metric::Kl => "kl",
+            Metric::Nll => "nll",
+        }
+    }
+
+    /// Whether the metric needs the clean run's logits.
+    pub fn needs_clean_logits(self) -> bool {
+        self == Metric::Kl
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Metric {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Metric> {
+        Metric::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown metric `{s}` (expected logit-diff, prob-diff, kl or nll)"
+                ))
+            })
+    }
+}
+
+/// The tokens a metric reads for one example.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Right continuations (IOI: the indirect object; Greater-Than: every later year).
+    pub answers: Vec<u32>,
+    /// Wrong continuations (IOI: the subject; Greater-Than: every year at or before).
+    pub wrongs: Vec<u32>,
+}
+
+/// A metric averaged over examples, and its value per example.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricValue {
+    pub mean: f32,
+    pub per_example: Vec<f32>,
+}
+
+/// Value of the metric, averaged over examples.
+///
+/// `logits`: row-major `[n, vocab]`, one row per example. `clean_logits`: the same shape, needed
+/// by [`Metric::Kl`] (`KL(clean ‖ this)`), ignored otherwise. `targets` has one entry per row;
+/// [`Metric::Kl`] ignores it (it may be empty).
+pub fn metric_value(
+    metric: Metric,
+    logits: &[f32],
+    vocab: usize,
+    targets: &[Target],
+    clean_logits: Option<&[f32]>,
+) -> Result<MetricValue> {
+    let n = check(metric, logits, vocab, targets, clean_logits)?;
+    let mut per_example = Vec::with_capacity(n);
+    let mut sum = 0.0f64;
+    for i in 0..n {
+        let v = row(metric, logits, vocab, targets, clean_logits, i, None)?;
+        sum += v;
+        per_example.push(v as f32);
+    }
+    let mean = sum / n as f64;
+    finite(metric, mean, "(mean over examples)".to_string())?;
+    Ok(MetricValue {
+        mean: mean as f32,
+        per_example,
+    })
+}
+
+/// `d(mean)/d logits`, row-major `[n, vocab]` like `logits`. Arguments as for
+/// [`metric_value`]. [`Metric::LogitDiff`] sends the wrong-side gradient to the largest wrong
+/// logit only (the first one on ties).
+pub fn metric_gradient(
+    metric: Metric,
+    logits: &[f32],
+    vocab: usize,
+    targets: &[Target],
+    clean_logits: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let n = check(metric, logits, vocab, targets, clean_logits)?;
+    let mut grad = vec![0.0f32; n * vocab];
+    let mut g = vec![0.0f64; vocab];
+    for i in 0..n {
+        g.iter_mut().for_each(|x| *x = 0.0);
+        row(
+            metric,
+            logits,
+            vocab,
+            targets,
+            clean_logits,
+            i,
+            Some(&mut g),
+        )?;
+        for (out, &x) in grad[i * vocab..(i + 1) * vocab].iter_mut().zip(&g) {
+            *out = (x / n as f64) as f32;
+        }
+    }
+    Ok(grad)
+}
+
+fn finite(metric: Metric, value: f64, context: String) -> Result<()> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::NonFinite {
+            metric: metric.name().to_string(),
+            value: value as f32,
+            context,
+        })
+    }
+}
+
+/// Checks shapes, token ids and finiteness; returns the number of examples.
+fn check(
+    metric: Metric,
+    logits: &[f32],
+    vocab: usize,
+    targets: &[Target],
+    clean_logits: Option<&[f32]>,
+) -> Result<usize> {
+    if vocab == 0 {
+        return Err(Error::invalid("metric: vocabulary size is 0"));
+    }
+    let n = if metric == Metric::Kl {
+        if logits.len() % vocab != 0 {
+            return Err(Error::Shape {
+                op: "metric",
+                expected: format!("[n, {vocab}] logits"),
+                found: format!("{} values", logits.len()),
+            });
+        }
+        logits.len() / vocab
+    } else {
+        targets.len()
+    };
+    if n == 0 {
+        return Err(Error::invalid(format!("metric {metric}: no examples")));
+    }
+    if logits.len() != n * vocab {
+        return Err(Error::Shape {
+            op: "metric",
+            expected: format!("[{n}, {vocab}] logits (one row per target)"),
+            found: format!("{} values", logits.len()),
+        });
+    }
+    if metric == Metric::Kl {
+        let clean = clean_logits.ok_or_else(|| {
+            Error::invalid("metric kl needs the clean run's logits; none were given")
+        })?;
+        if clean.len() != logits.len() {
+            return Err(Error::Shape {
+                op: "metric kl",
+                expected: format!("[{n}, {vocab}] clean logits"),
+                found: format!("{} values", clean.len()),
+            });
+        }
+        check_finite(metric, clean, vocab, "clean logit")?;
+    } else {
+        for (i, t) in targets.iter().enumerate() {
+            if let Some(&bad) = t
+                .answers
+                .iter()
+                .chain(&t.wrongs)
+                .find(|&&id| id as usize >= vocab)
+            {
+                return Err(Error::invalid(format!(
+                    "metric {metric}: example {i} names token {bad}, outside the vocabulary of {vocab}"
+                )));
+            }
+            let missing = match metric {
+                Metric::LogitDiff if t.answers.is_empty() => Some("answer"),
+                Metric::LogitDiff if t.wrongs.is_empty() => Some("wrong answer"),
+                Metric::Nll if t.answers.is_empty() => Some("answer"),
+                _ => None,
+            };
+            if let Some(what) = missing {
+                return Err(Error::invalid(format!(
+                    "metric {metric}: example {i} has no {what}"
+                )));
+            }
+        }
+    }
+    check_finite(metric, logits, vocab, "logit")?;
+    Ok(n)
+}
+
+fn check_finite(metric: Metric, values: &[f32], vocab: usize, what: &str) -> Result<()> {
+    match values.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(k) => Err(Error::NonFinite {
+            metric: metric.name().to_string(),
+            value: values[k],
+            context: format!("({what} of token {} in example {})", k % vocab, k / vocab),
+        }),
+    }
+}
+
+/// `log softmax(x)` in f64.
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let m = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let lse = m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+/// The metric of example `i`; adds its gradient (not divided by n) to `grad` when given.
+fn row(
+    metric: Metric,
+    logits: &[f32],
+    vocab: usize,
+    targets: &[Target],
+    clean_logits: Option<&[f32]>,
+    i: usize,
+    grad: Option<&mut [f64]>,
+) -> Result<f64> {
+    let l = &logits[i * vocab..(i + 1) * vocab];
+    let value = match metric {
+        Metric::LogitDiff => {
+            let t = &targets[i];
+            let k = t.answers.len() as f64;
+            let right = t.answers.iter().map(|&a| l[a as usize] as f64).sum::<f64>() / k;
+            // first maximum on ties, so the gradient is deterministic
+            let mut worst = t.wrongs[0];
+            for &w in &t.wrongs[1..] {
+                if l[w as usize] > l[worst as usize] {
+                    worst = w;
+                }
+            }
+            if let Some(g) = grad {
+                for &a in &t.answers {
+                    g[a as usize] += 1.0 / k;
+                }
+                g[worst as usize] -= 1.0;
+            }
+            right - l[worst as usize] as f64
+        }
+        Metric::ProbDiff => {
+            let t = &targets[i];
+            let lp = log_softmax(l);
+            // m = Σ_j c_j p_j with c_j = #answers equal to j − #wrongs equal to j
+            let m: f64 = t.answers.iter().map(|&a| lp[a as usize].exp()).sum::<f64>()
+                - t.wrongs.iter().map(|&w| lp[w as usize].exp()).sum::<f64>();
+            if let Some(g) = grad {
+                // dm/dl_j = Σ_i c_i p_i (δ_ij − p_j) = p_j (c_j − m)
+                for (gj, &lpj) in g.iter_mut().zip(&lp) {
+                    *gj -= lpj.exp() * m;
+                }
+                for &a in &t.answers {
+                    g[a as usize] += lp[a as usize].exp();
+                }
+                for &w in &t.wrongs {
+                    g[w as usize] -= lp[w as usize].exp();
+                }
+            }
+            m
+        }
+        Metric::Nll => {
+            let t = &targets[i];
+            let lp = log_softmax(l);
+            // −log Σ_a p_a = −logsumexp_a(lp_a)
+            let mx = t
+                .answers
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &a| m.max(lp[a as usize]));
+            let s: f64 = t.answers.iter().map(|&a| (lp[a as usize] - mx).exp()).sum();
+            let log_s = mx + s.ln();
+            if let Some(g) = grad {
+                // d/dl_j = p_j − Σ_{a = j} p_a / S
+                for (gj, &lpj) in g.iter_mut().zip(&lp) {
+                    *gj += lpj.exp();
+                }
+                for &a in &t.answers {
+                    g[a as usize] -= (lp[a as usize] - log_s).exp();
+                }
+            }
+            -log_s
+        }
+        Metric::Kl => {
+            let c = &clean_logits.expect("checked")[i * vocab..(i + 1) * vocab];
+            let lp = log_softmax(l);
+            let lpc = log_softmax(c);
+            let mut kl = 0.0;
+            for (&a, &b) in lpc.iter().zip(&lp) {
+                let pc = a.exp();
+                if pc > 0.0 {
+                    kl += pc * (a - b);
+                }
+            }
+            if let Some(g) = grad {
+                // d/dl_j = p_j − p_clean_j
+                for ((gj, &a), &b) in g.iter_mut().zip(&lpc).zip(&lp) {
+                    *gj += b.exp() - a.exp();
+                }
+            }
+            kl.max(0.0)
+        }
+    };
+    finite(metric, value, format!("(example {i})"))?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(answers: &[u32], wrongs: &[u32]) -> Target {
+        Target {
+            answers: answers.to_vec(),
+            wrongs: wrongs.to_vec(),
+        }
+    }
+
+    // Two examples over a vocabulary of 3 tokens, chosen so the softmax is exact by hand:
+    //   row 0 = [ln 1, ln 2, ln 5] → p = [1/8, 2/8, 5/8]; answers {2}, wrongs {0, 1}
+    //   row 1 = [1, 1, 1]          → p = [1/3, 1/3, 1/3]; answers {0, 1}, wrongs {2}
+    fn fixture() -> (Vec<f32>, Vec<Target>) {
+        let logits = vec![0.0, 2f32.ln(), 5f32.ln(), 1.0, 1.0, 1.0];
+        (logits, vec![t(&[2], &[0, 1]), t(&[0, 1], &[2])])
+    }
+
+    fn close(a: f32, b: f64) {
+        assert!((a as f64 - b).abs() < 1e-6, "{a} vs {b}");
+    }
+
+    #[test]
+    fn logit_diff_by_hand() {
+        // row 0: ln 5 − max(ln 1, ln 2) = ln 2.5 = 0.916291; row 1: (1 + 1)/2 − 1 = 0
+        let (l, tg) = fixture();
+        let v = metric_value(Metric::LogitDiff, &l, 3, &tg, None).unwrap();
+        close(v.per_example[0], 2.5f64.ln());
+        close(v.per_example[1], 0.0);
+        close(v.mean, 2.5f64.ln() / 2.0);
+        // gradient of the mean: row 0 → [0, −1, +1]/2 (token 1 is the larger wrong);
+        // row 1 → [+1/2, +1/2, −1]/2
+        let g = metric_gradient(Metric::LogitDiff, &l, 3, &tg, None).unwrap();
+        assert_eq!(g, vec![0.0, -0.5, 0.5, 0.25, 0.25, -0.5]);
+    }
+
+    #[test]
+    fn prob_diff_by_hand() {
+        // row 0: 5/8 − (1/8 + 2/8) = 1/4; row 1: (1/3 + 1/3) − 1/3 = 1/3; mean 7/24
+        let (l, tg) = fixture();
+        let v = metric_value(Metric::ProbDiff, &l, 3, &tg, None).unwrap();
+        close(v.per_example[0], 0.25);
+        close(v.per_example[1], 1.0 / 3.0);
+        close(v.mean, 7.0 / 24.0);
+        // row 0: p_j (c_j − m) with c = [−1, −1, 1], m = 1/4:
+        //   [1/8·(−5/4), 2/8·(−5/4), 5/8·(3/4)] = [−5/32, −10/32, 15/32], halved for the mean
+        let g = metric_gradient(Metric::ProbDiff, &l, 3, &tg, None).unwrap();
+        for (a, b) in g[..3].iter().zip([-5.0 / 64.0, -10.0 / 64.0, 15.0 / 64.0]) {
+            close(*a, b);
+        }
+    }
+
+    #[test]
+    fn nll_by_hand() {
+        // row 0: −ln(5/8) = ln 1.6 = 0.470004; row 1: −ln(2/3) = ln 1.5 = 0.405465
+        let (l, tg) = fixture();
+        let v = metric_value(Metric::Nll, &l, 3, &tg, None).unwrap();
+        close(v.per_example[0], 1.6f64.ln());
+        close(v.per_example[1], 1.5f64.ln());
+        close(v.mean, 2.4f64.ln() / 2.0);
+        // row 1: p − [1/2, 1/2, 0] = [−1/6, −1/6, 1/3], halved for the mean
+        let g = metric_gradient(Metric::Nll, &l, 3, &tg, None).unwrap();
+        for (a, b) in g[3..].iter().zip([-1.0 / 12.0, -1.0 / 12.0, 1.0 / 6.0]) {
+            close(*a, b);
+        }
+    }
+
+    #[test]
+    fn kl_by_hand() {
+        // clean rows are both [ln 1, ln 2, ln 5] (p = [1/8, 2/8, 5/8]); this run's rows are
+        // [1, 1, 1] (q = 1/3 each) and the clean row itself.
+        // row 0: 1/8 ln(3/8) + 2/8 ln(6/8) + 5/8 ln(15/8)
+        //      = −0.1226037 − 0.0719205 + 0.3928806 = 0.1983564; row 1: 0
+        let clean = vec![0.0, 2f32.ln(), 5f32.ln(), 0.0, 2f32.ln(), 5f32.ln()];
+        let l = vec![1.0, 1.0, 1.0, 0.0, 2f32.ln(), 5f32.ln()];
+        let kl0 = 0.125 * (3.0f64 / 8.0).ln() + 0.25 * 0.75f64.ln() + 0.625 * 1.875f64.ln();
+        let v = metric_value(Metric::Kl, &l, 3, &[], Some(&clean)).unwrap();
+        close(v.per_example[0], kl0);
+        assert!((kl0 - 0.1983564).abs() < 1e-6);
+        close(v.per_example[1], 0.0);
+        close(v.mean, kl0 / 2.0);
+        // row 0: q − p = [1/3 − 1/8, 1/3 − 2/8, 1/3 − 5/8], halved; row 1: zero
+        let g = metric_gradient(Metric::Kl, &l, 3, &[], Some(&clean)).unwrap();
+        for (a, b) in g
+            .iter()
+            .zip([5.0 / 48.0, 1.0 / 24.0, -7.0 / 48.0, 0.0, 0.0, 0.0])
+        {
+            close(*a, b);
+        }
+        assert!(metric_value(Metric::Kl, &l, 3, &[], None).is_err());
+    }
+
+    /// Central differences of the f32 mean against the analytic gradient.
+    #[test]
+    fn gradients_match_finite_differences() {
+        let vocab = 7;
+        // a fixed pseudo-random pattern of logits with a spread of about ±3
+        let logits: Vec<f32> = (0..3 * vocab)
+            .map(|k| ((k * 37 + 11) % 23) as f32 / 4.0 - 2.7)
+            .collect();
+        let clean: Vec<f32> = (0..3 * vocab)
+            .map(|k| ((k * 13 + 5) % 19) as f32 / 5.0 - 1.5)
+            .collect();
+        let targets = vec![t(&[1, 4], &[0, 2, 6]), t(&[3], &[5]), t(&[0, 6, 2], &[1])];
+        for metric in Metric::ALL {
+            let f = |x: &[f32]| {
+                metric_value(metric, x, vocab, &targets, Some(&clean))
+                    .unwrap()
+                    .mean as f64
+            };
+            let g = metric_gradient(metric, &logits, vocab, &targets, Some(&clean)).unwrap();
+            let eps = 1e-2f32;
+            for k in 0..logits.len() {
+                let mut hi = logits.clone();
+                hi[k] += eps;
+                let mut lo = logits.clone();
+                lo[k] -= eps;
+                let fd = (f(&hi) - f(&lo)) / (2.0 * eps as f64);
+                assert!(
+                    (fd - g[k] as f64).abs() < 2e-4,
+                    "{metric}: d/dlogit[{k}] analytic {} vs numeric {fd}",
+                    g[k]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let (l, tg) = fixture();
+        let mut nan = l.clone();
+        nan[4] = f32::NAN;
+        let e = metric_value(Metric::LogitDiff, &nan, 3, &tg, None).unwrap_err();
+        assert!(matches!(e, Error::NonFinite { .. }), "{e}");
+        let mut inf = l.clone();
+        inf[0] = f32::INFINITY;
+        assert!(matches!(
+            metric_gradient(Metric::ProbDiff, &inf, 3, &tg, None),
+            Err(Error::NonFinite { .. })
+        ));
+        assert!(metric_value(Metric::LogitDiff, &l[..5], 3, &tg, None).is_err());
+        assert!(metric_value(
+            Metric::LogitDiff,
+            &l,
+            3,
+            &[t(&[1], &[]), t(&[0], &[1])],
+            None
+        )
+        .is_err());
+        assert!(metric_value(Metric::Nll, &l, 3, &[t(&[], &[1]), t(&[0], &[1])], None).is_err());
+        assert!(metric_value(
+            Metric::ProbDiff,
+            &l,
+            3,
+            &[t(&[9], &[1]), t(&[0], &[1])],
+            None
+        )
+        .is_err());
+        assert!(metric_value(Metric::Nll, &[], 3, &[], None).is_err());
+        assert!(metric_value(Metric::Nll, &l, 0, &tg, None).is_err());
+    }
+
+    #[test]
+    fn large_logits_are_stable() {
+        // p(answer) ≈ 1 − e^{-1000}: NLL must be ≈ 0, not NaN or inf
+        let l = vec![1000.0, 0.0, 0.0];
+        let v = metric_value(Metric::Nll, &l, 3, &[t(&[0], &[1])], None).unwrap();
+        assert!(v.mean.abs() < 1e-6);
+        let v = metric_value(Metric::Nll, &l, 3, &[t(&[1], &[0])], None).unwrap();
+        close(v.mean, 1000.0);
+    }
+
+    #[test]
+    fn names_parse() {
+        for m in Metric::ALL {
+            assert_eq!(m.name().parse::<Metric>().unwrap(), m);
+        }
+        assert!("logit_diff".parse::<Metric>().is_err());
+    }
+}
