@@ -14,6 +14,8 @@
 
 use crate::{Error, Result};
 
+pub mod select;
+
 /// Which of a head's three inputs a reader is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Qkv {
