@@ -14,7 +14,10 @@
 
 use crate::{Error, Result};
 
+pub mod json;
 pub mod select;
+
+pub use json::CircuitFile;
 
 /// Which of a head's three inputs a reader is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -23,7 +23,7 @@ use super::{Circuit, Graph, Reader, Scores, Writer};
 
 /// The node a reader belongs to, as the writer index of the same component; `None` for
 /// `logits`, which writes nothing.
-fn reader_node(graph: &Graph, reader: usize) -> Option<usize> {
+pub(super) fn reader_node(graph: &Graph, reader: usize) -> Option<usize> {
     match graph.reader(reader) {
         Reader::Head { layer, head, .. } => Some(graph.writer_index(Writer::Head { layer, head })),
         Reader::Mlp { layer } => Some(graph.writer_index(Writer::Mlp { layer })),
