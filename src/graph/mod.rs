@@ -14,9 +14,11 @@
 
 use crate::{Error, Result};
 
+pub mod dot;
 pub mod json;
 pub mod select;
 
+pub use dot::{parse_dot, parse_dot_edges, to_dot};
 pub use json::CircuitFile;
 
 /// Which of a head's three inputs a reader is.
