@@ -14,6 +14,13 @@
 
 use crate::{Error, Result};
 
+pub mod dot;
+pub mod json;
+pub mod select;
+
+pub use dot::{parse_dot, parse_dot_edges, to_dot};
+pub use json::CircuitFile;
+
 /// Which of a head's three inputs a reader is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Qkv {
