@@ -370,7 +370,10 @@ mod tests {
         // Trapezoid: 0 + .5·(.5+1)/2 + .5·(1+1)/2 = .375 + .5 = .875.
         // Staircase: (1−0)·.5 + (1−.5)·.5 + (1−1)·0 = .5 + .25 = .75.
         let r = roc(&[3.0, 2.0, -2.0, 1.0], &[true, true, false, false]).unwrap();
-        assert_eq!(r.points, vec![(0.0, 0.0), (0.0, 0.5), (0.5, 1.0), (1.0, 1.0)]);
+        assert_eq!(
+            r.points,
+            vec![(0.0, 0.0), (0.0, 0.5), (0.5, 1.0), (1.0, 1.0)]
+        );
         assert!(close(r.auc_trapezoid, 0.875));
         assert!(close(r.auc_staircase, 0.75));
     }
@@ -394,9 +397,18 @@ mod tests {
         };
         assert!(close(area(&[0.0, 1.0], &[0.0, 1.0]), 0.0));
         assert!(close(area(&[0.0, 0.5, 1.0], &[0.0, 0.5, 1.0]), 0.25));
-        assert!(close(area(&[0.0, 0.25, 1.0], &[0.0, 0.25, 1.0]), 0.25 * 0.75));
-        assert!(close(area(&[0.0, 0.25, 0.5, 1.0], &[0.0, 0.25, 0.5, 1.0]), 5.0 / 16.0));
-        assert!(close(area(&[0.0, 0.25, 0.75, 1.0], &[0.0, 0.25, 0.5, 1.0]), 4.0 / 16.0));
+        assert!(close(
+            area(&[0.0, 0.25, 1.0], &[0.0, 0.25, 1.0]),
+            0.25 * 0.75
+        ));
+        assert!(close(
+            area(&[0.0, 0.25, 0.5, 1.0], &[0.0, 0.25, 0.5, 1.0]),
+            5.0 / 16.0
+        ));
+        assert!(close(
+            area(&[0.0, 0.25, 0.75, 1.0], &[0.0, 0.25, 0.5, 1.0]),
+            4.0 / 16.0
+        ));
     }
 
     #[test]
@@ -420,7 +432,7 @@ mod tests {
         scores.values[logits] = 5.0; // input->logits
         scores.values[nr + logits] = -4.0; // a0.h0->logits
         scores.values[0] = 1.0; // input->a0.h0<q>
-        // A non-edge cell with a huge score must be ignored (a0.h0 -> a0.h0<q>).
+                                // A non-edge cell with a huge score must be ignored (a0.h0 -> a0.h0<q>).
         scores.values[nr] = 100.0;
         truth.set(0, logits, true);
         truth.set(1, logits, true);
@@ -496,7 +508,10 @@ mod tests {
         // Rank means 2.5, 2.5. dx = −1.5 0 0 1.5, dy = −1.5 −.5 .5 1.5.
         // Sxy = 2.25 + 0 + 0 + 2.25 = 4.5, Sxx = 4.5, Syy = 2.25+.25+.25+2.25 = 5
         // → ρ = 4.5 / √(4.5·5) = √(4.5/5) = √.9.
-        assert_eq!(average_ranks(&[1.0, 2.0, 2.0, 3.0]), vec![1.0, 2.5, 2.5, 4.0]);
+        assert_eq!(
+            average_ranks(&[1.0, 2.0, 2.0, 3.0]),
+            vec![1.0, 2.5, 2.5, 4.0]
+        );
         let c = correlation(&[1.0, 2.0, 2.0, 3.0], &[1.0, 2.0, 3.0, 4.0]).unwrap();
         assert!(close(c.spearman, 0.9f64.sqrt()));
     }

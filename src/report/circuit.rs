@@ -15,7 +15,11 @@ use crate::graph::{Circuit, Qkv, Reader, Scores, Writer};
 
 const NODE_W: f64 = 54.0;
 const NODE_H: f64 = 22.0;
-const COL: f64 = 66.0;
+/// Column spacing: at least this, more when there are few heads (up to `COL_MAX`).
+const COL_MIN: f64 = 66.0;
+const COL_MAX: f64 = 130.0;
+/// The width a small circuit spreads out to.
+const TARGET_WIDTH: f64 = 900.0;
 const BAND: f64 = 100.0;
 const LEFT: f64 = 60.0;
 const TOP: f64 = 96.0;
@@ -73,13 +77,16 @@ struct Layout {
     /// Per shown layer, the shown heads in column order.
     heads: Vec<Vec<usize>>,
     n_cols: usize,
+    col: f64,
 }
 
 impl Layout {
     fn new(circuit: &Circuit, touched: &HashSet<Node>) -> Self {
         let g = circuit.graph;
         let layer_touched = |l: usize| {
-            touched.iter().any(|n| matches!(n, Node::Head(a, _) | Node::Mlp(a) if *a == l))
+            touched
+                .iter()
+                .any(|n| matches!(n, Node::Head(a, _) | Node::Mlp(a) if *a == l))
         };
         let layers: Vec<usize> = if g.n_layers <= COMPACT_ABOVE {
             (0..g.n_layers).collect()
@@ -92,13 +99,17 @@ impl Layout {
                 if g.n_heads <= COMPACT_ABOVE {
                     (0..g.n_heads).collect()
                 } else {
-                    (0..g.n_heads).filter(|&h| touched.contains(&Node::Head(l, h))).collect()
+                    (0..g.n_heads)
+                        .filter(|&h| touched.contains(&Node::Head(l, h)))
+                        .collect()
                 }
             })
             .collect();
         let n_cols = heads.iter().map(Vec::len).max().unwrap_or(0);
         let mlp_cols = if g.has_mlp { 1.4 } else { 0.0 };
-        let width = (2.0 * LEFT + (n_cols as f64 + mlp_cols).max(1.0) * COL).max(640.0);
+        let span = (n_cols as f64 + mlp_cols).max(1.0);
+        let col = ((TARGET_WIDTH - 2.0 * LEFT) / span).clamp(COL_MIN, COL_MAX);
+        let width = (2.0 * LEFT + span * col).max(640.0);
         let height = TOP + (layers.len() as f64 + 1.0) * BAND + NODE_H + BOTTOM;
         Layout {
             width,
@@ -106,11 +117,12 @@ impl Layout {
             layers,
             heads,
             n_cols,
+            col,
         }
     }
 
     fn centre_x(&self) -> f64 {
-        LEFT + (self.n_cols.max(1) as f64 * COL) / 2.0
+        LEFT + (self.n_cols.max(1) as f64 * self.col) / 2.0
     }
 
     fn input_y(&self) -> f64 {
@@ -129,12 +141,12 @@ impl Layout {
             Node::Head(l, h) => {
                 let row = self.layers.iter().position(|&x| x == l)?;
                 let col = self.heads[row].iter().position(|&x| x == h)?;
-                Some((LEFT + (col as f64 + 0.5) * COL, self.heads_y(row)))
+                Some((LEFT + (col as f64 + 0.5) * self.col, self.heads_y(row)))
             }
             Node::Mlp(l) => {
                 let row = self.layers.iter().position(|&x| x == l)?;
                 Some((
-                    LEFT + (self.n_cols as f64 + 0.9) * COL,
+                    LEFT + (self.n_cols as f64 + 0.9) * self.col,
                     self.heads_y(row) - BAND / 2.0,
                 ))
             }
@@ -183,7 +195,13 @@ pub fn circuit_svg(circuit: &Circuit, scores: Option<&Scores>) -> String {
     ];
     let mut x = LEFT - 40.0;
     for (colour, label) in legend {
-        svg.line(x, 46.0, x + 22.0, 46.0, &format!(r#"stroke="{colour}" stroke-width="3""#));
+        svg.line(
+            x,
+            46.0,
+            x + 22.0,
+            46.0,
+            &format!(r#"stroke="{colour}" stroke-width="3""#),
+        );
         svg.text(x + 27.0, 50.0, label, "");
         x += 92.0;
     }
@@ -196,7 +214,12 @@ pub fn circuit_svg(circuit: &Circuit, scores: Option<&Scores>) -> String {
 
     // Layer labels.
     for (row, &l) in layout.layers.iter().enumerate() {
-        svg.text(12.0, layout.heads_y(row) + 4.0, &format!("L{l}"), r##"fill="#888" font-weight="bold""##);
+        svg.text(
+            12.0,
+            layout.heads_y(row) + 4.0,
+            &format!("L{l}"),
+            r##"fill="#888" font-weight="bold""##,
+        );
     }
 
     // Edges, weakest first so the strongest are drawn on top.
@@ -208,7 +231,10 @@ pub fn circuit_svg(circuit: &Circuit, scores: Option<&Scores>) -> String {
         .fold(0.0f64, |m, s| m.max(s.abs()));
     let mut ordered = edges.clone();
     ordered.sort_by(|a, b| {
-        let (sa, sb) = (score(a.0, a.1).unwrap_or(0.0).abs(), score(b.0, b.1).unwrap_or(0.0).abs());
+        let (sa, sb) = (
+            score(a.0, a.1).unwrap_or(0.0).abs(),
+            score(b.0, b.1).unwrap_or(0.0).abs(),
+        );
         sa.total_cmp(&sb)
     });
     svg.raw(r#"<g fill="none" stroke-opacity="0.8" stroke-linecap="round">"#);
@@ -285,7 +311,11 @@ pub fn circuit_svg(circuit: &Circuit, scores: Option<&Scores>) -> String {
         } else {
             ("#f6f6f6", "#dddddd", "#bbbbbb", "normal")
         };
-        let wide = if matches!(node, Node::Input | Node::Logits) { 16.0 } else { 0.0 };
+        let wide = if matches!(node, Node::Input | Node::Logits) {
+            16.0
+        } else {
+            0.0
+        };
         svg.rect(
             x - (NODE_W + wide) / 2.0,
             y - NODE_H / 2.0,

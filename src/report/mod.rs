@@ -83,7 +83,10 @@ impl Report {
         h.push_str(&format!("<style>\n{CSS}</style>\n</head>\n<body>\n"));
         h.push_str(&format!("<h1>{}</h1>\n", escape(&self.title)));
         h.push_str("<p>Produced by this command:</p>\n");
-        h.push_str(&format!("<pre><code>{}</code></pre>\n", escape(&self.command)));
+        h.push_str(&format!(
+            "<pre><code>{}</code></pre>\n",
+            escape(&self.command)
+        ));
         for section in &self.sections {
             match section {
                 Section::Table {
@@ -103,7 +106,11 @@ impl Report {
                     for row in rows {
                         h.push_str("<tr>");
                         for cell in row {
-                            let class = if looks_numeric(cell) { " class=\"num\"" } else { "" };
+                            let class = if looks_numeric(cell) {
+                                " class=\"num\""
+                            } else {
+                                ""
+                            };
                             h.push_str(&format!("<td{class}>{}</td>", escape(cell)));
                         }
                         h.push_str("</tr>\n");
@@ -128,7 +135,10 @@ impl Report {
                 Section::Text { title, body } => {
                     h.push_str(&format!("<section>\n<h2>{}</h2>\n", escape(title)));
                     for para in body.split("\n\n").map(str::trim).filter(|p| !p.is_empty()) {
-                        h.push_str(&format!("<p>{}</p>\n", escape(para).replace('\n', "<br>\n")));
+                        h.push_str(&format!(
+                            "<p>{}</p>\n",
+                            escape(para).replace('\n', "<br>\n")
+                        ));
                     }
                     h.push_str("</section>\n");
                 }

@@ -1,6 +1,6 @@
 //! Charts of the [`crate::eval`] values: ROC curves, faithfulness curves, scatter plots.
 
-use super::svg::{legend, num, palette, Axis, Frame, Svg};
+use super::svg::{legend, legend_size, num, palette, Axis, Frame, Svg};
 use crate::eval::{Correlation, FaithfulnessCurve, Roc};
 
 /// ROC curves of several methods on one square chart, the chance diagonal dashed, and a legend
@@ -31,7 +31,9 @@ pub fn roc_svg(curves: &[(String, Roc)]) -> String {
         let pts: Vec<(f64, f64)> = roc.points.iter().map(|&(x, y)| frame.pt(x, y)).collect();
         svg.polyline(
             &pts,
-            &format!(r#"stroke="{colour}" stroke-width="2.2" stroke-linejoin="round" class="curve""#),
+            &format!(
+                r#"stroke="{colour}" stroke-width="2.2" stroke-linejoin="round" class="curve""#
+            ),
         );
         entries.push((
             colour.to_string(),
@@ -46,7 +48,10 @@ pub fn roc_svg(curves: &[(String, Roc)]) -> String {
     if curves.is_empty() {
         no_data(&mut svg, &frame);
     }
-    legend(&mut svg, frame.left + frame.width * 0.32, frame.top + frame.height - 14.0 - 18.0 * entries.len() as f64, &entries);
+    // Lower right: the one corner a ROC curve worth plotting stays away from.
+    let (lw, lh) = legend_size(&entries);
+    let lx = (frame.left + frame.width - lw - 8.0).max(frame.left + 4.0);
+    legend(&mut svg, lx, frame.top + frame.height - lh - 8.0, &entries);
     svg.finish()
 }
 
@@ -57,7 +62,9 @@ pub fn faithfulness_svg(curves: &[(String, FaithfulnessCurve)]) -> String {
     let (w, h) = (700.0, 470.0 + 18.0 * curves.len() as f64);
     let xs = || curves.iter().flat_map(|(_, c)| c.fractions.iter().copied());
     let positive = xs().all(|x| x > 0.0 && x.is_finite());
-    let (xmin, xmax) = xs().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+    let (xmin, xmax) = xs().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    });
     let x_axis = if positive && xmin.is_finite() && xmax / xmin > 10.0 {
         Axis::log(xmin, xmax)
     } else {
@@ -81,14 +88,26 @@ pub fn faithfulness_svg(curves: &[(String, FaithfulnessCurve)]) -> String {
     } else {
         "fraction of edges kept"
     };
-    frame.draw_axes(&mut svg, "Faithfulness of the top-k circuits", x_label, "faithfulness");
+    frame.draw_axes(
+        &mut svg,
+        "Faithfulness of the top-k circuits",
+        x_label,
+        "faithfulness",
+    );
     let (l, r) = (frame.left, frame.left + frame.width);
+    // Curves usually start near 0 on the left and end near 1 on the right, so each reference
+    // line is labelled at the end the curves are far from.
     let y1 = frame.py(1.0);
     svg.line(l, y1, r, y1, r##"stroke="#444" stroke-dasharray="6 3""##);
-    svg.text(r - 4.0, y1 - 5.0, "full model (f = 1)", r##"text-anchor="end" fill="#444""##);
+    svg.text(l + 6.0, y1 - 6.0, "full model (f = 1)", r##"fill="#444""##);
     let y0 = frame.py(0.0);
     svg.line(l, y0, r, y0, r##"stroke="#999" stroke-dasharray="2 3""##);
-    svg.text(r - 4.0, y0 - 5.0, "empty circuit (f = 0)", r##"text-anchor="end" fill="#777""##);
+    svg.text(
+        r - 6.0,
+        y0 - 6.0,
+        "empty circuit (f = 0)",
+        r##"text-anchor="end" fill="#777""##,
+    );
 
     let mut entries = Vec::new();
     for (i, (name, curve)) in curves.iter().enumerate() {
@@ -99,7 +118,10 @@ pub fn faithfulness_svg(curves: &[(String, FaithfulnessCurve)]) -> String {
             .zip(&curve.faithfulness)
             .map(|(&x, &f)| frame.pt(x, f))
             .collect();
-        svg.polyline(&pts, &format!(r#"stroke="{colour}" stroke-width="2.2" class="curve""#));
+        svg.polyline(
+            &pts,
+            &format!(r#"stroke="{colour}" stroke-width="2.2" class="curve""#),
+        );
         for &(x, y) in &pts {
             svg.circle(x, y, 3.0, &format!(r#"fill="{colour}""#));
         }
@@ -113,7 +135,12 @@ pub fn faithfulness_svg(curves: &[(String, FaithfulnessCurve)]) -> String {
         no_data(&mut svg, &frame);
     }
     // Below the chart: the curves may cross any corner of the frame.
-    legend(&mut svg, frame.left, frame.top + frame.height + 56.0, &entries);
+    legend(
+        &mut svg,
+        frame.left,
+        frame.top + frame.height + 56.0,
+        &entries,
+    );
     svg.finish()
 }
 
@@ -146,7 +173,12 @@ pub fn scatter_svg(
     let (ax, ay) = frame.pt(axis.lo, axis.lo);
     let (bx, by) = frame.pt(axis.hi, axis.hi);
     svg.line(ax, ay, bx, by, r##"stroke="#999" stroke-dasharray="5 4""##);
-    svg.text(bx - 6.0, by + 16.0, "y = x", r##"text-anchor="end" fill="#777""##);
+    svg.text(
+        bx - 6.0,
+        by + 16.0,
+        "y = x",
+        r##"text-anchor="end" fill="#777""##,
+    );
     if axis.lo < 0.0 && axis.hi > 0.0 {
         let (zx, zy) = (frame.px(0.0), frame.py(0.0));
         let (l, t) = (frame.left, frame.top);
@@ -155,12 +187,14 @@ pub fn scatter_svg(
     }
     // Many points overlap: small translucent dots show the density.
     let r = if finite.len() > 2000 { 1.8 } else { 3.0 };
-    svg.raw(&format!(
-        r##"<g fill="#1f77b4" fill-opacity="0.55" stroke="none" class="points">"##
-    ));
+    svg.raw(r##"<g fill="#1f77b4" fill-opacity="0.55" stroke="none" class="points">"##);
     for &(x, y) in &finite {
         let (px, py) = frame.pt(x, y);
-        svg.raw(&format!(r#"<circle cx="{}" cy="{}" r="{r}"/>"#, num(px), num(py)));
+        svg.raw(&format!(
+            r#"<circle cx="{}" cy="{}" r="{r}"/>"#,
+            num(px),
+            num(py)
+        ));
     }
     svg.raw("</g>");
     if finite.is_empty() {
@@ -174,7 +208,13 @@ pub fn scatter_svg(
             format!("Spearman ρ = {}", fmt3(c.spearman)),
         ];
         let (x, y) = (frame.left + 10.0, frame.top + 10.0);
-        svg.rect(x, y, 150.0, 78.0, r##"fill="white" fill-opacity="0.9" stroke="#999" rx="3""##);
+        svg.rect(
+            x,
+            y,
+            150.0,
+            78.0,
+            r##"fill="white" fill-opacity="0.9" stroke="#999" rx="3""##,
+        );
         for (i, line) in lines.iter().enumerate() {
             svg.text(x + 8.0, y + 18.0 + 17.0 * i as f64, line, "");
         }

@@ -200,7 +200,11 @@ impl Axis {
     /// Position of `v` in `[0, 1]` along the axis (outside when `v` is outside the range).
     pub fn frac(&self, v: f64) -> f64 {
         let (a, b, v) = if self.log {
-            (self.lo.log10(), self.hi.log10(), v.max(f64::MIN_POSITIVE).log10())
+            (
+                self.lo.log10(),
+                self.hi.log10(),
+                v.max(f64::MIN_POSITIVE).log10(),
+            )
         } else {
             (self.lo, self.hi, v)
         };
@@ -213,7 +217,10 @@ impl Axis {
     /// About `target` round tick values inside the range, with their labels.
     pub fn ticks(&self, target: usize) -> Vec<(f64, String)> {
         if self.log {
-            let (a, b) = (self.lo.log10().round() as i32, self.hi.log10().round() as i32);
+            let (a, b) = (
+                self.lo.log10().round() as i32,
+                self.hi.log10().round() as i32,
+            );
             return (a..=b)
                 .map(|e| {
                     let v = 10f64.powi(e);
@@ -230,7 +237,7 @@ impl Axis {
         let step = [1.0, 2.0, 2.5, 5.0, 10.0]
             .iter()
             .map(|m| m * mag)
-            .find(|s| *s >= raw)
+            .find(|s| *s >= 0.8 * raw)
             .unwrap_or(10.0 * mag);
         let first = (self.lo / step - 1e-9).ceil() as i64;
         let last = (self.hi / step + 1e-9).floor() as i64;
@@ -318,7 +325,12 @@ impl Frame {
             svg.text(l - 8.0, y + 4.0, &label, r#"text-anchor="end""#);
         }
         svg.rect(l, t, w, h, r##"fill="none" stroke="#333""##);
-        svg.text(l + w / 2.0, t + h + 40.0, x_label, r#"text-anchor="middle" font-size="13""#);
+        svg.text(
+            l + w / 2.0,
+            t + h + 40.0,
+            x_label,
+            r#"text-anchor="middle" font-size="13""#,
+        );
         let (yx, yy) = (l - 52.0, t + h / 2.0);
         svg.text(
             yx,
@@ -330,7 +342,12 @@ impl Frame {
                 num(yy)
             ),
         );
-        svg.text(l + w / 2.0, t - 14.0, title, r#"text-anchor="middle" font-size="15" font-weight="bold""#);
+        svg.text(
+            l + w / 2.0,
+            t - 14.0,
+            title,
+            r#"text-anchor="middle" font-size="15" font-weight="bold""#,
+        );
     }
 }
 
@@ -339,15 +356,40 @@ pub fn legend(svg: &mut Svg, x: f64, y: f64, entries: &[(String, String, bool)])
     if entries.is_empty() {
         return;
     }
-    let longest = entries.iter().map(|e| e.1.chars().count()).max().unwrap_or(0) as f64;
-    let (w, h) = (40.0 + 6.6 * longest, 8.0 + 18.0 * entries.len() as f64);
-    svg.rect(x, y, w, h, r##"fill="white" fill-opacity="0.9" stroke="#999" rx="3""##);
+    let (w, h) = legend_size(entries);
+    svg.rect(
+        x,
+        y,
+        w,
+        h,
+        r##"fill="white" fill-opacity="0.9" stroke="#999" rx="3""##,
+    );
     for (i, (colour, label, dashed)) in entries.iter().enumerate() {
         let cy = y + 13.0 + 18.0 * i as f64;
-        let dash = if *dashed { r#" stroke-dasharray="5 3""# } else { "" };
-        svg.line(x + 6.0, cy, x + 28.0, cy, &format!(r#"stroke="{colour}" stroke-width="2.5"{dash}"#));
+        let dash = if *dashed {
+            r#" stroke-dasharray="5 3""#
+        } else {
+            ""
+        };
+        svg.line(
+            x + 6.0,
+            cy,
+            x + 28.0,
+            cy,
+            &format!(r#"stroke="{colour}" stroke-width="2.5"{dash}"#),
+        );
         svg.text(x + 34.0, cy + 4.0, label, "");
     }
+}
+
+/// Width and height of the [`legend`] box (text width estimated at 12 px Helvetica).
+pub fn legend_size(entries: &[(String, String, bool)]) -> (f64, f64) {
+    let longest = entries
+        .iter()
+        .map(|e| e.1.chars().count())
+        .max()
+        .unwrap_or(0) as f64;
+    (44.0 + 6.8 * longest, 8.0 + 18.0 * entries.len() as f64)
 }
 
 #[cfg(test)]
@@ -356,7 +398,10 @@ mod tests {
 
     #[test]
     fn escapes_markup() {
-        assert_eq!(escape(r#"<a href="x">&'</a>"#), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;&lt;/a&gt;");
+        assert_eq!(
+            escape(r#"<a href="x">&'</a>"#),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;&lt;/a&gt;"
+        );
     }
 
     #[test]
@@ -381,11 +426,23 @@ mod tests {
 
     #[test]
     fn ticks_are_round() {
-        let labels: Vec<String> = Axis::linear(0.0, 1.0).ticks(5).into_iter().map(|t| t.1).collect();
+        let labels: Vec<String> = Axis::linear(0.0, 1.0)
+            .ticks(5)
+            .into_iter()
+            .map(|t| t.1)
+            .collect();
         assert_eq!(labels, ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]);
-        let labels: Vec<String> = Axis::log(0.001, 1.0).ticks(5).into_iter().map(|t| t.1).collect();
+        let labels: Vec<String> = Axis::log(0.001, 1.0)
+            .ticks(5)
+            .into_iter()
+            .map(|t| t.1)
+            .collect();
         assert_eq!(labels, ["0.001", "0.01", "0.1", "1"]);
-        let labels: Vec<String> = Axis::linear(-0.3, 0.3).ticks(5).into_iter().map(|t| t.1).collect();
+        let labels: Vec<String> = Axis::linear(-0.3, 0.3)
+            .ticks(5)
+            .into_iter()
+            .map(|t| t.1)
+            .collect();
         assert!(labels.contains(&"0.0".to_string()), "{labels:?}");
     }
 }

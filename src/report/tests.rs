@@ -7,7 +7,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
 }
@@ -22,7 +25,11 @@ fn demo_data() -> (Scores, Circuit, Circuit) {
     let nr = g.n_readers();
     for (i, (w, r)) in g.edges().enumerate() {
         let important = i % 9 == 0;
-        let magnitude = if important { 0.5 + rng.next() } else { 0.3 * rng.next() };
+        let magnitude = if important {
+            0.5 + rng.next()
+        } else {
+            0.3 * rng.next()
+        };
         let sign = if rng.next() < 0.25 { -1.0 } else { 1.0 };
         scores.values[w * nr + r] = (sign * magnitude) as f32;
         if important {
@@ -31,12 +38,33 @@ fn demo_data() -> (Scores, Circuit, Circuit) {
     }
     // The circuit: the 45 edges of largest |score|.
     let mut edges: Vec<(usize, usize)> = g.edges().collect();
-    edges.sort_by(|a, b| scores.get(b.0, b.1).abs().total_cmp(&scores.get(a.0, a.1).abs()));
+    edges.sort_by(|a, b| {
+        scores
+            .get(b.0, b.1)
+            .abs()
+            .total_cmp(&scores.get(a.0, a.1).abs())
+    });
     let mut circuit = Circuit::empty(g);
     for &(w, r) in edges.iter().take(45) {
         circuit.set(w, r, true);
     }
     (scores, truth, circuit)
+}
+
+/// 50 made-up edges on a 12-layer, 12-head graph with MLPs: the size of real circuits.
+fn gpt2_shaped_circuit() -> (Circuit, Scores) {
+    let g = Graph::new(12, 12, true);
+    let all: Vec<(usize, usize)> = g.edges().collect();
+    let mut rng = Lcg(5);
+    let mut c = Circuit::empty(g);
+    let mut s = Scores::zeros(g);
+    let nr = g.n_readers();
+    while c.n_edges() < 50 {
+        let (w, r) = all[(rng.next() * all.len() as f64) as usize];
+        c.set(w, r, true);
+        s.values[w * nr + r] = (rng.next() - 0.3) as f32;
+    }
+    (c, s)
 }
 
 fn demo_report() -> Report {
@@ -49,11 +77,23 @@ fn demo_report() -> Report {
     }
     let roc_noisy = roc_from_graph(&noisy, &truth).unwrap();
     let x = default_fractions();
-    let f_eap: Vec<f64> = x.iter().map(|p| 1.0 - (-p * 40.0).exp() + 0.05 * (p * 9.0).sin()).collect();
-    let f_noisy: Vec<f64> = x.iter().map(|p| (p * 3.0).min(1.0) - 0.1 * (1.0 - p)).collect();
+    let f_eap: Vec<f64> = x
+        .iter()
+        .map(|p| 1.0 - (-p * 40.0).exp() + 0.05 * (p * 9.0).sin())
+        .collect();
+    let f_noisy: Vec<f64> = x
+        .iter()
+        .map(|p| (p * 3.0).min(1.0) - 0.1 * (1.0 - p))
+        .collect();
     let curves = vec![
-        ("EAP-IG".to_string(), FaithfulnessCurve::new(x.clone(), f_eap).unwrap()),
-        ("noisy EAP".to_string(), FaithfulnessCurve::new(x, f_noisy).unwrap()),
+        (
+            "EAP-IG".to_string(),
+            FaithfulnessCurve::new(x.clone(), f_eap).unwrap(),
+        ),
+        (
+            "noisy EAP".to_string(),
+            FaithfulnessCurve::new(x, f_noisy).unwrap(),
+        ),
     ];
     let mut rng = Lcg(3);
     let points: Vec<(f64, f64)> = scores
@@ -69,12 +109,19 @@ fn demo_report() -> Report {
         sections: vec![
             Section::Text {
                 title: "About".to_string(),
-                body: "Made-up data for checking the pictures.\n\nSecond paragraph & <b>not bold</b>."
-                    .to_string(),
+                body:
+                    "Made-up data for checking the pictures.\n\nSecond paragraph & <b>not bold</b>."
+                        .to_string(),
             },
             Section::Table {
                 title: "Areas".to_string(),
-                header: vec!["method".into(), "AUC".into(), "pessimistic AUC".into(), "CPR".into(), "CMD".into()],
+                header: vec![
+                    "method".into(),
+                    "AUC".into(),
+                    "pessimistic AUC".into(),
+                    "CPR".into(),
+                    "CMD".into(),
+                ],
                 rows: vec![
                     vec![
                         "EAP-IG".into(),
@@ -98,8 +145,19 @@ fn demo_report() -> Report {
                 caption: format!("The top {} edges by |score|.", circuit.n_edges()),
             },
             Section::Figure {
+                title: "Circuit on a GPT-2-small-shaped graph".to_string(),
+                svg: {
+                    let (c, s) = gpt2_shaped_circuit();
+                    circuit_svg(&c, Some(&s))
+                },
+                caption: "50 edges among 32,491.".to_string(),
+            },
+            Section::Figure {
                 title: "ROC".to_string(),
-                svg: roc_svg(&[("EAP-IG".to_string(), roc_eap), ("noisy EAP".to_string(), roc_noisy)]),
+                svg: roc_svg(&[
+                    ("EAP-IG".to_string(), roc_eap),
+                    ("noisy EAP".to_string(), roc_noisy),
+                ]),
                 caption: "Against the made-up ground truth.".to_string(),
             },
             Section::Figure {
@@ -126,7 +184,8 @@ fn demo_report() -> Report {
 fn check_svg(svg: &str) -> roxmltree::Document<'_> {
     assert!(!svg.contains("NaN"), "NaN in SVG");
     assert!(!svg.contains("inf"), "inf in SVG");
-    let doc = roxmltree::Document::parse(svg).unwrap_or_else(|e| panic!("not well-formed: {e}\n{svg}"));
+    let doc =
+        roxmltree::Document::parse(svg).unwrap_or_else(|e| panic!("not well-formed: {e}\n{svg}"));
     let root = doc.root_element();
     assert_eq!(root.tag_name().name(), "svg");
     for attr in ["width", "height", "viewBox"] {
@@ -150,10 +209,20 @@ fn circuit_svg_draws_one_path_per_edge() {
         assert_eq!(count(&doc, "path", "edge"), circuit.n_edges());
     }
     let svg = circuit_svg(&circuit, Some(&scores));
-    assert!(svg.contains("stroke-dasharray"), "negative scores are dashed");
+    assert!(
+        svg.contains("stroke-dasharray"),
+        "negative scores are dashed"
+    );
     for letter in ["query", "key", "value"] {
         assert!(svg.contains(letter), "legend names {letter}");
     }
+}
+
+#[test]
+fn circuit_svg_of_a_gpt2_sized_circuit() {
+    let (c, s) = gpt2_shaped_circuit();
+    let svg = circuit_svg(&c, Some(&s));
+    assert_eq!(count(&check_svg(&svg), "path", "edge"), 50);
 }
 
 #[test]
@@ -182,7 +251,12 @@ fn circuit_svg_handles_empty_full_and_large_graphs() {
     let svg = circuit_svg(&c, Some(&s));
     let doc = check_svg(&svg);
     assert_eq!(count(&doc, "path", "edge"), 2);
-    let width: f64 = doc.root_element().attribute("width").unwrap().parse().unwrap();
+    let width: f64 = doc
+        .root_element()
+        .attribute("width")
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(width < 1000.0, "compacted width {width}");
 }
 
@@ -193,7 +267,13 @@ fn charts_are_well_formed_for_degenerate_input() {
     check_svg(&scatter_svg("t", "x", "y", &[], None));
     check_svg(&scatter_svg("t", "x", "y", &[(1.0, 1.0)], None));
     check_svg(&scatter_svg("t", "x", "y", &[(0.0, 0.0); 4], None));
-    check_svg(&scatter_svg("<t>", "x&", "y\"", &[(f64::NAN, 1.0), (f64::INFINITY, 2.0), (1e30, -1e30)], None));
+    check_svg(&scatter_svg(
+        "<t>",
+        "x&",
+        "y\"",
+        &[(f64::NAN, 1.0), (f64::INFINITY, 2.0), (1e30, -1e30)],
+        None,
+    ));
     let flat = FaithfulnessCurve::new(vec![0.0, 0.5, 1.0], vec![1.0; 3]).unwrap();
     let svg = faithfulness_svg(&[("flat".to_string(), flat)]);
     check_svg(&svg);
@@ -220,7 +300,7 @@ fn html_escapes_text_and_shows_the_command() {
     assert!(html.contains("Demo &lt;script&gt;alert(1)&lt;/script&gt; report"));
     assert!(html.contains("<pre><code>eap report --task ioi --model gpt2 --out &#39;a&amp;b.html&#39; &quot;&lt;x&gt;&quot;</code></pre>"));
     assert!(html.contains("&lt;b&gt;not bold&lt;/b&gt;"));
-    assert_eq!(html.matches("<svg ").count(), 4);
+    assert_eq!(html.matches("<svg ").count(), 5);
     assert!(!html.contains("NaN"));
     for external in ["http://", "https://"] {
         // The only URL allowed is the SVG namespace, which loads nothing.
@@ -238,9 +318,14 @@ fn write_is_atomic_and_leaves_no_temporary_file() {
     report.write(&path).unwrap();
     report.write(&path).unwrap();
     assert_eq!(std::fs::read_to_string(&path).unwrap(), report.to_html());
-    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
-    assert!(report.write(dir.path().join("missing/report.html")).is_err());
+    assert!(report
+        .write(dir.path().join("missing/report.html"))
+        .is_err());
 }
 
 /// Writes the demo report to `$EAP_DEMO_REPORT` (default `/tmp/eap_demo_report.html`) for
@@ -248,7 +333,8 @@ fn write_is_atomic_and_leaves_no_temporary_file() {
 #[test]
 #[ignore]
 fn write_demo_report() {
-    let path = std::env::var("EAP_DEMO_REPORT").unwrap_or_else(|_| "/tmp/eap_demo_report.html".to_string());
+    let path = std::env::var("EAP_DEMO_REPORT")
+        .unwrap_or_else(|_| "/tmp/eap_demo_report.html".to_string());
     demo_report().write(&path).unwrap();
     eprintln!("wrote {path}");
 }
