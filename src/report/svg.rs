@@ -188,8 +188,15 @@ impl Axis {
         Axis { lo, hi, log: false }
     }
 
-    /// A log10 axis from `lo` to `hi` (both > 0), widened to whole decades.
+    /// A log10 axis from `lo` to `hi`, widened to whole decades. Values that are not positive
+    /// and finite fall back to `[0.001, 1]`.
     pub fn log(lo: f64, hi: f64) -> Self {
+        let ok = |v: f64| v.is_finite() && v > 0.0;
+        let (lo, hi) = match (ok(lo), ok(hi)) {
+            (true, true) => (lo.min(hi), lo.max(hi)),
+            (false, true) => (hi / 1000.0, hi),
+            _ => (0.001, 1.0),
+        };
         Axis {
             lo: 10f64.powf(lo.log10().floor()),
             hi: 10f64.powf(hi.log10().ceil()),
@@ -438,6 +445,8 @@ mod tests {
             .map(|t| t.1)
             .collect();
         assert_eq!(labels, ["0.001", "0.01", "0.1", "1"]);
+        assert!(Axis::log(0.0, -1.0).ticks(5).len() < 10);
+        assert!(Axis::log(f64::NAN, 1.0).ticks(5).len() < 10);
         let labels: Vec<String> = Axis::linear(-0.3, 0.3)
             .ticks(5)
             .into_iter()
