@@ -15,10 +15,10 @@
 //! * [`report`] — SVG pictures and the HTML report.
 
 pub mod error;
+pub mod eval;
 pub mod graph;
 pub mod model;
-pub mod tasks;
-pub mod eval;
 pub mod report;
+pub mod tasks;
 
 pub use error::{Error, Result};

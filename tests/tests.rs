@@ -1,1 +1,4 @@
-//! Integration tests, one themed module each.
+//! Integration tests, one themed module each; helpers in `util`.
+
+mod model;
+mod util;

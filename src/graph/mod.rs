@@ -120,11 +120,17 @@ impl Graph {
     }
 
     pub fn writer(&self, index: usize) -> Writer {
-        assert!(index < self.n_writers(), "writer index {index} out of range");
+        assert!(
+            index < self.n_writers(),
+            "writer index {index} out of range"
+        );
         if index == 0 {
             return Writer::Input;
         }
-        let (layer, k) = ((index - 1) / self.writers_per_layer(), (index - 1) % self.writers_per_layer());
+        let (layer, k) = (
+            (index - 1) / self.writers_per_layer(),
+            (index - 1) % self.writers_per_layer(),
+        );
         if k < self.n_heads {
             Writer::Head { layer, head: k }
         } else {
@@ -133,11 +139,17 @@ impl Graph {
     }
 
     pub fn reader(&self, index: usize) -> Reader {
-        assert!(index < self.n_readers(), "reader index {index} out of range");
+        assert!(
+            index < self.n_readers(),
+            "reader index {index} out of range"
+        );
         if index == self.n_readers() - 1 {
             return Reader::Logits;
         }
-        let (layer, k) = (index / self.readers_per_layer(), index % self.readers_per_layer());
+        let (layer, k) = (
+            index / self.readers_per_layer(),
+            index % self.readers_per_layer(),
+        );
         if k == 3 * self.n_heads {
             Reader::Mlp { layer }
         } else {
@@ -344,11 +356,24 @@ mod tests {
         assert!(e("a0.h1->m0").is_ok());
         assert!(e("a0.h0->a1.h1<k>").is_ok());
         assert!(e("m1->logits").is_ok());
-        assert!(e("a1.h0->a1.h1<q>").is_err(), "same-layer heads do not compose");
+        assert!(
+            e("a1.h0->a1.h1<q>").is_err(),
+            "same-layer heads do not compose"
+        );
         assert!(e("m0->a0.h0<v>").is_err());
         assert!(e("m2->logits").is_err(), "no layer 2");
         assert!(Graph::new(2, 2, false).parse_writer("m0").is_err());
-        assert_eq!(g.edge_name(0, g.reader_index(Reader::Head { layer: 0, head: 1, qkv: Qkv::Q })), "input->a0.h1<q>");
+        assert_eq!(
+            g.edge_name(
+                0,
+                g.reader_index(Reader::Head {
+                    layer: 0,
+                    head: 1,
+                    qkv: Qkv::Q
+                })
+            ),
+            "input->a0.h1<q>"
+        );
     }
 }
 

@@ -1,1 +1,225 @@
-//! Transformer models: configuration, weights, forward and activation-only backward.
+//! Transformer models: configuration, weights, the forward pass with per-writer caches and
+//! per-reader interventions, and the activation-only backward.
+//!
+//! * [`ModelConfig`] — shape and conventions, read from a Hugging Face GPT-2 or a TransformerLens
+//!   `config.json` ([`config`]).
+//! * [`Model`] — embedding, blocks and unembedding; [`Model::load`] opens a directory or a hub id
+//!   from the local Hugging Face cache ([`weights`] reads the safetensors).
+//! * [`Model::forward`] — one batch of equal-length prompts; returns logits at the requested
+//!   positions only, optionally every writer's output and the cache the backward needs, and
+//!   applies a [`ReaderIntervention`] (exact edge patching, additive deltas) to reader inputs.
+//! * [`Model::backward`] — from `dM/dlogits` to `dM/d in_v` for every reader `v` of DESIGN §2,
+//!   layer by layer, without weight gradients.
+
+pub mod config;
+mod forward;
+pub mod ops;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+
+pub use config::{Activation, ModelConfig, Norm, Positions, WeightFormat};
+pub use forward::{
+    AdditiveDeltas, Batch, ForwardCache, ForwardOptions, ForwardOutput, PatchPlan, ReaderGrads,
+    ReaderIntervention,
+};
+pub use weights::{EmbedWeights, LayerWeights, MlpWeights, NormWeights};
+
+use crate::graph::Graph;
+use crate::{Error, Result};
+use weights::{SafetensorsFile, WeightLoader};
+
+/// Layers are kept resident as f32 when they fit in this many bytes; larger models are read
+/// from the memory-mapped file and converted one layer at a time (`EAP_RESIDENT_BYTES`).
+const DEFAULT_RESIDENT_BYTES: usize = 8 << 30;
+
+enum LayerStore {
+    Resident(Vec<Arc<LayerWeights>>),
+    /// Weights stay memory-mapped in their stored dtype; each use converts one layer.
+    Streamed(WeightLoader),
+}
+
+/// A transformer whose graph eap analyses.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub device: Device,
+    /// Where the model came from, for reports.
+    pub name: String,
+    pub(crate) embed: EmbedWeights,
+    layers: LayerStore,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl Model {
+    /// Builds a model from weights held in memory (planted-circuit models, tests).
+    pub fn from_weights(
+        name: impl Into<String>,
+        cfg: ModelConfig,
+        embed: EmbedWeights,
+        layers: Vec<LayerWeights>,
+    ) -> Result<Model> {
+        if layers.len() != cfg.n_layers {
+            return Err(Error::invalid(format!(
+                "model has {} layers in its config but {} were given",
+                cfg.n_layers,
+                layers.len()
+            )));
+        }
+        let device = embed.w_e.device().clone();
+        Ok(Model {
+            cfg,
+            device,
+            name: name.into(),
+            embed,
+            layers: LayerStore::Resident(layers.into_iter().map(Arc::new).collect()),
+        })
+    }
+
+    /// Opens a model directory (`config.json` + `model.safetensors`) or a hub id such as `gpt2`
+    /// found in the local Hugging Face cache.
+    pub fn load(spec: &str, device: &Device) -> Result<Model> {
+        let dir = resolve_model_dir(spec)?;
+        Self::load_dir(&dir, device)
+    }
+
+    pub fn load_dir(dir: &Path, device: &Device) -> Result<Model> {
+        let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            return Err(Error::Config {
+                path: config_path,
+                message: "no config.json in the model directory".into(),
+            });
+        }
+        let cfg = ModelConfig::from_file(&config_path)?;
+        let weights_path = dir.join("model.safetensors");
+        if !weights_path.exists() {
+            let hint = if dir.join("pytorch_model.bin").exists() {
+                "only pytorch_model.bin is present; convert it with `python -c \"import torch; \
+                 from safetensors.torch import save_file; sd = torch.load('pytorch_model.bin'); \
+                 save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')\"`"
+            } else if dir.join("model.safetensors.index.json").exists() {
+                "sharded checkpoints are not supported yet; merge the shards into model.safetensors"
+            } else {
+                "expected model.safetensors beside config.json"
+            };
+            return Err(Error::Config {
+                path: weights_path,
+                message: hint.into(),
+            });
+        }
+        let file = SafetensorsFile::open(&weights_path)?;
+        let loader = WeightLoader::new(file, &cfg, device)?;
+        let embed = loader.embed()?;
+        let budget = std::env::var("EAP_RESIDENT_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_RESIDENT_BYTES);
+        let layers = if cfg.n_params() * 4 <= budget {
+            let layers = (0..cfg.n_layers)
+                .map(|i| loader.layer(i).map(Arc::new))
+                .collect::<Result<Vec<_>>>()?;
+            LayerStore::Resident(layers)
+        } else {
+            // Check every layer's tensors up front so a malformed file fails at load time.
+            for i in 0..cfg.n_layers {
+                loader.layer(i)?;
+            }
+            LayerStore::Streamed(loader)
+        };
+        Ok(Model {
+            cfg,
+            device: device.clone(),
+            name: dir.display().to_string(),
+            embed,
+            layers,
+        })
+    }
+
+    /// The weights of layer `i`, converted to f32 (a shared handle when resident).
+    pub fn layer(&self, i: usize) -> Result<Arc<LayerWeights>> {
+        match &self.layers {
+            LayerStore::Resident(layers) => Ok(layers[i].clone()),
+            LayerStore::Streamed(loader) => Ok(Arc::new(loader.layer(i)?)),
+        }
+    }
+
+    pub fn embed_weights(&self) -> &EmbedWeights {
+        &self.embed
+    }
+
+    /// The edge graph of this model (DESIGN §2).
+    pub fn graph(&self) -> Graph {
+        self.cfg.graph()
+    }
+
+    /// Matmul FLOPs of one forward over `n_tokens` tokens unembedding `n_logit_rows` rows.
+    pub fn forward_flops(&self, n_tokens: usize, seq_len: usize, n_logit_rows: usize) -> f64 {
+        let c = &self.cfg;
+        let (d, hd) = (c.d_model as f64, (c.n_heads * c.d_head) as f64);
+        let n = n_tokens as f64;
+        let attn = 2.0 * n * d * hd * 4.0 + 2.0 * 2.0 * n * seq_len as f64 * hd;
+        let mlp = c.d_mlp.map_or(0.0, |m| 2.0 * 2.0 * n * d * m as f64);
+        c.n_layers as f64 * (attn + mlp) + 2.0 * n_logit_rows as f64 * d * c.d_vocab_out as f64
+    }
+}
+
+/// Finds the directory of a model: a path, or a hub id in the local Hugging Face cache
+/// (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`).
+pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    if path.exists() {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            message: "expected a model directory holding config.json and model.safetensors".into(),
+        });
+    }
+    let cache = std::env::var_os("HF_HUB_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+        });
+    let not_found = |searched: String| Error::Config {
+        path: path.to_path_buf(),
+        message: format!(
+            "no such directory, and no hub snapshot {searched}; eap does not download \
+             (HF_HUB_OFFLINE semantics): fetch it once with `huggingface-cli download {spec}`"
+        ),
+    };
+    let Some(cache) = cache else {
+        return Err(not_found("(no cache directory: HOME is unset)".into()));
+    };
+    let repo = cache.join(format!("models--{}", spec.replace('/', "--")));
+    let snapshots = repo.join("snapshots");
+    // Prefer the revision `refs/main` points at; otherwise the newest snapshot.
+    if let Ok(main) = std::fs::read_to_string(repo.join("refs/main")) {
+        let dir = snapshots.join(main.trim());
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+    }
+    let mut candidates: Vec<_> = std::fs::read_dir(&snapshots)
+        .map_err(|_| not_found(format!("in {}", snapshots.display())))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("config.json").exists())
+        .collect();
+    candidates.sort_by_key(|e| e.metadata().and_then(|m| m.modified()).ok());
+    candidates
+        .pop()
+        .map(|e| e.path())
+        .ok_or_else(|| not_found(format!("with a config.json in {}", snapshots.display())))
+}

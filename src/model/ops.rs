@@ -1,0 +1,408 @@
+//! The element-wise and normalisation kernels of the forward and the activation-only backward.
+//!
+//! On the CPU each kernel is one fused pass over contiguous rows, split across threads with
+//! rayon: built from separate candle ops, GPT-2's GELU alone cost ~150 ms per forward (DESIGN §3).
+//! On other devices the same maths is composed from candle ops; a unit test checks that both
+//! paths agree so the composite one is exercised even without a GPU.
+//!
+//! Conventions that decide parity with PyTorch: LayerNorm uses the biased variance with eps inside
+//! the square root; `gelu_new` is the tanh form, `gelu` the erf form; ReLU'(0) = 0.
+
+use candle_core::{DType, Device, Storage, Tensor, D};
+use rayon::prelude::*;
+
+use super::config::Activation;
+use crate::Result;
+
+/// Rows per rayon task: big enough to amortise scheduling, small enough to balance 2–16 cores.
+const ROWS_PER_TASK: usize = 16;
+
+/// Runs `f` on the f32 data of a contiguous CPU tensor; `None` for other devices or layouts.
+pub(crate) fn cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => {
+            let data = cpu.as_slice::<f32>().ok()?;
+            let start = layout.start_offset();
+            Some(f(&data[start..start + t.elem_count()]))
+        }
+        _ => None,
+    }
+}
+
+/// Copies a tensor's f32 data to a vector (any device, any layout).
+pub(crate) fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    if let Some(v) = cpu_slice(t, |s| s.to_vec()) {
+        return Ok(v);
+    }
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+}
+
+/// Statistics a LayerNorm keeps for its backward: the normalised input and 1/σ per row.
+#[derive(Debug, Clone)]
+pub struct NormCache {
+    /// `(x − mean) / σ`, same shape as the input.
+    pub xhat: Tensor,
+    /// `[rows, 1]`.
+    pub inv_std: Tensor,
+}
+
+/// LayerNorm over the last dimension, returning the output and the statistics for the
+/// backward. `w`/`b` are `None` for `LNPre`.
+pub fn layer_norm(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    b: Option<&Tensor>,
+    eps: f32,
+    force_composite: bool,
+) -> Result<(Tensor, NormCache)> {
+    let d = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / d;
+    if !force_composite {
+        let wv = w.map(to_vec).transpose()?;
+        let bv = b.map(to_vec).transpose()?;
+        let fast = cpu_slice(x, |xs| {
+            let mut y = vec![0f32; xs.len()];
+            let mut xhat = vec![0f32; xs.len()];
+            let mut inv = vec![0f32; rows];
+            y.par_chunks_mut(d * ROWS_PER_TASK)
+                .zip(xhat.par_chunks_mut(d * ROWS_PER_TASK))
+                .zip(inv.par_chunks_mut(ROWS_PER_TASK))
+                .zip(xs.par_chunks(d * ROWS_PER_TASK))
+                .for_each(|(((y, xh), inv), xs)| {
+                    for (r, xr) in xs.chunks(d).enumerate() {
+                        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                        let var =
+                            xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                        let is = (1.0 / (var + eps as f64).sqrt()) as f32;
+                        inv[r] = is;
+                        let (yr, xhr) = (&mut y[r * d..(r + 1) * d], &mut xh[r * d..(r + 1) * d]);
+                        for i in 0..d {
+                            let n = (xr[i] - mean as f32) * is;
+                            xhr[i] = n;
+                            yr[i] = match (&wv, &bv) {
+                                (Some(w), Some(b)) => n * w[i] + b[i],
+                                _ => n,
+                            };
+                        }
+                    }
+                });
+            (y, xhat, inv)
+        });
+        if let Some((y, xhat, inv)) = fast {
+            let shape = x.shape().clone();
+            let dev = x.device();
+            return Ok((
+                Tensor::from_vec(y, shape.clone(), dev)?,
+                NormCache {
+                    xhat: Tensor::from_vec(xhat, shape, dev)?,
+                    inv_std: Tensor::from_vec(inv, (rows, 1), dev)?,
+                },
+            ));
+        }
+    }
+    let x2 = x.reshape((rows, d))?;
+    let mean = x2.mean_keepdim(1)?;
+    let xc = x2.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(1)?;
+    let inv_std = (var + eps as f64)?.sqrt()?.recip()?;
+    let xhat = xc.broadcast_mul(&inv_std)?;
+    let y = match (w, b) {
+        (Some(w), Some(b)) => xhat.broadcast_mul(w)?.broadcast_add(b)?,
+        _ => xhat.clone(),
+    };
+    Ok((
+        y.reshape(x.shape())?,
+        NormCache {
+            xhat: xhat.reshape(x.shape())?,
+            inv_std,
+        },
+    ))
+}
+
+/// Backward of [`layer_norm`] for upstream gradients `g` of shape `[k, rows, d]` or `[rows, d]`:
+/// the same LayerNorm (same statistics) applied to `k` different gradients at once — the k
+/// heads and letters that read one residual stream.
+///
+/// `dx = (1/σ) · (g·w − mean(g·w) − x̂ · mean(g·w·x̂))`.
+pub fn layer_norm_backward(
+    g: &Tensor,
+    cache: &NormCache,
+    w: Option<&Tensor>,
+    force_composite: bool,
+) -> Result<Tensor> {
+    let d = g.dim(D::Minus1)?;
+    let rows = cache.inv_std.elem_count();
+    if !force_composite {
+        let wv = w.map(to_vec).transpose()?;
+        let fast = cpu_slice(&cache.xhat, |xhat| {
+            cpu_slice(&cache.inv_std, |inv| {
+                cpu_slice(g, |gs| {
+                    let mut out = vec![0f32; gs.len()];
+                    out.par_chunks_mut(d * ROWS_PER_TASK)
+                        .zip(gs.par_chunks(d * ROWS_PER_TASK))
+                        .enumerate()
+                        .for_each(|(task, (o, gs))| {
+                            let first_row = task * ROWS_PER_TASK;
+                            for (r, gr) in gs.chunks(d).enumerate() {
+                                let row = (first_row + r) % rows;
+                                let xr = &xhat[row * d..(row + 1) * d];
+                                let (mut m1, mut m2) = (0f64, 0f64);
+                                for i in 0..d {
+                                    let gw = gr[i] * wv.as_ref().map_or(1.0, |w| w[i]);
+                                    m1 += gw as f64;
+                                    m2 += (gw * xr[i]) as f64;
+                                }
+                                let (m1, m2) = ((m1 / d as f64) as f32, (m2 / d as f64) as f32);
+                                let is = inv[row];
+                                let or = &mut o[r * d..(r + 1) * d];
+                                for i in 0..d {
+                                    let gw = gr[i] * wv.as_ref().map_or(1.0, |w| w[i]);
+                                    or[i] = is * (gw - m1 - xr[i] * m2);
+                                }
+                            }
+                        });
+                    out
+                })
+            })
+        });
+        // rows must tile: ROWS_PER_TASK chunks of a [k, rows, d] tensor start at multiples of
+        // ROWS_PER_TASK rows, so `(first_row + r) % rows` is the row within the residual stream.
+        if let Some(Some(Some(out))) = fast {
+            return Ok(Tensor::from_vec(out, g.shape().clone(), g.device())?);
+        }
+    }
+    let gw = match w {
+        Some(w) => g.broadcast_mul(w)?,
+        None => g.clone(),
+    };
+    let xhat = cache.xhat.reshape((rows, d))?;
+    let m1 = gw.mean_keepdim(D::Minus1)?;
+    let m2 = gw.broadcast_mul(&xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = gw
+        .broadcast_sub(&m1)?
+        .sub(&xhat.broadcast_mul(&m2)?.broadcast_as(gw.shape())?)?
+        .broadcast_mul(&cache.inv_std)?;
+    Ok(dx)
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
+fn act_scalar(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::GeluNew => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_C * x * x * x)).tanh()),
+        Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2) as f32),
+        Activation::Relu => x.max(0.0),
+    }
+}
+
+fn act_grad_scalar(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::GeluNew => {
+            let t = (SQRT_2_OVER_PI * (x + GELU_C * x * x * x)).tanh();
+            0.5 * (1.0 + t)
+                + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * x * x)
+        }
+        Activation::Gelu => {
+            let xd = x as f64;
+            let cdf = 0.5 * (1.0 + libm::erf(xd / std::f64::consts::SQRT_2));
+            let pdf = (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            (cdf + xd * pdf) as f32
+        }
+        // ReLU'(0) = 0, as PyTorch: compiled models put many pre-activations exactly at 0.
+        Activation::Relu => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+fn map_cpu(t: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<Option<Tensor>> {
+    let out = cpu_slice(t, |xs| {
+        let mut out = vec![0f32; xs.len()];
+        out.par_chunks_mut(4096)
+            .zip(xs.par_chunks(4096))
+            .for_each(|(o, x)| {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = f(x);
+                }
+            });
+        out
+    });
+    Ok(match out {
+        Some(v) => Some(Tensor::from_vec(v, t.shape().clone(), t.device())?),
+        None => None,
+    })
+}
+
+/// The MLP activation.
+pub fn activation(x: &Tensor, act: Activation, force_composite: bool) -> Result<Tensor> {
+    if !force_composite {
+        if let Some(y) = map_cpu(x, |v| act_scalar(act, v))? {
+            return Ok(y);
+        }
+    }
+    Ok(match act {
+        Activation::GeluNew => x.gelu()?,
+        Activation::Gelu => x.gelu_erf()?,
+        Activation::Relu => x.relu()?,
+    })
+}
+
+/// `g ⊙ act'(pre)`.
+pub fn activation_backward(
+    g: &Tensor,
+    pre: &Tensor,
+    act: Activation,
+    force_composite: bool,
+) -> Result<Tensor> {
+    if !force_composite {
+        let fast = cpu_slice(g, |gs| {
+            cpu_slice(pre, |ps| {
+                let mut out = vec![0f32; gs.len()];
+                out.par_chunks_mut(4096)
+                    .zip(gs.par_chunks(4096).zip(ps.par_chunks(4096)))
+                    .for_each(|(o, (g, p))| {
+                        for i in 0..o.len() {
+                            o[i] = g[i] * act_grad_scalar(act, p[i]);
+                        }
+                    });
+                out
+            })
+        });
+        if let Some(Some(out)) = fast {
+            return Ok(Tensor::from_vec(out, g.shape().clone(), g.device())?);
+        }
+    }
+    let d = match act {
+        Activation::Relu => pre.gt(0f64)?.to_dtype(DType::F32)?,
+        Activation::GeluNew => {
+            let inner = ((pre + pre.powf(3.0)? * GELU_C as f64)? * SQRT_2_OVER_PI as f64)?;
+            let t = inner.tanh()?;
+            let one_minus_t2 = (1.0 - t.sqr()?)?;
+            let dinner = ((pre.sqr()? * (3.0 * GELU_C as f64))? + 1.0)?;
+            (((t + 1.0)? * 0.5)?
+                + (pre * 0.5)?
+                    .mul(&one_minus_t2)?
+                    .mul(&(dinner * SQRT_2_OVER_PI as f64)?)?)?
+        }
+        Activation::Gelu => {
+            let cdf = (((pre / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+            let pdf = ((pre.sqr()? * -0.5)?.exp()? / (2.0 * std::f64::consts::PI).sqrt())?;
+            (cdf + pre.mul(&pdf)?)?
+        }
+    };
+    Ok(g.mul(&d)?)
+}
+
+/// Additive attention mask `[p, p]`: 0 where key ≤ query (or everywhere when bidirectional),
+/// −∞ elsewhere.
+pub fn attention_mask(p: usize, causal: bool, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..p * p)
+        .map(|i| {
+            if causal && i % p > i / p {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (p, p), device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) = (to_vec(a).unwrap(), to_vec(b).unwrap());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn fused_and_composite_kernels_agree() {
+        let x = randn(&[37, 24], 1);
+        let w = randn(&[24], 2);
+        let b = randn(&[24], 3);
+        let (y1, c1) = layer_norm(&x, Some(&w), Some(&b), 1e-5, false).unwrap();
+        let (y2, c2) = layer_norm(&x, Some(&w), Some(&b), 1e-5, true).unwrap();
+        assert!(max_diff(&y1, &y2) < 1e-5);
+        assert!(max_diff(&c1.inv_std, &c2.inv_std) < 1e-5);
+        let g = randn(&[3, 37, 24], 4);
+        let d1 = layer_norm_backward(&g, &c1, Some(&w), false).unwrap();
+        let d2 = layer_norm_backward(&g, &c2, Some(&w), true).unwrap();
+        assert!(max_diff(&d1, &d2) < 1e-4, "{}", max_diff(&d1, &d2));
+        for act in [Activation::GeluNew, Activation::Gelu, Activation::Relu] {
+            let a1 = activation(&x, act, false).unwrap();
+            let a2 = activation(&x, act, true).unwrap();
+            assert!(max_diff(&a1, &a2) < 1e-5, "{act:?}");
+            let g = randn(&[37, 24], 5);
+            let b1 = activation_backward(&g, &x, act, false).unwrap();
+            let b2 = activation_backward(&g, &x, act, true).unwrap();
+            assert!(max_diff(&b1, &b2) < 1e-4, "{act:?}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_backward_matches_finite_differences() {
+        let x = randn(&[5, 8], 7);
+        let w = randn(&[8], 8);
+        let g = randn(&[5, 8], 9);
+        let (_, cache) = layer_norm(&x, Some(&w), None, 1e-5, true).unwrap();
+        let analytic = to_vec(&layer_norm_backward(&g, &cache, Some(&w), false).unwrap()).unwrap();
+        let xs = to_vec(&x).unwrap();
+        let gs = to_vec(&g).unwrap();
+        let f = |xs: &[f64]| -> f64 {
+            // Σ g · LN(x) · w in f64.
+            let mut total = 0.0;
+            for r in 0..5 {
+                let row = &xs[r * 8..r * 8 + 8];
+                let mean = row.iter().sum::<f64>() / 8.0;
+                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 8.0;
+                let ws = to_vec(&w).unwrap();
+                for i in 0..8 {
+                    total +=
+                        gs[r * 8 + i] as f64 * (row[i] - mean) / (var + 1e-5).sqrt() * ws[i] as f64;
+                }
+            }
+            total
+        };
+        let base: Vec<f64> = xs.iter().map(|&v| v as f64).collect();
+        for i in 0..base.len() {
+            let eps = 1e-6;
+            let (mut p, mut m) = (base.clone(), base.clone());
+            p[i] += eps;
+            m[i] -= eps;
+            let fd = (f(&p) - f(&m)) / (2.0 * eps);
+            assert!(
+                (fd - analytic[i] as f64).abs() < 1e-3,
+                "{i}: {fd} vs {}",
+                analytic[i]
+            );
+        }
+    }
+
+    #[test]
+    fn relu_gradient_at_zero_is_zero() {
+        assert_eq!(act_grad_scalar(Activation::Relu, 0.0), 0.0);
+        assert_eq!(act_grad_scalar(Activation::Relu, 1e-9), 1.0);
+    }
+}

@@ -1,0 +1,370 @@
+//! Weights: memory-mapped safetensors files read in their stored dtype (f32, f16, bf16) and
+//! converted to f32 one tensor at a time, laid out the way the forward pass wants them.
+//!
+//! Both Hugging Face GPT-2 checkpoints (`Conv1D` layout: `c_attn.weight [d, 3d]`, keys with or
+//! without the `transformer.` prefix, tied unembedding) and TransformerLens state dicts
+//! (`blocks.0.attn.W_Q [n_heads, d_model, d_head]`, …) map onto the same [`LayerWeights`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Metadata, SafeTensors};
+
+use super::config::{ModelConfig, Norm, WeightFormat};
+use crate::{Error, Result};
+
+/// Gain and bias of a LayerNorm (absent for `LNPre` and for models without normalisation).
+#[derive(Debug, Clone)]
+pub struct NormWeights {
+    pub w: Tensor,
+    pub b: Tensor,
+}
+
+/// An MLP's weights: `out = act(x @ w_in + b_in) @ w_out + b_out`.
+#[derive(Debug, Clone)]
+pub struct MlpWeights {
+    pub w_in: Tensor,
+    pub b_in: Tensor,
+    pub w_out: Tensor,
+    pub b_out: Tensor,
+}
+
+/// One transformer block in the layouts the forward and backward use.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    pub ln1: Option<NormWeights>,
+    /// Query weights of all heads side by side, `[d_model, n_heads * d_head]`: one GEMM when
+    /// every head reads the same residual stream.
+    pub wq: Tensor,
+    pub wk: Tensor,
+    pub wv: Tensor,
+    /// The same weights per head, `[n_heads, d_model, d_head]`: for patched runs, where each
+    /// head reads its own input, and for the per-head backward.
+    pub wq_heads: Tensor,
+    pub wk_heads: Tensor,
+    pub wv_heads: Tensor,
+    /// `[n_heads * d_head]`.
+    pub bq: Tensor,
+    pub bk: Tensor,
+    pub bv: Tensor,
+    /// `[n_heads, d_head, d_model]`.
+    pub wo_heads: Tensor,
+    /// `[n_heads * d_head, d_model]`, the same data.
+    pub wo: Tensor,
+    pub bo: Tensor,
+    pub ln2: Option<NormWeights>,
+    pub mlp: Option<MlpWeights>,
+}
+
+/// Embedding, final norm and unembedding.
+#[derive(Debug, Clone)]
+pub struct EmbedWeights {
+    /// `[d_vocab, d_model]`.
+    pub w_e: Tensor,
+    /// `[n_ctx, d_model]`.
+    pub w_pos: Tensor,
+    pub ln_final: Option<NormWeights>,
+    /// `[d_model, d_vocab_out]`.
+    pub w_u: Tensor,
+    pub b_u: Option<Tensor>,
+}
+
+impl LayerWeights {
+    /// Builds a layer from per-head TransformerLens-layout tensors (already f32 on `device`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_heads(
+        cfg: &ModelConfig,
+        ln1: Option<NormWeights>,
+        w_q: Tensor,
+        w_k: Tensor,
+        w_v: Tensor,
+        b_q: Tensor,
+        b_k: Tensor,
+        b_v: Tensor,
+        w_o: Tensor,
+        b_o: Tensor,
+        ln2: Option<NormWeights>,
+        mlp: Option<MlpWeights>,
+    ) -> Result<LayerWeights> {
+        let (h, d, dh) = (cfg.n_heads, cfg.d_model, cfg.d_head);
+        let cat = |w: &Tensor| -> Result<Tensor> {
+            Ok(w.permute((1, 0, 2))?.contiguous()?.reshape((d, h * dh))?)
+        };
+        Ok(LayerWeights {
+            ln1,
+            wq: cat(&w_q)?,
+            wk: cat(&w_k)?,
+            wv: cat(&w_v)?,
+            wq_heads: w_q.contiguous()?,
+            wk_heads: w_k.contiguous()?,
+            wv_heads: w_v.contiguous()?,
+            bq: b_q.reshape(h * dh)?,
+            bk: b_k.reshape(h * dh)?,
+            bv: b_v.reshape(h * dh)?,
+            wo: w_o.reshape((h * dh, d))?,
+            wo_heads: w_o.contiguous()?,
+            bo: b_o,
+            ln2,
+            mlp,
+        })
+    }
+}
+
+/// A memory-mapped safetensors file whose header has been parsed and checked.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is opened read-only; as with every mmap-based loader (candle,
+        // safetensors), modifying it while eap runs is undefined and documented as such.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let data_start = 8 + header_len;
+        let data_len = mmap.len().saturating_sub(data_start);
+        for (name, info) in metadata.tensors() {
+            if info.data_offsets.1 > data_len {
+                return Err(Error::Safetensors {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "tensor `{name}` ends at byte {} but the file holds only {data_len} data bytes (truncated?)",
+                        info.data_offsets.1
+                    ),
+                });
+            }
+        }
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.metadata.info(name).is_some()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.metadata.offset_keys()
+    }
+
+    /// Loads tensor `name`, checks its shape and converts it to f32 on `device`.
+    pub fn load(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let info = self
+            .metadata
+            .info(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })?;
+        if info.shape != shape {
+            return Err(Error::TensorShape {
+                path: self.path.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        match info.dtype {
+            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 => {}
+            other => {
+                return Err(Error::TensorDtype {
+                    path: self.path.clone(),
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        }
+        let bytes = &self.mmap
+            [self.data_start + info.data_offsets.0..self.data_start + info.data_offsets.1];
+        let t = candle_core::safetensors::Load::load(
+            &safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), bytes).map_err(
+                |e| Error::Safetensors {
+                    path: self.path.clone(),
+                    message: format!("tensor `{name}`: {e}"),
+                },
+            )?,
+            device,
+        )?;
+        Ok(t.to_dtype(DType::F32)?)
+    }
+}
+
+/// Knows the tensor names and layouts of one checkpoint format and loads layers from it.
+pub struct WeightLoader {
+    file: SafetensorsFile,
+    format: WeightFormat,
+    /// `transformer.` when a HF checkpoint was saved from `GPT2LMHeadModel`.
+    prefix: String,
+    cfg: ModelConfig,
+    device: Device,
+}
+
+impl WeightLoader {
+    pub fn new(file: SafetensorsFile, cfg: &ModelConfig, device: &Device) -> Result<WeightLoader> {
+        let prefix = match cfg.format {
+            WeightFormat::HfGpt2 if file.contains("transformer.wte.weight") => {
+                "transformer.".to_string()
+            }
+            _ => String::new(),
+        };
+        Ok(WeightLoader {
+            file,
+            format: cfg.format,
+            prefix,
+            cfg: cfg.clone(),
+            device: device.clone(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.file
+            .load(&format!("{}{name}", self.prefix), shape, &self.device)
+    }
+
+    fn norm(&self, w: &str, b: &str) -> Result<Option<NormWeights>> {
+        let d = self.cfg.d_model;
+        match self.cfg.norm {
+            Norm::LayerNorm => Ok(Some(NormWeights {
+                w: self.get(w, &[d])?,
+                b: self.get(b, &[d])?,
+            })),
+            Norm::LayerNormPre | Norm::None => Ok(None),
+        }
+    }
+
+    pub fn embed(&self) -> Result<EmbedWeights> {
+        let c = &self.cfg;
+        let (d, v) = (c.d_model, c.d_vocab);
+        match self.format {
+            WeightFormat::HfGpt2 => {
+                let w_e = self.get("wte.weight", &[v, d])?;
+                // GPT-2 ties the unembedding to the embedding; a separate lm_head, if saved, is
+                // the same matrix.
+                let w_u = w_e.t()?.contiguous()?;
+                Ok(EmbedWeights {
+                    w_e,
+                    w_pos: self.get("wpe.weight", &[c.n_ctx, d])?,
+                    ln_final: self.norm("ln_f.weight", "ln_f.bias")?,
+                    w_u,
+                    b_u: None,
+                })
+            }
+            WeightFormat::TransformerLens => Ok(EmbedWeights {
+                w_e: self.get("embed.W_E", &[v, d])?,
+                w_pos: self.get("pos_embed.W_pos", &[c.n_ctx, d])?,
+                ln_final: self.norm("ln_final.w", "ln_final.b")?,
+                w_u: self.get("unembed.W_U", &[d, c.d_vocab_out])?,
+                b_u: if self.file.contains("unembed.b_U") {
+                    Some(self.get("unembed.b_U", &[c.d_vocab_out])?)
+                } else {
+                    None
+                },
+            }),
+            WeightFormat::InMemory => unreachable!("in-memory models are not loaded from files"),
+        }
+    }
+
+    pub fn layer(&self, i: usize) -> Result<LayerWeights> {
+        let c = &self.cfg;
+        let (d, h, dh) = (c.d_model, c.n_heads, c.d_head);
+        match self.format {
+            WeightFormat::HfGpt2 => {
+                let p = |s: &str| format!("h.{i}.{s}");
+                let c_attn = self.get(&p("attn.c_attn.weight"), &[d, 3 * d])?;
+                let c_attn_b = self.get(&p("attn.c_attn.bias"), &[3 * d])?;
+                // Conv1D computes x @ W: columns [0, d) are the queries of all heads, head h in
+                // columns [h*dh, (h+1)*dh); then keys, then values.
+                let split = |k: usize| -> Result<(Tensor, Tensor)> {
+                    let w = c_attn.narrow(1, k * d, d)?.contiguous()?;
+                    let heads = w.reshape((d, h, dh))?.permute((1, 0, 2))?.contiguous()?;
+                    Ok((w, heads))
+                };
+                let (wq, wq_heads) = split(0)?;
+                let (wk, wk_heads) = split(1)?;
+                let (wv, wv_heads) = split(2)?;
+                let wo = self.get(&p("attn.c_proj.weight"), &[d, d])?;
+                let d_mlp = c.d_mlp.expect("GPT-2 has MLPs");
+                Ok(LayerWeights {
+                    ln1: self.norm(&p("ln_1.weight"), &p("ln_1.bias"))?,
+                    wq,
+                    wk,
+                    wv,
+                    wq_heads,
+                    wk_heads,
+                    wv_heads,
+                    bq: c_attn_b.narrow(0, 0, d)?.contiguous()?,
+                    bk: c_attn_b.narrow(0, d, d)?.contiguous()?,
+                    bv: c_attn_b.narrow(0, 2 * d, d)?.contiguous()?,
+                    wo_heads: wo.reshape((h, dh, d))?,
+                    wo,
+                    bo: self.get(&p("attn.c_proj.bias"), &[d])?,
+                    ln2: self.norm(&p("ln_2.weight"), &p("ln_2.bias"))?,
+                    mlp: Some(MlpWeights {
+                        w_in: self.get(&p("mlp.c_fc.weight"), &[d, d_mlp])?,
+                        b_in: self.get(&p("mlp.c_fc.bias"), &[d_mlp])?,
+                        w_out: self.get(&p("mlp.c_proj.weight"), &[d_mlp, d])?,
+                        b_out: self.get(&p("mlp.c_proj.bias"), &[d])?,
+                    }),
+                })
+            }
+            WeightFormat::TransformerLens => {
+                let p = |s: &str| format!("blocks.{i}.{s}");
+                let mlp = match c.d_mlp {
+                    Some(m) => Some(MlpWeights {
+                        w_in: self.get(&p("mlp.W_in"), &[d, m])?,
+                        b_in: self.get(&p("mlp.b_in"), &[m])?,
+                        w_out: self.get(&p("mlp.W_out"), &[m, d])?,
+                        b_out: self.get(&p("mlp.b_out"), &[d])?,
+                    }),
+                    None => None,
+                };
+                let ln2 = if mlp.is_some() {
+                    self.norm(&p("ln2.w"), &p("ln2.b"))?
+                } else {
+                    None
+                };
+                LayerWeights::from_heads(
+                    c,
+                    self.norm(&p("ln1.w"), &p("ln1.b"))?,
+                    self.get(&p("attn.W_Q"), &[h, d, dh])?,
+                    self.get(&p("attn.W_K"), &[h, d, dh])?,
+                    self.get(&p("attn.W_V"), &[h, d, dh])?,
+                    self.get(&p("attn.b_Q"), &[h, dh])?,
+                    self.get(&p("attn.b_K"), &[h, dh])?,
+                    self.get(&p("attn.b_V"), &[h, dh])?,
+                    self.get(&p("attn.W_O"), &[h, dh, d])?,
+                    self.get(&p("attn.b_O"), &[d])?,
+                    ln2,
+                    mlp,
+                )
+            }
+            WeightFormat::InMemory => unreachable!("in-memory models are not loaded from files"),
+        }
+    }
+
+    /// Unused tensor names are harmless (buffers such as `attn.bias` or `IGNORE`); this lists
+    /// them for `--verbose` diagnostics.
+    pub fn tensor_names(&self) -> HashMap<String, ()> {
+        self.file.names().into_iter().map(|n| (n, ())).collect()
+    }
+}

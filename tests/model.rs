@@ -1,0 +1,86 @@
+//! The engine against PyTorch: logits and per-reader gradients on every fixture model
+//! (`scripts/make_fixtures.py`), and clear errors on malformed models.
+
+use candle_core::{Device, Tensor};
+use eap::model::{Batch, ForwardOptions, Model};
+use eap::tasks::{metric_gradient, Metric, Target};
+
+use crate::util::*;
+
+fn load(name: &str) -> Model {
+    Model::load_dir(&fixture_dir(name), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn logits_match_pytorch_on_every_fixture() {
+    for name in MODEL_FIXTURES {
+        let model = load(name);
+        let refs = reference(name);
+        for (tok_key, logit_key) in [
+            ("tokens", "logits"),
+            ("corrupted_tokens", "corrupted_logits"),
+        ] {
+            let batch = Batch::new(&tokens(&refs[tok_key]), &Device::Cpu).unwrap();
+            let opts = ForwardOptions {
+                logit_positions: (0..batch.seq_len).collect(),
+                ..Default::default()
+            };
+            let out = model.forward(&batch, &opts).unwrap();
+            let err = rel_err(&flat(&out.logits), &flat(&refs[logit_key]));
+            assert!(err <= 1e-4, "{name} {logit_key}: relative error {err:e}");
+        }
+    }
+}
+
+/// The logit difference at the last position, as the fixture script defines it.
+fn logit_diff_grad(
+    model: &Model,
+    refs: &std::collections::HashMap<String, Tensor>,
+    logits: &Tensor,
+) -> Tensor {
+    let targets: Vec<Target> = ids(&refs["answer"])
+        .into_iter()
+        .zip(ids(&refs["wrong"]))
+        .map(|(a, w)| Target {
+            answers: vec![a],
+            wrongs: vec![w],
+        })
+        .collect();
+    let v = model.cfg.d_vocab_out;
+    let g = metric_gradient(Metric::LogitDiff, &flat(logits), v, &targets, None).unwrap();
+    Tensor::from_vec(g, logits.shape().clone(), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn reader_gradients_match_pytorch_on_every_fixture() {
+    for name in MODEL_FIXTURES {
+        let model = load(name);
+        let refs = reference(name);
+        let batch = Batch::new(&tokens(&refs["tokens"]), &Device::Cpu).unwrap();
+        let out = model
+            .forward(
+                &batch,
+                &ForwardOptions {
+                    keep_cache: true,
+                    keep_writers: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let dlogits = logit_diff_grad(&model, &refs, &out.logits);
+        let grads = model
+            .reader_gradients(out.cache.as_ref().unwrap(), &dlogits)
+            .unwrap();
+        let graph = model.graph();
+        for (r, g) in grads.iter().enumerate() {
+            let key = format!("grad.{}", graph.reader_name(r));
+            let err = rel_err(&flat(g), &flat(&refs[&key]));
+            assert!(err <= 1e-3, "{name} {key}: relative error {err:e}");
+        }
+        for (w, a) in out.writers.iter().enumerate() {
+            let key = format!("act.{}", graph.writer_name(w));
+            let err = rel_err(&flat(a), &flat(&refs[&key]));
+            assert!(err <= 1e-4, "{name} {key}: relative error {err:e}");
+        }
+    }
+}
