@@ -14,10 +14,12 @@
 //! * [`eval`] — ROC/AUC against ground truths, faithfulness curves, correlation with patching.
 //! * [`report`] — SVG pictures and the HTML report.
 
+pub mod attribution;
 pub mod error;
 pub mod eval;
 pub mod graph;
 pub mod model;
+pub mod patching;
 pub mod report;
 pub mod tasks;
 
