@@ -1,3 +1,483 @@
-fn main() {
-    println!("eap");
+//! `eap`: the command-line face of the library. Flags are parsed here and handed to the
+//! library; nothing numeric lives in this file.
+//!
+//! Exit codes: 0 success, 1 an error (printed once, with its causes), 2 bad usage.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+
+use eap::attribution::{attribute, AttributionOptions, Method};
+use eap::graph::{to_dot, Circuit, CircuitFile};
+use eap::model::{Batch, ForwardOptions, Model};
+use eap::patching::{faithfulness_of, Ablation, Runner};
+use eap::tasks::{generate, write_jsonl, Dataset, Metric, Task, Tokenizer};
+
+#[derive(Parser)]
+#[command(
+    name = "eap",
+    version,
+    about = "Edge Attribution Patching: find the circuits inside transformer language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score every edge of a model's graph on a dataset (EAP, EAP-IG, clean-corrupted).
+    Attribute(AttributeArgs),
+    /// Select a circuit from a scores file.
+    Circuit(CircuitArgs),
+    /// Faithfulness of a circuit: the metric with every other edge patched.
+    Evaluate(EvaluateArgs),
+    /// Write a task's dataset as JSONL.
+    Dataset(DatasetArgs),
+    /// Time forward, backward and EAP on a GPT-2-small-shaped random model.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory (config.json + model.safetensors) or hub id in the local HF cache.
+    #[arg(long)]
+    model: String,
+    /// tokenizer.json to use for text prompts (default: beside the model, else GPT-2's).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DataArgs {
+    /// JSONL file of {"clean", "corrupted", "answer", "wrong"} lines.
+    #[arg(long, conflicts_with = "task")]
+    data: Option<PathBuf>,
+    /// Generate a built-in task instead: ioi, greater-than, docstring, induction.
+    #[arg(long)]
+    task: Option<Task>,
+    /// Examples to generate with --task.
+    #[arg(long, default_value_t = 32)]
+    n: usize,
+    /// Seed for --task.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Metric: logit-diff, prob-diff, kl, nll (default: the task's, else logit-diff).
+    #[arg(long)]
+    metric: Option<Metric>,
+    /// What a removed edge carries: corrupted, zero, mean, mean-positional.
+    #[arg(long, default_value = "corrupted")]
+    ablation: Ablation,
+    /// Examples per chunk (lowered further to fit --memory-budget).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Memory budget for one chunk's activations, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    memory_budget: usize,
+}
+
+#[derive(Args)]
+struct AttributeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// eap, eap-ig or clean-corrupted.
+    #[arg(long, default_value = "eap")]
+    method: String,
+    /// Integration steps of eap-ig.
+    #[arg(long, default_value_t = 5)]
+    ig_steps: usize,
+    /// Scores file to write (EAP-IG's JSON layout plus `meta`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CircuitArgs {
+    /// Scores file written by `eap attribute`.
+    #[arg(long)]
+    scores: PathBuf,
+    /// Keep the N edges with the largest |score|.
+    #[arg(long, group = "select")]
+    top_n: Option<usize>,
+    /// Keep edges with |score| ≥ T.
+    #[arg(long, group = "select")]
+    threshold: Option<f32>,
+    /// Grow N edges greedily from the logits (connected).
+    #[arg(long, group = "select")]
+    greedy: Option<usize>,
+    /// Do not remove edges of nodes that lost all their inputs or outputs.
+    #[arg(long)]
+    no_prune: bool,
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write Graphviz DOT.
+    #[arg(long)]
+    dot: Option<PathBuf>,
+    /// Also write an SVG picture (no graphviz needed).
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Circuit file (EAP-IG JSON layout).
+    #[arg(long)]
+    circuit: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DatasetArgs {
+    /// ioi, greater-than, docstring or induction.
+    task: Task,
+    #[arg(long, default_value_t = 100)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 16)]
+    seq: usize,
+    /// Timed repetitions (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Skip the EAP timing.
+    #[arg(long)]
+    no_eap: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        None => bail!("no command given; try `eap --help`"),
+        Some(Command::Attribute(a)) => cmd_attribute(a),
+        Some(Command::Circuit(a)) => cmd_circuit(a),
+        Some(Command::Evaluate(a)) => cmd_evaluate(a),
+        Some(Command::Dataset(a)) => cmd_dataset(a),
+        Some(Command::Bench(a)) => cmd_bench(a),
+    }
+}
+
+fn device() -> Device {
+    Device::Cpu
+}
+
+fn load_model(args: &ModelArgs) -> Result<Model> {
+    Model::load(&args.model, &device()).with_context(|| format!("loading model `{}`", args.model))
+}
+
+/// The tokenizer for text prompts: `--tokenizer`, else `tokenizer.json` beside the model, else
+/// GPT-2's when the vocabulary matches; `None` when prompts must be token ids.
+fn tokenizer_for(args: &ModelArgs, model: &Model) -> Result<Option<Tokenizer>> {
+    if let Some(path) = &args.tokenizer {
+        return Ok(Some(Tokenizer::from_file(path)?));
+    }
+    let beside = Path::new(&model.name).join("tokenizer.json");
+    if beside.exists() {
+        return Ok(Some(Tokenizer::from_file(&beside)?));
+    }
+    if model.cfg.d_vocab == 50257 {
+        return Ok(Some(Tokenizer::gpt2()?));
+    }
+    Ok(None)
+}
+
+fn load_data(args: &DataArgs, tok: Option<&Tokenizer>) -> Result<(Dataset, Metric)> {
+    match (&args.data, args.task) {
+        (Some(path), None) => {
+            let data = Dataset::from_jsonl(path, tok)?;
+            Ok((data, args.metric.unwrap_or(Metric::LogitDiff)))
+        }
+        (None, Some(task)) => {
+            let tok = match tok {
+                Some(t) => t.clone(),
+                None => Tokenizer::gpt2()?,
+            };
+            let records = generate(task, args.n, args.seed, &tok)?;
+            let dir = std::env::temp_dir().join(format!("eap-task-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join(format!("{task}.jsonl"));
+            write_jsonl(&records, &path)?;
+            let data = Dataset::from_jsonl(&path, Some(&tok))?;
+            std::fs::remove_dir_all(&dir).ok();
+            Ok((data, args.metric.unwrap_or(task.default_metric())))
+        }
+        (None, None) => bail!("give the examples with --data FILE.jsonl or --task NAME"),
+        (Some(_), Some(_)) => unreachable!("clap rejects --data with --task"),
+    }
+}
+
+fn cmd_attribute(a: AttributeArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let tok = tokenizer_for(&a.model, &model)?;
+    let (data, metric) = load_data(&a.data, tok.as_ref())?;
+    let opts = AttributionOptions {
+        method: Method::parse(&a.method, a.ig_steps)?,
+        metric,
+        ablation: a.data.ablation,
+        batch_size: a.data.batch_size,
+        memory_budget: a.data.memory_budget << 20,
+        progress: !a.json,
+    };
+    let att = attribute(&model, &data, &opts)?;
+    let mut meta = att.meta();
+    meta["model"] = serde_json::json!(model.name);
+    meta["d_model"] = serde_json::json!(model.cfg.d_model);
+    let graph = model.graph();
+    let file = CircuitFile::new(att.scores.clone(), Circuit::full(graph), meta.clone())?;
+    file.write(&a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&meta)?);
+    } else {
+        println!(
+            "{}: {} edges scored on {} examples in {:.2} s ({} metric: clean {:.4}{})",
+            att.method.name(),
+            graph.n_edges(),
+            att.n_examples,
+            att.seconds,
+            att.metric,
+            att.clean_metric,
+            att.corrupted_metric
+                .map(|c| format!(", corrupted {c:.4}"))
+                .unwrap_or_default()
+        );
+        let mut top: Vec<(usize, usize)> = graph.edges().collect();
+        top.sort_by(|x, y| {
+            att.scores
+                .get(y.0, y.1)
+                .abs()
+                .total_cmp(&att.scores.get(x.0, x.1).abs())
+        });
+        println!("top edges by |score|:");
+        for &(w, r) in top.iter().take(10) {
+            println!(
+                "  {:>+10.5}  {}",
+                att.scores.get(w, r),
+                graph.edge_name(w, r)
+            );
+        }
+        println!("wrote {}", a.out.display());
+    }
+    Ok(())
+}
+
+fn cmd_circuit(a: CircuitArgs) -> Result<()> {
+    let file = CircuitFile::read(&a.scores)?;
+    let scores = &file.scores;
+    let circuit = match (a.top_n, a.threshold, a.greedy) {
+        (Some(n), None, None) => Circuit::top_n(scores, n),
+        (None, Some(t), None) => Circuit::threshold(scores, t),
+        (None, None, Some(n)) => Circuit::greedy(scores, n),
+        _ => bail!("choose how to select edges: --top-n N, --threshold T or --greedy N"),
+    };
+    let circuit = if a.no_prune { circuit } else { circuit.prune() };
+    if circuit.n_edges() == 0 {
+        bail!("the selection left no edges (after pruning); raise --top-n or lower --threshold");
+    }
+    let mut meta = file.meta.clone();
+    meta["selection"] = serde_json::json!({
+        "top_n": a.top_n, "threshold": a.threshold, "greedy": a.greedy, "pruned": !a.no_prune,
+    });
+    let out = CircuitFile::new(scores.clone(), circuit.clone(), meta)?;
+    out.write(&a.out)?;
+    if let Some(dot) = &a.dot {
+        std::fs::write(dot, to_dot(&circuit, Some(scores)))
+            .with_context(|| format!("writing {}", dot.display()))?;
+    }
+    if let Some(svg) = &a.svg {
+        std::fs::write(svg, eap::report::circuit_svg(&circuit, Some(scores)))
+            .with_context(|| format!("writing {}", svg.display()))?;
+    }
+    println!(
+        "{} edges, {} nodes: {}",
+        circuit.n_edges(),
+        circuit.nodes().len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
+    let model = load_model(&a.model)?;
+    let tok = tokenizer_for(&a.model, &model)?;
+    let (data, metric) = load_data(&a.data, tok.as_ref())?;
+    let file = CircuitFile::read(&a.circuit)?;
+    if file.graph != model.graph() {
+        bail!(
+            "{} is a circuit of a {}-layer {}-head graph but the model has {} layers and {} heads",
+            a.circuit.display(),
+            file.graph.n_layers,
+            file.graph.n_heads,
+            model.cfg.n_layers,
+            model.cfg.n_heads
+        );
+    }
+    let runner = Runner::new(
+        &model,
+        &data,
+        a.data.ablation,
+        a.data.batch_size,
+        a.data.memory_budget << 20,
+    )?;
+    let f = faithfulness_of(&runner, metric, &file.circuit)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"edges": file.circuit.n_edges(), "metric": metric.to_string(), "m_circuit": f.circuit, "m_empty": f.empty, "m_full": f.full, "faithfulness": f.faithfulness})
+        );
+    } else {
+        println!(
+            "circuit of {} edges: {metric} full {:.4}, empty {:.4}, circuit {:.4} -> faithfulness {:.3}",
+            file.circuit.n_edges(),
+            f.full,
+            f.empty,
+            f.circuit,
+            f.faithfulness
+        );
+    }
+    Ok(())
+}
+
+fn cmd_dataset(a: DatasetArgs) -> Result<()> {
+    let tok = Tokenizer::gpt2()?;
+    let records = generate(a.task, a.n, a.seed, &tok)?;
+    write_jsonl(&records, &a.out)?;
+    println!(
+        "wrote {} {} examples to {}",
+        records.len(),
+        a.task,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let dev = device();
+    let cfg = eap::model::random::gpt2_small_config();
+    let t = Instant::now();
+    let model = eap::model::random::random_model(&cfg, 0, &dev)?;
+    println!(
+        "GPT-2-small-shaped random model built in {:.2} s; batch {} x {} tokens, {} threads",
+        t.elapsed().as_secs_f64(),
+        a.batch,
+        a.seq,
+        rayon::current_num_threads()
+    );
+    let seqs: Vec<Vec<u32>> = (0..a.batch)
+        .map(|b| {
+            (0..a.seq)
+                .map(|p| ((b * 7919 + p * 104729) % cfg.d_vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let batch = Batch::new(&seqs, &dev)?;
+    let n_tok = a.batch * a.seq;
+    let fwd_flops = model.forward_flops(n_tok, a.seq, a.batch);
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?; // warm-up
+        let mut best = f64::INFINITY;
+        for _ in 0..a.reps {
+            let t = Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let fwd = time(&mut || {
+        model.forward(&batch, &ForwardOptions::default())?;
+        Ok(())
+    })?;
+    let fwd_bwd = time(&mut || {
+        let out = model.forward(
+            &batch,
+            &ForwardOptions {
+                keep_cache: true,
+                ..Default::default()
+            },
+        )?;
+        let dl = out.logits.ones_like()?;
+        model.backward(out.cache.as_ref().unwrap(), &dl, &mut |_| Ok(()))?;
+        Ok(())
+    })?;
+    let gf = |flops: f64, s: f64| flops / s / 1e9;
+    println!(
+        "forward          {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s",
+        fwd,
+        fwd_flops / 1e9,
+        gf(fwd_flops, fwd)
+    );
+    // The activation-only backward does the forward's GEMMs once more, transposed.
+    let fb_flops = 2.0 * fwd_flops;
+    println!(
+        "forward+backward {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s",
+        fwd_bwd,
+        fb_flops / 1e9,
+        gf(fb_flops, fwd_bwd)
+    );
+    if !a.no_eap {
+        let examples = seqs
+            .iter()
+            .map(|s| eap::tasks::Example {
+                clean: s.clone(),
+                corrupted: s.iter().map(|t| (t + 1) % cfg.d_vocab as u32).collect(),
+                target: eap::tasks::Target {
+                    answers: vec![1],
+                    wrongs: vec![2],
+                },
+            })
+            .collect();
+        let data = Dataset {
+            name: "bench".into(),
+            examples,
+        };
+        let g = model.graph();
+        // Contraction: Σ_readers 2 · n_upstream · N · d.
+        let contraction: f64 = (0..g.n_readers())
+            .map(|r| 2.0 * g.n_upstream(r) as f64 * (n_tok * cfg.d_model) as f64)
+            .sum();
+        let eap_flops = 3.0 * fwd_flops + contraction;
+        let eap_t = time(&mut || {
+            attribute(&model, &data, &AttributionOptions::default())?;
+            Ok(())
+        })?;
+        println!(
+            "EAP              {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s  ({} edges)",
+            eap_t,
+            eap_flops / 1e9,
+            gf(eap_flops, eap_t),
+            g.n_edges()
+        );
+    }
+    Ok(())
 }

@@ -333,7 +333,7 @@ impl Model {
             let z = pattern.matmul(&v)?; // [b, h, p, dh]
             let z_heads = z.transpose(0, 1)?.contiguous()?.reshape((h, n, dh))?;
             let head_out = z_heads.matmul(&lw.wo_heads)?; // [h, n, d]
-            let attn_out = head_out.sum(0)?.broadcast_add(&lw.bo)?;
+            let attn_out = ops::sum_leading(&head_out)?.broadcast_add(&lw.bo)?;
             if track_writers {
                 for hh in 0..h {
                     writers.push(head_out.get(hh)?);
@@ -517,7 +517,7 @@ impl Model {
                 readers: first_reader..first_reader + 3 * h + mlp_count,
                 grads,
             })?;
-            g = (g + g_qkv.sum(0)?)?;
+            g = (g + ops::sum_leading(&g_qkv)?)?;
         }
         Ok(())
     }

@@ -14,6 +14,7 @@
 pub mod config;
 mod forward;
 pub mod ops;
+pub mod random;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
