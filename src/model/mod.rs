@@ -188,6 +188,12 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
             message: "expected a model directory holding config.json and model.safetensors".into(),
         });
     }
+    if spec.starts_with(['/', '.', '~']) || spec.matches('/').count() > 1 {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            message: "no such model directory".into(),
+        });
+    }
     let cache = std::env::var_os("HF_HUB_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
