@@ -217,3 +217,92 @@ fn integrated_gradients_are_complete_and_clean_corrupted_is_their_two_point_rule
         "clean-corrupted is not (EAP + IG1)/2"
     );
 }
+
+#[test]
+fn a_non_finite_metric_is_an_error_and_nothing_is_scored() {
+    use eap::model::random::random_model;
+    let mut cfg = eap::model::random::gpt2_small_config();
+    (
+        cfg.n_layers,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.d_head,
+        cfg.d_mlp,
+        cfg.d_vocab,
+        cfg.d_vocab_out,
+        cfg.n_ctx,
+    ) = (1, 8, 2, 4, Some(16), 10, 10, 8);
+    let model = random_model(&cfg, 1, &Device::Cpu).unwrap();
+    let mut embed = model.embed_weights().clone();
+    // One embedding row of NaN: any prompt using token 3 yields NaN logits.
+    let mut w = flat(&embed.w_e);
+    w[3 * 8..4 * 8].fill(f32::NAN);
+    embed.w_e = Tensor::from_vec(w, (10, 8), &Device::Cpu).unwrap();
+    let layers = (0..1).map(|i| (*model.layer(i).unwrap()).clone()).collect();
+    let model = Model::from_weights("nan", cfg, embed, layers).unwrap();
+    let data = Dataset {
+        name: "nan.jsonl".into(),
+        examples: vec![Example {
+            clean: vec![1, 3, 2],
+            corrupted: vec![1, 4, 2],
+            target: Target {
+                answers: vec![5],
+                wrongs: vec![6],
+            },
+        }],
+    };
+    let err = attribute(&model, &data, &AttributionOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not finite"), "{err}");
+}
+
+#[test]
+fn bad_examples_are_named() {
+    let model = load("gpt2_hf");
+    let mk = |clean: Vec<u32>, corrupted: Vec<u32>, answer: u32| Dataset {
+        name: "pairs.jsonl".into(),
+        examples: vec![
+            Example {
+                clean: vec![1, 2],
+                corrupted: vec![3, 4],
+                target: Target {
+                    answers: vec![1],
+                    wrongs: vec![2],
+                },
+            },
+            Example {
+                clean,
+                corrupted,
+                target: Target {
+                    answers: vec![answer],
+                    wrongs: vec![2],
+                },
+            },
+        ],
+    };
+    let cases = [
+        (
+            mk(vec![1, 2, 3], vec![1, 2], 1),
+            "example 2: clean has 3 tokens, corrupted 2",
+        ),
+        (
+            mk(vec![1, 2], vec![1, 999], 1),
+            "example 2: token id 999 is outside",
+        ),
+        (
+            mk(vec![1, 2], vec![1, 2], 500),
+            "example 2: answer token id 500",
+        ),
+        (
+            mk((0..20).collect(), (0..20).collect(), 1),
+            "exceed the model's context",
+        ),
+    ];
+    for (data, expected) in cases {
+        let err = attribute(&model, &data, &AttributionOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{err}");
+    }
+}
