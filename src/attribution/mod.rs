@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::graph::Scores;
 use crate::model::ops::to_vec;
-use crate::model::{ForwardOptions, Model};
+use crate::model::{ForwardOptions, ForwardOutput, Model};
 use crate::patching::{logits_rows, Ablation, Chunk, Runner, DEFAULT_MEMORY_BUDGET};
 use crate::tasks::{metric_gradient, metric_value, Dataset, Metric};
 use crate::{Error, Result};
@@ -266,11 +266,10 @@ fn attribute_chunk(
         None => None,
     };
     // Δ = baseline − clean for every writer, one row per writer: [n_writers, N·d].
-    let delta = (Tensor::stack(&baseline, 0)? - Tensor::stack(&clean.writers, 0)?)?
-        .reshape((graph.n_writers(), n * d))?;
     let input_clean = clean.writers[0].clone();
     let input_baseline = baseline[0].clone();
-    drop(baseline);
+    let ForwardOutput { logits: clean_logits_t, writers: clean_writers, cache: clean_cache } = clean;
+    let delta = activation_difference(baseline, clean_writers, n * d, &model.device)?;
 
     // Runs one backward from `logits` (whose forward kept `cache`) and adds weight · Δ·g.
     let mut backward_passes = 0;
@@ -305,12 +304,12 @@ fn attribute_chunk(
 
     match opts.method {
         Method::Eap => {
-            let cache = clean.cache.as_ref().expect("kept");
-            accumulate(cache, &clean.logits, share)?;
+            let cache = clean_cache.as_ref().expect("kept");
+            accumulate(cache, &clean_logits_t, share)?;
         }
         Method::CleanCorrupted => {
-            let cache = clean.cache.as_ref().expect("kept");
-            accumulate(cache, &clean.logits, share / 2.0)?;
+            let cache = clean_cache.as_ref().expect("kept");
+            accumulate(cache, &clean_logits_t, share / 2.0)?;
             let corrupted = model.forward(
                 &chunk.corrupted,
                 &ForwardOptions {
@@ -353,4 +352,30 @@ fn attribute_chunk(
         forward_passes,
         backward_passes,
     })
+}
+
+/// `Δ = baseline − clean` for every writer as one `[n_writers, N·d]` matrix. Each writer's two
+/// activations are dropped as soon as its row is written (a layer's heads share one buffer, freed
+/// with the last of them), so the peak is about two copies of the writers' outputs, not three.
+fn activation_difference(baseline: Vec<Tensor>, clean: Vec<Tensor>, row: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let n_writers = clean.len();
+    if !device.is_cpu() {
+        return Ok((Tensor::stack(&baseline, 0)? - Tensor::stack(&clean, 0)?)?.reshape((n_writers, row))?);
+    }
+    let mut out = vec![0f32; n_writers * row];
+    for (u, (b, c)) in baseline.into_iter().zip(clean).enumerate() {
+        let (b, c) = (b.contiguous()?, c.contiguous()?);
+        let dst = &mut out[u * row..(u + 1) * row];
+        let done = crate::model::ops::cpu_slice(&b, |bs| {
+            crate::model::ops::cpu_slice(&c, |cs| {
+                for ((o, x), y) in dst.iter_mut().zip(bs).zip(cs) {
+                    *o = x - y;
+                }
+            })
+        });
+        if !matches!(done, Some(Some(()))) {
+            dst.copy_from_slice(&to_vec(&(b - c)?)?);
+        }
+    }
+    Ok(Tensor::from_vec(out, (n_writers, row), device)?)
 }

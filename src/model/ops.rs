@@ -18,7 +18,7 @@ use crate::Result;
 const ROWS_PER_TASK: usize = 16;
 
 /// Runs `f` on the f32 data of a contiguous CPU tensor; `None` for other devices or layouts.
-pub(crate) fn cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+pub fn cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous() {
         return None;
     }
@@ -34,7 +34,7 @@ pub(crate) fn cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R>
 }
 
 /// Copies a tensor's f32 data to a vector (any device, any layout).
-pub(crate) fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     if let Some(v) = cpu_slice(t, |s| s.to_vec()) {
         return Ok(v);
     }
