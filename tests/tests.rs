@@ -1,6 +1,7 @@
 //! Integration tests, one themed module each; helpers in `util`.
 
 mod attribution;
+mod errors;
 mod formats;
 mod model;
 mod util;

@@ -178,6 +178,23 @@ impl Model {
 /// Finds the directory of a model: a path, or a hub id in the local Hugging Face cache
 /// (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`).
 pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
+    resolve_model_dir_in(spec, hub_cache_dir().as_deref())
+}
+
+/// The local Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`; `None` when none of these variables is set.
+pub fn hub_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("HF_HUB_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+        })
+}
+
+/// [`resolve_model_dir`] with an explicit hub cache (`None`: no cache), independent of the
+/// environment.
+pub fn resolve_model_dir_in(spec: &str, cache: Option<&Path>) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.is_dir() {
         return Ok(path.to_path_buf());
@@ -194,12 +211,6 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
             message: "no such model directory".into(),
         });
     }
-    let cache = std::env::var_os("HF_HUB_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
-        });
     let not_found = |searched: String| Error::Config {
         path: path.to_path_buf(),
         message: format!(
@@ -208,7 +219,9 @@ pub fn resolve_model_dir(spec: &str) -> Result<PathBuf> {
         ),
     };
     let Some(cache) = cache else {
-        return Err(not_found("(no cache directory: HOME is unset)".into()));
+        return Err(not_found(
+            "(no cache directory: HF_HUB_CACHE, HF_HOME and HOME are unset)".into(),
+        ));
     };
     let repo = cache.join(format!("models--{}", spec.replace('/', "--")));
     let snapshots = repo.join("snapshots");

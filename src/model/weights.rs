@@ -128,7 +128,7 @@ impl SafetensorsFile {
         let (header_len, metadata) =
             SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
                 path: path.to_path_buf(),
-                message: e.to_string(),
+                message: describe_header_error(&mmap, e),
             })?;
         let data_start = 8 + header_len;
         let data_len = mmap.len().saturating_sub(data_start);
@@ -205,6 +205,60 @@ impl SafetensorsFile {
     }
 }
 
+/// Turns the safetensors crate's terse header errors ("header too small", "incomplete metadata")
+/// into messages that say what is wrong with the file: its size, the declared header length,
+/// the number of data bytes the header promises.
+fn describe_header_error(bytes: &[u8], e: safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    let len = bytes.len();
+    let declared = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    match (e, declared) {
+        (E::HeaderTooSmall, _) => format!(
+            "the file is {len} bytes, too short for the 8-byte header length (empty or truncated?)"
+        ),
+        (E::HeaderTooLarge, Some(n)) => format!(
+            "the header length field reads {n} bytes, over the 100 MB limit (not a safetensors \
+             file?)"
+        ),
+        (E::InvalidHeaderLength, Some(n)) => format!(
+            "the header length field reads {n} bytes but the file holds only {} bytes after it \
+             (truncated, or not a safetensors file?)",
+            len.saturating_sub(8)
+        ),
+        (E::MetadataIncompleteBuffer, Some(n)) => {
+            // The header parsed; its tensors end elsewhere than the file does.
+            let n = n as usize;
+            let data_len = len.saturating_sub(8 + n);
+            let end = bytes
+                .get(8..8 + n)
+                .and_then(|h| serde_json::from_slice::<serde_json::Value>(h).ok())
+                .and_then(|v| {
+                    v.as_object().map(|o| {
+                        o.iter()
+                            .filter(|(k, _)| *k != "__metadata__")
+                            .filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64())
+                            .max()
+                            .unwrap_or(0)
+                    })
+                });
+            match end {
+                Some(end) if (end as usize) > data_len => format!(
+                    "the header describes {end} data bytes but the file holds only {data_len} \
+                     (truncated?)"
+                ),
+                Some(end) => format!(
+                    "the header describes {end} data bytes but the file holds {data_len} \
+                     (trailing bytes?)"
+                ),
+                None => "the tensors do not cover the file".to_string(),
+            }
+        }
+        (e, _) => e.to_string(),
+    }
+}
+
 /// Knows the tensor names and layouts of one checkpoint format and loads layers from it.
 pub struct WeightLoader {
     file: SafetensorsFile,
@@ -217,8 +271,10 @@ pub struct WeightLoader {
 
 impl WeightLoader {
     pub fn new(file: SafetensorsFile, cfg: &ModelConfig, device: &Device) -> Result<WeightLoader> {
+        // Decided from every name, not from `transformer.wte.weight` alone, so a file missing
+        // that tensor is reported as missing `transformer.wte.weight`, not `wte.weight`.
         let prefix = match cfg.format {
-            WeightFormat::HfGpt2 if file.contains("transformer.wte.weight") => {
+            WeightFormat::HfGpt2 if file.names().iter().any(|n| n.starts_with("transformer.")) => {
                 "transformer.".to_string()
             }
             _ => String::new(),
