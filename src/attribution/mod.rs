@@ -289,7 +289,7 @@ fn attribute_chunk(
                     .max()
                     .unwrap_or(0);
                 let g = rg.grads.reshape((count, n * d))?;
-                let block = to_vec(&delta.narrow(0, 0, f_max)?.matmul(&g.t()?)?)?; // [f_max, count]
+                let block = to_vec(&crate::model::ops::matmul_nt(&delta.narrow(0, 0, f_max)?, &g)?)?; // [f_max, count]
                 for i in 0..count {
                     let r = r0 + i;
                     for u in 0..graph.n_upstream(r) {

@@ -189,6 +189,120 @@ pub fn layer_norm_backward(
     Ok(dx)
 }
 
+/// [`layer_norm_backward`] for several gradient stacks that share one LayerNorm's statistics
+/// (the q, k and v inputs of every head of a layer), written straight into one
+/// `[Σ k_i, rows, d]` tensor: no concatenation copy, one fused pass per row.
+pub fn layer_norm_backward_many(gs: &[Tensor], cache: &NormCache, w: Option<&Tensor>) -> Result<Tensor> {
+    let d = cache.xhat.dim(D::Minus1)?;
+    let rows = cache.inv_std.elem_count();
+    let total: usize = gs.iter().map(|g| g.elem_count() / (rows * d)).sum();
+    let all_cpu = gs.iter().all(|g| g.device().is_cpu() && g.is_contiguous() && g.dtype() == DType::F32)
+        && cache.xhat.device().is_cpu();
+    if !all_cpu {
+        return layer_norm_backward(&Tensor::cat(gs, 0)?, cache, w, false);
+    }
+    let wv = w.map(to_vec).transpose()?;
+    let xhat = to_vec(&cache.xhat)?;
+    let inv = to_vec(&cache.inv_std)?;
+    let mut out = vec![0f32; total * rows * d];
+    let mut jobs: Vec<(&mut [f32], Tensor, usize)> = Vec::new();
+    let mut rest = out.as_mut_slice();
+    for g in gs {
+        let k = g.elem_count() / (rows * d);
+        let g3 = g.reshape((k, rows * d))?;
+        for j in 0..k {
+            let (head, tail) = rest.split_at_mut(rows * d);
+            jobs.push((head, g3.clone(), j));
+            rest = tail;
+        }
+    }
+    jobs.into_par_iter().try_for_each(|(dst, g3, j)| -> Result<()> {
+        cpu_slice(&g3, |gs| {
+            let src = &gs[j * rows * d..(j + 1) * rows * d];
+            let mut gw = vec![0f32; d];
+            for r in 0..rows {
+                let (gr, xr) = (&src[r * d..(r + 1) * d], &xhat[r * d..(r + 1) * d]);
+                match &wv {
+                    Some(w) => gw.iter_mut().zip(gr).zip(w).for_each(|((o, g), w)| *o = g * w),
+                    None => gw.copy_from_slice(gr),
+                }
+                let m1 = gw.iter().sum::<f32>() / d as f32;
+                let m2 = gw.iter().zip(xr).map(|(g, x)| g * x).sum::<f32>() / d as f32;
+                let is = inv[r];
+                for ((o, g), x) in dst[r * d..(r + 1) * d].iter_mut().zip(&gw).zip(xr) {
+                    *o = is * (g - m1 - x * m2);
+                }
+            }
+        })
+        .ok_or_else(|| crate::Error::invalid("layer_norm_backward_many: expected contiguous CPU tensors"))
+    })?;
+    Ok(Tensor::from_vec(out, (total, rows, d), gs[0].device())?)
+}
+
+/// `A · Bᵀ` for row-major `a: [m, k]` and `b: [n, k]` with `k ≫ m, n` — the EAP contraction
+/// (`k = N · d_model`) and the unembedding's backward (`k = d_vocab`). A single GEMM
+/// parallelises over `m` and `n`, which are too small here; this splits `k` into blocks, one
+/// single-threaded GEMM per block, and adds the partial products.
+pub fn matmul_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, k) = a.dims2()?;
+    let (n, k2) = b.dims2()?;
+    if k != k2 {
+        return Err(crate::Error::Shape {
+            op: "matmul_nt",
+            expected: format!("inner dimension {k}"),
+            found: format!("{k2}"),
+        });
+    }
+    let fast = cpu_slice(a, |av| {
+        cpu_slice(b, |bv| {
+            let block = k.div_ceil(4 * rayon::current_num_threads()).max(4096);
+            let partials: Vec<Vec<f32>> = (0..k.div_ceil(block))
+                .into_par_iter()
+                .map(|blk| {
+                    let k0 = blk * block;
+                    let kb = block.min(k - k0);
+                    let mut c = vec![0f32; m * n];
+                    // SAFETY: the pointers and strides describe in-bounds row-major views of
+                    // `av` ([m, k], columns k0..k0+kb), `bv` read as Bᵀ ([k, n]) and `c` ([m, n]).
+                    unsafe {
+                        gemm::gemm(
+                            m,
+                            n,
+                            kb,
+                            c.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            false,
+                            av.as_ptr().add(k0),
+                            1,
+                            k as isize,
+                            bv.as_ptr().add(k0),
+                            k as isize,
+                            1,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    c
+                })
+                .collect();
+            let mut out = vec![0f32; m * n];
+            for p in partials {
+                out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+            }
+            out
+        })
+    });
+    match fast {
+        Some(Some(out)) => Ok(Tensor::from_vec(out, (m, n), a.device())?),
+        _ => Ok(a.matmul(&b.t()?)?),
+    }
+}
+
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044_715;
 
@@ -385,6 +499,14 @@ mod tests {
         let d1 = layer_norm_backward(&g, &c1, Some(&w), false).unwrap();
         let d2 = layer_norm_backward(&g, &c2, Some(&w), true).unwrap();
         assert!(max_diff(&d1, &d2) < 1e-4, "{}", max_diff(&d1, &d2));
+        let parts = [g.narrow(0, 0, 1).unwrap(), g.narrow(0, 1, 2).unwrap().contiguous().unwrap()];
+        let d3 = layer_norm_backward_many(&parts, &c1, Some(&w)).unwrap();
+        assert!(max_diff(&d1, &d3) < 1e-4, "{}", max_diff(&d1, &d3));
+        let a = randn(&[3, 9000], 11);
+        let b = randn(&[5, 9000], 12);
+        let nt = matmul_nt(&a, &b).unwrap();
+        let reference = a.matmul(&b.t().unwrap()).unwrap();
+        assert!(max_diff(&nt, &reference) < 1e-3, "{}", max_diff(&nt, &reference));
         for act in [Activation::GeluNew, Activation::Gelu, Activation::Relu] {
             let a1 = activation(&x, act, false).unwrap();
             let a2 = activation(&x, act, true).unwrap();
