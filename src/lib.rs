@@ -15,6 +15,7 @@
 //! * [`report`] — SVG pictures and the HTML report.
 
 pub mod attribution;
+pub mod discover;
 pub mod error;
 pub mod eval;
 pub mod graph;

@@ -1,0 +1,341 @@
+//! The main job: run exact patching, EAP and EAP-IG on one model and task, compare them with a
+//! ground truth when there is one, select a circuit, and write `circuit.json`, `circuit.svg`
+//! and `report.html`.
+//!
+//! Stages: [`discover`] → [`Discovery`] (scores, ROC, faithfulness, correlation per method) →
+//! [`Discovery::report`] / [`Discovery::write`].
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::attribution::{attribute, AttributionOptions, Method};
+use crate::eval::{correlation, default_fractions, roc_from_graph, Correlation, FaithfulnessCurve, Roc};
+use crate::graph::{Circuit, CircuitFile, Scores};
+use crate::model::Model;
+use crate::patching::{complement, exact_edge_scores, metric_with_patch, prepare, Ablation, PreparedChunk, Runner, DEFAULT_MEMORY_BUDGET};
+use crate::report::{circuit_svg, faithfulness_svg, roc_svg, scatter_svg, Report, Section};
+use crate::tasks::{Dataset, Metric};
+use crate::{Error, Result};
+
+/// Settings of a discovery run.
+#[derive(Debug, Clone)]
+pub struct DiscoverOptions {
+    pub metric: Metric,
+    pub ablation: Ablation,
+    pub ig_steps: usize,
+    pub batch_size: usize,
+    /// Circuit size; default: the ground truth's size, else 2% of the edges (at least 10).
+    pub top_n: Option<usize>,
+    /// Also run exact per-edge patching (one forward per edge).
+    pub exact: bool,
+    pub progress: bool,
+}
+
+impl Default for DiscoverOptions {
+    fn default() -> Self {
+        DiscoverOptions {
+            metric: Metric::LogitDiff,
+            ablation: Ablation::Corrupted,
+            ig_steps: 5,
+            batch_size: 32,
+            top_n: None,
+            exact: true,
+            progress: false,
+        }
+    }
+}
+
+/// One method's scores and how well they do.
+#[derive(Debug, Clone)]
+pub struct MethodResult {
+    pub name: String,
+    pub scores: Scores,
+    pub seconds: f64,
+    /// Forward passes over the dataset's chunks.
+    pub forward_passes: usize,
+    pub roc: Option<Roc>,
+    /// Faithfulness of the method's top-n circuit.
+    pub faithfulness: f64,
+    pub curve: FaithfulnessCurve,
+    /// Per-edge agreement with exact patching.
+    pub vs_exact: Option<Correlation>,
+}
+
+/// Everything a discovery run found.
+pub struct Discovery {
+    pub model_name: String,
+    pub task_name: String,
+    pub metric: Metric,
+    pub n_examples: usize,
+    pub n_edges: usize,
+    pub top_n: usize,
+    pub methods: Vec<MethodResult>,
+    /// The circuit: EAP's top-n edges, pruned.
+    pub circuit: Circuit,
+    pub circuit_method: String,
+    pub truth: Option<Circuit>,
+    pub clean_metric: f32,
+    pub corrupted_metric: Option<f32>,
+}
+
+/// Runs the comparison on `data` with `model`.
+pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &DiscoverOptions) -> Result<Discovery> {
+    let graph = model.graph();
+    if let Some(t) = truth {
+        if t.graph != graph {
+            return Err(Error::invalid(format!(
+                "the ground truth is a circuit of a {}-layer {}-head graph, the model has {} layers and {} heads",
+                t.graph.n_layers, t.graph.n_heads, graph.n_layers, graph.n_heads
+            )));
+        }
+        if t.n_edges() == 0 {
+            return Err(Error::invalid("the ground truth has no edges"));
+        }
+    }
+    let n_edges = graph.n_edges();
+    let top_n = opts
+        .top_n
+        .or(truth.map(Circuit::n_edges))
+        .unwrap_or((n_edges / 50).max(10))
+        .clamp(1, n_edges);
+    let runner = Runner::new(model, data, opts.ablation, opts.batch_size, DEFAULT_MEMORY_BUDGET)?;
+    let prepared = prepare(&runner)?;
+    let n_chunks = prepared.len();
+
+    let mut raw: Vec<(String, Scores, f64, usize)> = Vec::new();
+    if opts.exact {
+        let t = Instant::now();
+        let scores = exact_edge_scores(&runner, opts.metric, opts.progress)?;
+        raw.push(("exact patching".into(), scores, t.elapsed().as_secs_f64(), (n_edges + 1) * n_chunks));
+    }
+    let mut clean_metric = 0.0;
+    let mut corrupted_metric = None;
+    for method in [Method::Eap, Method::EapIg { steps: opts.ig_steps }] {
+        if method != Method::Eap && opts.ablation != Ablation::Corrupted {
+            continue;
+        }
+        let att = attribute(
+            model,
+            data,
+            &AttributionOptions {
+                method,
+                metric: opts.metric,
+                ablation: opts.ablation,
+                batch_size: opts.batch_size,
+                memory_budget: DEFAULT_MEMORY_BUDGET,
+                progress: opts.progress,
+            },
+        )?;
+        clean_metric = att.clean_metric;
+        corrupted_metric = att.corrupted_metric;
+        let name = match method {
+            Method::EapIg { steps } => format!("EAP-IG ({steps} steps)"),
+            _ => "EAP".to_string(),
+        };
+        raw.push((name, att.scores, att.seconds, att.forward_passes));
+    }
+
+    let fractions = default_fractions();
+    let exact_values: Option<Vec<f64>> = opts.exact.then(|| raw[0].1.edge_values().iter().map(|&v| v as f64).collect());
+    let mut methods = Vec::new();
+    for (name, scores, seconds, forward_passes) in raw {
+        let roc = truth.map(|t| roc_from_graph(&scores, t)).transpose()?;
+        let curve_values = fractions
+            .iter()
+            .map(|f| {
+                let k = ((f * n_edges as f64).ceil() as usize).clamp(1, n_edges);
+                faithfulness_of_top(model, &prepared, opts.metric, &scores, k)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let curve = FaithfulnessCurve::new(fractions.clone(), curve_values)?;
+        let faithfulness = faithfulness_of_top(model, &prepared, opts.metric, &scores, top_n)?;
+        let vs_exact = match &exact_values {
+            Some(ex) if name != "exact patching" => {
+                let ys: Vec<f64> = scores.edge_values().iter().map(|&v| v as f64).collect();
+                Some(correlation(ex, &ys)?)
+            }
+            _ => None,
+        };
+        methods.push(MethodResult {
+            name,
+            scores,
+            seconds,
+            forward_passes,
+            roc,
+            faithfulness,
+            curve,
+            vs_exact,
+        });
+    }
+    let eap = methods.iter().find(|m| m.name == "EAP").expect("EAP always runs");
+    let circuit = Circuit::top_n(&eap.scores, top_n).prune();
+    Ok(Discovery {
+        model_name: model.name.clone(),
+        task_name: data.name.clone(),
+        metric: opts.metric,
+        n_examples: data.examples.len(),
+        n_edges,
+        top_n,
+        circuit,
+        circuit_method: "EAP".into(),
+        methods,
+        truth: truth.cloned(),
+        clean_metric,
+        corrupted_metric,
+    })
+}
+
+/// Faithfulness of the top-`k` edges by |score| (unpruned), every other edge patched.
+fn faithfulness_of_top(model: &Model, prepared: &[PreparedChunk], metric: Metric, scores: &Scores, k: usize) -> Result<f64> {
+    let graph = model.graph();
+    let full = metric_with_patch(model, prepared, metric, &vec![false; graph.n_writers() * graph.n_readers()])?;
+    let empty = metric_with_patch(model, prepared, metric, &graph.real_edge_mask())?;
+    let kept = Circuit::top_n(scores, k);
+    let value = metric_with_patch(model, prepared, metric, &complement(&kept))?;
+    crate::eval::faithfulness(value as f64, empty as f64, full as f64)
+}
+
+impl Discovery {
+    /// The per-method comparison as text.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{:<20} {:>9} {:>9} {:>13} {:>11} {:>9} {:>10}\n",
+            "method", "AUC", "AUC(ACDC)", "faithfulness", "R² vs exact", "passes", "time"
+        );
+        for m in &self.methods {
+            let auc = m.roc.as_ref().map_or("-".into(), |r| format!("{:.3}", r.auc_trapezoid));
+            let pess = m.roc.as_ref().map_or("-".into(), |r| format!("{:.3}", r.auc_staircase));
+            let r2 = m.vs_exact.as_ref().map_or("-".into(), |c| format!("{:.3}", c.r2));
+            out += &format!(
+                "{:<20} {:>9} {:>9} {:>13.3} {:>11} {:>9} {:>9.2}s\n",
+                m.name, auc, pess, m.faithfulness, r2, m.forward_passes, m.seconds
+            );
+        }
+        out
+    }
+
+    /// The circuit's edges, largest |score| first.
+    pub fn circuit_lines(&self) -> Vec<String> {
+        let eap = self.methods.iter().find(|m| m.name == self.circuit_method).expect("circuit method ran");
+        let g = self.circuit.graph;
+        let mut edges: Vec<(usize, usize)> = g.edges().filter(|&(w, r)| self.circuit.contains(w, r)).collect();
+        edges.sort_by(|a, b| eap.scores.get(b.0, b.1).abs().total_cmp(&eap.scores.get(a.0, a.1).abs()));
+        edges
+            .iter()
+            .map(|&(w, r)| {
+                let mark = match &self.truth {
+                    Some(t) if t.contains(w, r) => "  (in ground truth)",
+                    Some(_) => "  (not in ground truth)",
+                    None => "",
+                };
+                format!("{:>+10.4}  {}{}", eap.scores.get(w, r), g.edge_name(w, r), mark)
+            })
+            .collect()
+    }
+
+    pub fn report(&self, command: &str) -> Report {
+        let mut report = Report::new(format!("eap: circuit discovery on {}", self.model_name), command);
+        let header = ["method", "ROC AUC (trapezoid)", "ROC AUC (ACDC pessimistic)", &format!("faithfulness at {} edges", self.top_n), "CPR", "CMD", "R² vs exact", "Spearman vs exact", "forward passes", "wall time (s)"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let rows = self
+            .methods
+            .iter()
+            .map(|m| {
+                vec![
+                    m.name.clone(),
+                    m.roc.as_ref().map_or("-".into(), |r| format!("{:.3}", r.auc_trapezoid)),
+                    m.roc.as_ref().map_or("-".into(), |r| format!("{:.3}", r.auc_staircase)),
+                    format!("{:.3}", m.faithfulness),
+                    format!("{:.3}", m.curve.cpr),
+                    format!("{:.3}", m.curve.cmd),
+                    m.vs_exact.as_ref().map_or("-".into(), |c| format!("{:.3}", c.r2)),
+                    m.vs_exact.as_ref().map_or("-".into(), |c| format!("{:.3}", c.spearman)),
+                    m.forward_passes.to_string(),
+                    format!("{:.3}", m.seconds),
+                ]
+            })
+            .collect();
+        report.sections.push(Section::Text {
+            title: "Task".into(),
+            body: format!(
+                "{} examples of `{}`; metric {} — clean {:.4}{}. The graph has {} edges{}. Scores estimate M(edge patched) − M(clean).",
+                self.n_examples,
+                self.task_name,
+                self.metric,
+                self.clean_metric,
+                self.corrupted_metric.map(|c| format!(", corrupted {c:.4}")).unwrap_or_default(),
+                self.n_edges,
+                self.truth.as_ref().map(|t| format!("; the ground truth has {}", t.n_edges())).unwrap_or_default()
+            ),
+        });
+        report.sections.push(Section::Table { title: "Methods".into(), header, rows });
+        let eap = self.methods.iter().find(|m| m.name == self.circuit_method).expect("ran");
+        report.sections.push(Section::Figure {
+            title: format!("Circuit: {}'s top {} edges, pruned ({} edges)", self.circuit_method, self.top_n, self.circuit.n_edges()),
+            svg: circuit_svg(&self.circuit, Some(&eap.scores)),
+            caption: "Readers coloured by q/k/v; edge width by |score|; dashed edges have negative scores.".into(),
+        });
+        if let Some(truth) = &self.truth {
+            let exact = self.methods.iter().find(|m| m.name == "exact patching");
+            report.sections.push(Section::Figure {
+                title: format!("Ground truth ({} edges)", truth.n_edges()),
+                svg: circuit_svg(truth, exact.map(|m| &m.scores)),
+                caption: "The construction's circuit, widths from exact patching.".into(),
+            });
+            let curves: Vec<(String, Roc)> = self.methods.iter().filter_map(|m| m.roc.clone().map(|r| (m.name.clone(), r))).collect();
+            report.sections.push(Section::Figure {
+                title: "ROC against the ground truth".into(),
+                svg: roc_svg(&curves),
+                caption: "Edges ranked by |score|; TPR and FPR over all real edges.".into(),
+            });
+        }
+        let curves: Vec<(String, FaithfulnessCurve)> = self.methods.iter().map(|m| (m.name.clone(), m.curve.clone())).collect();
+        report.sections.push(Section::Figure {
+            title: "Faithfulness over circuit size".into(),
+            svg: faithfulness_svg(&curves),
+            caption: "Top k% of edges by |score| kept, every other edge patched; f = (M(C) − M(∅)) / (M(full) − M(∅)).".into(),
+        });
+        if let Some(exact) = self.methods.iter().find(|m| m.name == "exact patching") {
+            let ex = exact.scores.edge_values();
+            for m in self.methods.iter().filter(|m| m.vs_exact.is_some()) {
+                let points: Vec<(f64, f64)> = ex.iter().zip(m.scores.edge_values()).map(|(&x, y)| (x as f64, y as f64)).collect();
+                report.sections.push(Section::Figure {
+                    title: format!("{} against exact patching, per edge", m.name),
+                    svg: scatter_svg(&format!("{} vs exact patching", m.name), "exact patching: M(edge patched) − M(clean)", &format!("{} score", m.name), &points, m.vs_exact.as_ref()),
+                    caption: "Points off the diagonal are edges where the linear approximation misjudges the effect of patching (saturated attention starves gradients).".into(),
+                });
+            }
+        }
+        report.sections.push(Section::Text {
+            title: "Circuit edges".into(),
+            body: self.circuit_lines().join("\n"),
+        });
+        report
+    }
+
+    /// Writes `circuit.json`, `circuit.svg` and `report.html` into `dir`; returns their paths.
+    pub fn write(&self, dir: &Path, command: &str) -> Result<Vec<PathBuf>> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let eap = self.methods.iter().find(|m| m.name == self.circuit_method).expect("ran");
+        let meta = serde_json::json!({
+            "method": "eap", "metric": self.metric.to_string(), "n_examples": self.n_examples,
+            "top_n": self.top_n, "task": self.task_name, "model": self.model_name,
+            "score_convention": "score estimates M(edge patched) - M(clean) (EAP-IG sign)",
+        });
+        let json = dir.join("circuit.json");
+        CircuitFile::new(eap.scores.clone(), self.circuit.clone(), meta)?.write(&json)?;
+        let svg = dir.join("circuit.svg");
+        write_atomic(&svg, circuit_svg(&self.circuit, Some(&eap.scores)).as_bytes())?;
+        let html = dir.join("report.html");
+        self.report(command).write(&html)?;
+        Ok(vec![json, svg, html])
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
