@@ -40,6 +40,64 @@ enum Command {
     Dataset(DatasetArgs),
     /// Time forward, backward and EAP on a GPT-2-small-shaped random model.
     Bench(BenchArgs),
+    /// The main job: exact patching, EAP and EAP-IG side by side; circuit, picture, report.
+    /// With no options it runs on the embedded planted induction model.
+    Discover(DiscoverArgs),
+    /// ROC of a scores file against a ground-truth circuit.
+    Roc(RocArgs),
+}
+
+#[derive(Args, Default)]
+struct DiscoverArgs {
+    /// A built-in planted-circuit model: induction, greater-than, weighted-vote.
+    #[arg(long, conflicts_with = "model")]
+    planted: Option<String>,
+    /// Model directory or hub id (with --data or --task).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, conflicts_with = "task")]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    task: Option<Task>,
+    /// Ground-truth circuit: a circuit JSON or a text file of edge names.
+    #[arg(long)]
+    truth: Option<PathBuf>,
+    /// Examples to generate (planted models and --task).
+    #[arg(long, default_value_t = 32)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    metric: Option<Metric>,
+    #[arg(long, default_value = "corrupted")]
+    ablation: Ablation,
+    #[arg(long, default_value_t = 5)]
+    ig_steps: usize,
+    /// Circuit size (default: the ground truth's size, else 2% of the edges).
+    #[arg(long)]
+    top_n: Option<usize>,
+    /// Skip exact per-edge patching (one forward per edge) on large models.
+    #[arg(long)]
+    no_exact: bool,
+    /// Output folder (default: eap-out/<model>).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+}
+
+#[derive(Args)]
+struct RocArgs {
+    #[arg(long)]
+    scores: PathBuf,
+    /// Ground-truth circuit: a circuit JSON or a text file of edge names.
+    #[arg(long)]
+    truth: PathBuf,
+    /// Also write the ROC curve as SVG.
+    #[arg(long)]
+    svg: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -179,7 +237,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        None => bail!("no command given; try `eap --help`"),
+        None => cmd_discover(DiscoverArgs {
+            n: 32,
+            ablation: Ablation::Corrupted,
+            ig_steps: 5,
+            batch_size: 32,
+            ..Default::default()
+        }),
+        Some(Command::Discover(a)) => cmd_discover(a),
+        Some(Command::Roc(a)) => cmd_roc(a),
         Some(Command::Attribute(a)) => cmd_attribute(a),
         Some(Command::Circuit(a)) => cmd_circuit(a),
         Some(Command::Evaluate(a)) => cmd_evaluate(a),
@@ -479,5 +545,122 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             g.n_edges()
         );
     }
+    Ok(())
+}
+
+/// Reads a ground truth: a circuit JSON (its in-graph edges) or a text file of edge names.
+fn read_truth(path: &Path, graph: eap::graph::Graph) -> Result<Circuit> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let circuit = if text.trim_start().starts_with('{') {
+        let file = CircuitFile::read(path)?;
+        if file.graph != graph {
+            bail!(
+                "{}: a circuit of a {}-layer {}-head graph, but the scores/model have {} layers and {} heads",
+                path.display(),
+                file.graph.n_layers,
+                file.graph.n_heads,
+                graph.n_layers,
+                graph.n_heads
+            );
+        }
+        file.circuit
+    } else {
+        let edges = eap::tasks::parse_edge_list(&text, &graph, &path.display().to_string())?;
+        let mut c = Circuit::empty(graph);
+        for (w, r) in edges {
+            c.set(w, r, true);
+        }
+        c
+    };
+    if circuit.n_edges() == 0 {
+        bail!("{}: the ground truth has no edges", path.display());
+    }
+    Ok(circuit)
+}
+
+fn cmd_roc(a: RocArgs) -> Result<()> {
+    let file = CircuitFile::read(&a.scores)?;
+    let truth = read_truth(&a.truth, file.graph)?;
+    let roc = eap::eval::roc_from_graph(&file.scores, &truth)?;
+    println!(
+        "ROC AUC {:.4} (trapezoid), {:.4} (ACDC pessimistic) over {} edges, {} in the ground truth",
+        roc.auc_trapezoid,
+        roc.auc_staircase,
+        file.graph.n_edges(),
+        truth.n_edges()
+    );
+    if let Some(svg) = &a.svg {
+        std::fs::write(svg, eap::report::roc_svg(&[("scores".to_string(), roc)]))?;
+        println!("wrote {}", svg.display());
+    }
+    Ok(())
+}
+
+fn cmd_discover(a: DiscoverArgs) -> Result<()> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let start = Instant::now();
+    let (model, data, metric, truth, label) = match (&a.model, &a.planted) {
+        (Some(spec), _) => {
+            let margs = ModelArgs { model: spec.clone(), tokenizer: a.tokenizer.clone() };
+            let model = load_model(&margs)?;
+            let tok = tokenizer_for(&margs, &model)?;
+            let dargs = DataArgs {
+                data: a.data.clone(),
+                task: a.task,
+                n: a.n,
+                seed: a.seed,
+                metric: a.metric,
+                ablation: a.ablation,
+                batch_size: a.batch_size,
+                memory_budget: 4096,
+            };
+            let (data, metric) = load_data(&dargs, tok.as_ref())?;
+            let truth = a.truth.as_deref().map(|p| read_truth(p, model.graph())).transpose()?;
+            let label = Path::new(spec).file_name().map_or(spec.clone(), |f| f.to_string_lossy().into_owned());
+            (model, data, metric, truth, label)
+        }
+        (None, planted) => {
+            if a.data.is_some() || a.task.is_some() {
+                bail!("--data and --task need --model; planted models generate their own task");
+            }
+            let kind: eap::planted::PlantedKind = planted.as_deref().unwrap_or("induction").parse()?;
+            let built = eap::planted::build(kind, &device())?;
+            let (data, metric) = eap::planted::dataset(kind, a.n, a.seed)?;
+            println!("{}
+", built.description);
+            let truth = match &a.truth {
+                Some(p) => read_truth(p, built.model.graph())?,
+                None => built.truth,
+            };
+            (built.model, data, a.metric.unwrap_or(metric), Some(truth), format!("planted-{kind}"))
+        }
+    };
+    let opts = eap::discover::DiscoverOptions {
+        metric,
+        ablation: a.ablation,
+        ig_steps: a.ig_steps,
+        batch_size: a.batch_size,
+        top_n: a.top_n,
+        exact: !a.no_exact,
+        progress: true,
+    };
+    let found = eap::discover::discover(&model, &data, truth.as_ref(), &opts)?;
+    println!(
+        "{} examples, metric {}: clean {:.4}{}; {} edges in the graph",
+        found.n_examples,
+        found.metric,
+        found.clean_metric,
+        found.corrupted_metric.map(|c| format!(", corrupted {c:.4}")).unwrap_or_default(),
+        found.n_edges
+    );
+    println!("\ncircuit ({} top-{} edges by |score|, pruned: {} edges):", found.circuit_method, found.top_n, found.circuit.n_edges());
+    for line in found.circuit_lines() {
+        println!("  {line}");
+    }
+    println!("\n{}", found.table());
+    let dir = a.out_dir.clone().unwrap_or_else(|| PathBuf::from("eap-out").join(label));
+    let files = found.write(&dir, &command)?;
+    println!("wrote to {}/: {}", dir.display(), files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect::<Vec<_>>().join(", "));
+    println!("total {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
