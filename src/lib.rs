@@ -18,6 +18,7 @@ pub mod error;
 pub mod eval;
 pub mod graph;
 pub mod model;
+pub mod planted;
 pub mod report;
 pub mod tasks;
 
