@@ -105,6 +105,14 @@
 //!
 //! Truth (4 of 81 edges): `input->a0.h1<v>`, `a0.h1->a1.h2<k>`, `input->a1.h2<v>`,
 //! `a1.h2->logits`.
+//!
+//! # What a first-order method sees
+//!
+//! Measured on 32 examples (seed 7; `first_order_attribution_on_the_planted_models`): plain EAP
+//! reaches ROC AUC 0.91 on `induction` (the saturated induction head's q and k edges get
+//! scores of ~0, while exact patching gives them −9.3), 0.96 on `greater-than` (the movers'
+//! key edges, saturated, get ~0) and 1.0 on `weighted-vote`, whose k edge EAP scores −5.4
+//! against −4.1 by exact patching.
 
 mod greater_than;
 mod induction;
