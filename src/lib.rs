@@ -13,6 +13,8 @@
 //! * [`tasks`] — the GPT-2 tokenizer, dataset generators, importers and metrics.
 //! * [`eval`] — ROC/AUC against ground truths, faithfulness curves, correlation with patching.
 //! * [`report`] — SVG pictures and the HTML report.
+//! * [`planted`] — models whose circuits are known by construction, with their tasks.
+//! * [`discover`] — the main job: methods side by side against a ground truth.
 
 pub mod attribution;
 pub mod discover;
@@ -21,6 +23,7 @@ pub mod eval;
 pub mod graph;
 pub mod model;
 pub mod patching;
+pub mod planted;
 pub mod report;
 pub mod tasks;
 
