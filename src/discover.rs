@@ -9,10 +9,15 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::attribution::{attribute, AttributionOptions, Method};
-use crate::eval::{correlation, default_fractions, roc_from_graph, Correlation, FaithfulnessCurve, Roc};
+use crate::eval::{
+    correlation, default_fractions, roc_from_graph, Correlation, FaithfulnessCurve, Roc,
+};
 use crate::graph::{Circuit, CircuitFile, Scores};
 use crate::model::Model;
-use crate::patching::{complement, exact_edge_scores, metric_with_patch, prepare, Ablation, PreparedChunk, Runner, DEFAULT_MEMORY_BUDGET};
+use crate::patching::{
+    complement, exact_edge_scores, metric_with_patch, prepare, Ablation, PreparedChunk, Runner,
+    DEFAULT_MEMORY_BUDGET,
+};
 use crate::report::{circuit_svg, faithfulness_svg, roc_svg, scatter_svg, Report, Section};
 use crate::tasks::{Dataset, Metric};
 use crate::{Error, Result};
@@ -79,7 +84,12 @@ pub struct Discovery {
 }
 
 /// Runs the comparison on `data` with `model`.
-pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &DiscoverOptions) -> Result<Discovery> {
+pub fn discover(
+    model: &Model,
+    data: &Dataset,
+    truth: Option<&Circuit>,
+    opts: &DiscoverOptions,
+) -> Result<Discovery> {
     let graph = model.graph();
     if let Some(t) = truth {
         if t.graph != graph {
@@ -98,7 +108,13 @@ pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &D
         .or(truth.map(Circuit::n_edges))
         .unwrap_or((n_edges / 50).max(10))
         .clamp(1, n_edges);
-    let runner = Runner::new(model, data, opts.ablation, opts.batch_size, DEFAULT_MEMORY_BUDGET)?;
+    let runner = Runner::new(
+        model,
+        data,
+        opts.ablation,
+        opts.batch_size,
+        DEFAULT_MEMORY_BUDGET,
+    )?;
     let prepared = prepare(&runner)?;
     let n_chunks = prepared.len();
 
@@ -106,11 +122,21 @@ pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &D
     if opts.exact {
         let t = Instant::now();
         let scores = exact_edge_scores(&runner, opts.metric, opts.progress)?;
-        raw.push(("exact patching".into(), scores, t.elapsed().as_secs_f64(), (n_edges + 1) * n_chunks));
+        raw.push((
+            "exact patching".into(),
+            scores,
+            t.elapsed().as_secs_f64(),
+            (n_edges + 1) * n_chunks,
+        ));
     }
     let mut clean_metric = 0.0;
     let mut corrupted_metric = None;
-    for method in [Method::Eap, Method::EapIg { steps: opts.ig_steps }] {
+    for method in [
+        Method::Eap,
+        Method::EapIg {
+            steps: opts.ig_steps,
+        },
+    ] {
         if method != Method::Eap && opts.ablation != Ablation::Corrupted {
             continue;
         }
@@ -136,7 +162,9 @@ pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &D
     }
 
     let fractions = default_fractions();
-    let exact_values: Option<Vec<f64>> = opts.exact.then(|| raw[0].1.edge_values().iter().map(|&v| v as f64).collect());
+    let exact_values: Option<Vec<f64>> = opts
+        .exact
+        .then(|| raw[0].1.edge_values().iter().map(|&v| v as f64).collect());
     let mut methods = Vec::new();
     for (name, scores, seconds, forward_passes) in raw {
         let roc = truth.map(|t| roc_from_graph(&scores, t)).transpose()?;
@@ -167,7 +195,10 @@ pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &D
             vs_exact,
         });
     }
-    let eap = methods.iter().find(|m| m.name == "EAP").expect("EAP always runs");
+    let eap = methods
+        .iter()
+        .find(|m| m.name == "EAP")
+        .expect("EAP always runs");
     let circuit = Circuit::top_n(&eap.scores, top_n).prune();
     Ok(Discovery {
         model_name: model.name.clone(),
@@ -186,9 +217,20 @@ pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &D
 }
 
 /// Faithfulness of the top-`k` edges by |score| (unpruned), every other edge patched.
-fn faithfulness_of_top(model: &Model, prepared: &[PreparedChunk], metric: Metric, scores: &Scores, k: usize) -> Result<f64> {
+fn faithfulness_of_top(
+    model: &Model,
+    prepared: &[PreparedChunk],
+    metric: Metric,
+    scores: &Scores,
+    k: usize,
+) -> Result<f64> {
     let graph = model.graph();
-    let full = metric_with_patch(model, prepared, metric, &vec![false; graph.n_writers() * graph.n_readers()])?;
+    let full = metric_with_patch(
+        model,
+        prepared,
+        metric,
+        &vec![false; graph.n_writers() * graph.n_readers()],
+    )?;
     let empty = metric_with_patch(model, prepared, metric, &graph.real_edge_mask())?;
     let kept = Circuit::top_n(scores, k);
     let value = metric_with_patch(model, prepared, metric, &complement(&kept))?;
@@ -203,9 +245,18 @@ impl Discovery {
             "method", "AUC", "AUC(ACDC)", "faithfulness", "R² vs exact", "passes", "time"
         );
         for m in &self.methods {
-            let auc = m.roc.as_ref().map_or("-".into(), |r| format!("{:.3}", r.auc_trapezoid));
-            let pess = m.roc.as_ref().map_or("-".into(), |r| format!("{:.3}", r.auc_staircase));
-            let r2 = m.vs_exact.as_ref().map_or("-".into(), |c| format!("{:.3}", c.r2));
+            let auc = m
+                .roc
+                .as_ref()
+                .map_or("-".into(), |r| format!("{:.3}", r.auc_trapezoid));
+            let pess = m
+                .roc
+                .as_ref()
+                .map_or("-".into(), |r| format!("{:.3}", r.auc_staircase));
+            let r2 = m
+                .vs_exact
+                .as_ref()
+                .map_or("-".into(), |c| format!("{:.3}", c.r2));
             out += &format!(
                 "{:<20} {:>9} {:>9} {:>13.3} {:>11} {:>9} {:>9.2}s\n",
                 m.name, auc, pess, m.faithfulness, r2, m.forward_passes, m.seconds
@@ -216,10 +267,22 @@ impl Discovery {
 
     /// The circuit's edges, largest |score| first.
     pub fn circuit_lines(&self) -> Vec<String> {
-        let eap = self.methods.iter().find(|m| m.name == self.circuit_method).expect("circuit method ran");
+        let eap = self
+            .methods
+            .iter()
+            .find(|m| m.name == self.circuit_method)
+            .expect("circuit method ran");
         let g = self.circuit.graph;
-        let mut edges: Vec<(usize, usize)> = g.edges().filter(|&(w, r)| self.circuit.contains(w, r)).collect();
-        edges.sort_by(|a, b| eap.scores.get(b.0, b.1).abs().total_cmp(&eap.scores.get(a.0, a.1).abs()));
+        let mut edges: Vec<(usize, usize)> = g
+            .edges()
+            .filter(|&(w, r)| self.circuit.contains(w, r))
+            .collect();
+        edges.sort_by(|a, b| {
+            eap.scores
+                .get(b.0, b.1)
+                .abs()
+                .total_cmp(&eap.scores.get(a.0, a.1).abs())
+        });
         edges
             .iter()
             .map(|&(w, r)| {
@@ -228,30 +291,57 @@ impl Discovery {
                     Some(_) => "  (not in ground truth)",
                     None => "",
                 };
-                format!("{:>+10.4}  {}{}", eap.scores.get(w, r), g.edge_name(w, r), mark)
+                format!(
+                    "{:>+10.4}  {}{}",
+                    eap.scores.get(w, r),
+                    g.edge_name(w, r),
+                    mark
+                )
             })
             .collect()
     }
 
     pub fn report(&self, command: &str) -> Report {
-        let mut report = Report::new(format!("eap: circuit discovery on {}", self.model_name), command);
-        let header = ["method", "ROC AUC (trapezoid)", "ROC AUC (ACDC pessimistic)", &format!("faithfulness at {} edges", self.top_n), "CPR", "CMD", "R² vs exact", "Spearman vs exact", "forward passes", "wall time (s)"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut report = Report::new(
+            format!("eap: circuit discovery on {}", self.model_name),
+            command,
+        );
+        let header = [
+            "method",
+            "ROC AUC (trapezoid)",
+            "ROC AUC (ACDC pessimistic)",
+            &format!("faithfulness at {} edges", self.top_n),
+            "CPR",
+            "CMD",
+            "R² vs exact",
+            "Spearman vs exact",
+            "forward passes",
+            "wall time (s)",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let rows = self
             .methods
             .iter()
             .map(|m| {
                 vec![
                     m.name.clone(),
-                    m.roc.as_ref().map_or("-".into(), |r| format!("{:.3}", r.auc_trapezoid)),
-                    m.roc.as_ref().map_or("-".into(), |r| format!("{:.3}", r.auc_staircase)),
+                    m.roc
+                        .as_ref()
+                        .map_or("-".into(), |r| format!("{:.3}", r.auc_trapezoid)),
+                    m.roc
+                        .as_ref()
+                        .map_or("-".into(), |r| format!("{:.3}", r.auc_staircase)),
                     format!("{:.3}", m.faithfulness),
                     format!("{:.3}", m.curve.cpr),
                     format!("{:.3}", m.curve.cmd),
-                    m.vs_exact.as_ref().map_or("-".into(), |c| format!("{:.3}", c.r2)),
-                    m.vs_exact.as_ref().map_or("-".into(), |c| format!("{:.3}", c.spearman)),
+                    m.vs_exact
+                        .as_ref()
+                        .map_or("-".into(), |c| format!("{:.3}", c.r2)),
+                    m.vs_exact
+                        .as_ref()
+                        .map_or("-".into(), |c| format!("{:.3}", c.spearman)),
                     m.forward_passes.to_string(),
                     format!("{:.3}", m.seconds),
                 ]
@@ -270,8 +360,16 @@ impl Discovery {
                 self.truth.as_ref().map(|t| format!("; the ground truth has {}", t.n_edges())).unwrap_or_default()
             ),
         });
-        report.sections.push(Section::Table { title: "Methods".into(), header, rows });
-        let eap = self.methods.iter().find(|m| m.name == self.circuit_method).expect("ran");
+        report.sections.push(Section::Table {
+            title: "Methods".into(),
+            header,
+            rows,
+        });
+        let eap = self
+            .methods
+            .iter()
+            .find(|m| m.name == self.circuit_method)
+            .expect("ran");
         report.sections.push(Section::Figure {
             title: format!("Circuit: {}'s top {} edges, pruned ({} edges)", self.circuit_method, self.top_n, self.circuit.n_edges()),
             svg: circuit_svg(&self.circuit, Some(&eap.scores)),
@@ -284,14 +382,22 @@ impl Discovery {
                 svg: circuit_svg(truth, exact.map(|m| &m.scores)),
                 caption: "The construction's circuit, widths from exact patching.".into(),
             });
-            let curves: Vec<(String, Roc)> = self.methods.iter().filter_map(|m| m.roc.clone().map(|r| (m.name.clone(), r))).collect();
+            let curves: Vec<(String, Roc)> = self
+                .methods
+                .iter()
+                .filter_map(|m| m.roc.clone().map(|r| (m.name.clone(), r)))
+                .collect();
             report.sections.push(Section::Figure {
                 title: "ROC against the ground truth".into(),
                 svg: roc_svg(&curves),
                 caption: "Edges ranked by |score|; TPR and FPR over all real edges.".into(),
             });
         }
-        let curves: Vec<(String, FaithfulnessCurve)> = self.methods.iter().map(|m| (m.name.clone(), m.curve.clone())).collect();
+        let curves: Vec<(String, FaithfulnessCurve)> = self
+            .methods
+            .iter()
+            .map(|m| (m.name.clone(), m.curve.clone()))
+            .collect();
         report.sections.push(Section::Figure {
             title: "Faithfulness over circuit size".into(),
             svg: faithfulness_svg(&curves),
@@ -300,7 +406,11 @@ impl Discovery {
         if let Some(exact) = self.methods.iter().find(|m| m.name == "exact patching") {
             let ex = exact.scores.edge_values();
             for m in self.methods.iter().filter(|m| m.vs_exact.is_some()) {
-                let points: Vec<(f64, f64)> = ex.iter().zip(m.scores.edge_values()).map(|(&x, y)| (x as f64, y as f64)).collect();
+                let points: Vec<(f64, f64)> = ex
+                    .iter()
+                    .zip(m.scores.edge_values())
+                    .map(|(&x, y)| (x as f64, y as f64))
+                    .collect();
                 report.sections.push(Section::Figure {
                     title: format!("{} against exact patching, per edge", m.name),
                     svg: scatter_svg(&format!("{} vs exact patching", m.name), "exact patching: M(edge patched) − M(clean)", &format!("{} score", m.name), &points, m.vs_exact.as_ref()),
@@ -318,7 +428,11 @@ impl Discovery {
     /// Writes `circuit.json`, `circuit.svg` and `report.html` into `dir`; returns their paths.
     pub fn write(&self, dir: &Path, command: &str) -> Result<Vec<PathBuf>> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let eap = self.methods.iter().find(|m| m.name == self.circuit_method).expect("ran");
+        let eap = self
+            .methods
+            .iter()
+            .find(|m| m.name == self.circuit_method)
+            .expect("ran");
         let meta = serde_json::json!({
             "method": "eap", "metric": self.metric.to_string(), "n_examples": self.n_examples,
             "top_n": self.top_n, "task": self.task_name, "model": self.model_name,
@@ -327,7 +441,10 @@ impl Discovery {
         let json = dir.join("circuit.json");
         CircuitFile::new(eap.scores.clone(), self.circuit.clone(), meta)?.write(&json)?;
         let svg = dir.join("circuit.svg");
-        write_atomic(&svg, circuit_svg(&self.circuit, Some(&eap.scores)).as_bytes())?;
+        write_atomic(
+            &svg,
+            circuit_svg(&self.circuit, Some(&eap.scores)).as_bytes(),
+        )?;
         let html = dir.join("report.html");
         self.report(command).write(&html)?;
         Ok(vec![json, svg, html])

@@ -268,7 +268,11 @@ fn attribute_chunk(
     // Δ = baseline − clean for every writer, one row per writer: [n_writers, N·d].
     let input_clean = clean.writers[0].clone();
     let input_baseline = baseline[0].clone();
-    let ForwardOutput { logits: clean_logits_t, writers: clean_writers, cache: clean_cache } = clean;
+    let ForwardOutput {
+        logits: clean_logits_t,
+        writers: clean_writers,
+        cache: clean_cache,
+    } = clean;
     let delta = activation_difference(baseline, clean_writers, n * d, &model.device)?;
 
     // Runs one backward from `logits` (whose forward kept `cache`) and adds weight · Δ·g.
@@ -289,7 +293,10 @@ fn attribute_chunk(
                     .max()
                     .unwrap_or(0);
                 let g = rg.grads.reshape((count, n * d))?;
-                let block = to_vec(&crate::model::ops::matmul_nt(&delta.narrow(0, 0, f_max)?, &g)?)?; // [f_max, count]
+                let block = to_vec(&crate::model::ops::matmul_nt(
+                    &delta.narrow(0, 0, f_max)?,
+                    &g,
+                )?)?; // [f_max, count]
                 for i in 0..count {
                     let r = r0 + i;
                     for u in 0..graph.n_upstream(r) {
@@ -357,10 +364,16 @@ fn attribute_chunk(
 /// `Δ = baseline − clean` for every writer as one `[n_writers, N·d]` matrix. Each writer's two
 /// activations are dropped as soon as its row is written (a layer's heads share one buffer, freed
 /// with the last of them), so the peak is about two copies of the writers' outputs, not three.
-fn activation_difference(baseline: Vec<Tensor>, clean: Vec<Tensor>, row: usize, device: &candle_core::Device) -> Result<Tensor> {
+fn activation_difference(
+    baseline: Vec<Tensor>,
+    clean: Vec<Tensor>,
+    row: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let n_writers = clean.len();
     if !device.is_cpu() {
-        return Ok((Tensor::stack(&baseline, 0)? - Tensor::stack(&clean, 0)?)?.reshape((n_writers, row))?);
+        return Ok((Tensor::stack(&baseline, 0)? - Tensor::stack(&clean, 0)?)?
+            .reshape((n_writers, row))?);
     }
     let mut out = vec![0f32; n_writers * row];
     for (u, (b, c)) in baseline.into_iter().zip(clean).enumerate() {

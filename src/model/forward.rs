@@ -459,7 +459,12 @@ impl Model {
                 found: format!("{:?}", dlogits.dims()),
             });
         }
-        let dxf = ops::matmul_nt(&dlogits.reshape((b * n_pos, cfg.d_vocab_out))?.contiguous()?, &self.embed.w_u.contiguous()?)?;
+        let dxf = ops::matmul_nt(
+            &dlogits
+                .reshape((b * n_pos, cfg.d_vocab_out))?
+                .contiguous()?,
+            &self.embed.w_u.contiguous()?,
+        )?;
         let dxf = self.norm_backward(&dxf, &cache.ln_final, &self.embed.ln_final)?;
         let mut g = Tensor::zeros((n, d), DType::F32, &self.device)?.index_add(
             &cache.logit_rows,
@@ -505,7 +510,11 @@ impl Model {
             let dxk = to_heads(dk)?.matmul(&lw.wk_heads.t()?)?;
             let dxv = to_heads(dv)?.matmul(&lw.wv_heads.t()?)?;
             let g_qkv = match &lc.ln1 {
-                Some(c) => ops::layer_norm_backward_many(&[dxq, dxk, dxv], c, lw.ln1.as_ref().map(|n| &n.w))?,
+                Some(c) => ops::layer_norm_backward_many(
+                    &[dxq, dxk, dxv],
+                    c,
+                    lw.ln1.as_ref().map(|n| &n.w),
+                )?,
                 None => Tensor::cat(&[dxq, dxk, dxv], 0)?, // [3h, n, d]
             };
             let mlp_count = mlp_grad.is_some() as usize;

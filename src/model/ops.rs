@@ -189,14 +189,54 @@ pub fn layer_norm_backward(
     Ok(dx)
 }
 
+/// Sum with 16 independent accumulators: a plain `iter().sum()` is one serial chain of
+/// dependent additions (floating point is not reassociated), 4 cycles each.
+#[inline]
+fn lane_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Dot product with 16 independent accumulators (see [`lane_sum`]).
+#[inline]
+fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (cx, cy) = (x.chunks_exact(16), y.chunks_exact(16));
+    let tail: f32 = cx
+        .remainder()
+        .iter()
+        .zip(cy.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in cx.zip(cy) {
+        for i in 0..16 {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// [`layer_norm_backward`] for several gradient stacks that share one LayerNorm's statistics
 /// (the q, k and v inputs of every head of a layer), written straight into one
 /// `[Σ k_i, rows, d]` tensor: no concatenation copy, one fused pass per row.
-pub fn layer_norm_backward_many(gs: &[Tensor], cache: &NormCache, w: Option<&Tensor>) -> Result<Tensor> {
+pub fn layer_norm_backward_many(
+    gs: &[Tensor],
+    cache: &NormCache,
+    w: Option<&Tensor>,
+) -> Result<Tensor> {
     let d = cache.xhat.dim(D::Minus1)?;
     let rows = cache.inv_std.elem_count();
     let total: usize = gs.iter().map(|g| g.elem_count() / (rows * d)).sum();
-    let all_cpu = gs.iter().all(|g| g.device().is_cpu() && g.is_contiguous() && g.dtype() == DType::F32)
+    let all_cpu = gs
+        .iter()
+        .all(|g| g.device().is_cpu() && g.is_contiguous() && g.dtype() == DType::F32)
         && cache.xhat.device().is_cpu();
     if !all_cpu {
         return layer_norm_backward(&Tensor::cat(gs, 0)?, cache, w, false);
@@ -216,26 +256,33 @@ pub fn layer_norm_backward_many(gs: &[Tensor], cache: &NormCache, w: Option<&Ten
             rest = tail;
         }
     }
-    jobs.into_par_iter().try_for_each(|(dst, g3, j)| -> Result<()> {
-        cpu_slice(&g3, |gs| {
-            let src = &gs[j * rows * d..(j + 1) * rows * d];
-            let mut gw = vec![0f32; d];
-            for r in 0..rows {
-                let (gr, xr) = (&src[r * d..(r + 1) * d], &xhat[r * d..(r + 1) * d]);
-                match &wv {
-                    Some(w) => gw.iter_mut().zip(gr).zip(w).for_each(|((o, g), w)| *o = g * w),
-                    None => gw.copy_from_slice(gr),
+    jobs.into_par_iter()
+        .try_for_each(|(dst, g3, j)| -> Result<()> {
+            cpu_slice(&g3, |gs| {
+                let src = &gs[j * rows * d..(j + 1) * rows * d];
+                let mut gw = vec![0f32; d];
+                for r in 0..rows {
+                    let (gr, xr) = (&src[r * d..(r + 1) * d], &xhat[r * d..(r + 1) * d]);
+                    match &wv {
+                        Some(w) => gw
+                            .iter_mut()
+                            .zip(gr)
+                            .zip(w)
+                            .for_each(|((o, g), w)| *o = g * w),
+                        None => gw.copy_from_slice(gr),
+                    }
+                    let m1 = lane_sum(&gw) / d as f32;
+                    let m2 = lane_dot(&gw, xr) / d as f32;
+                    let is = inv[r];
+                    for ((o, g), x) in dst[r * d..(r + 1) * d].iter_mut().zip(&gw).zip(xr) {
+                        *o = is * (g - m1 - x * m2);
+                    }
                 }
-                let m1 = gw.iter().sum::<f32>() / d as f32;
-                let m2 = gw.iter().zip(xr).map(|(g, x)| g * x).sum::<f32>() / d as f32;
-                let is = inv[r];
-                for ((o, g), x) in dst[r * d..(r + 1) * d].iter_mut().zip(&gw).zip(xr) {
-                    *o = is * (g - m1 - x * m2);
-                }
-            }
-        })
-        .ok_or_else(|| crate::Error::invalid("layer_norm_backward_many: expected contiguous CPU tensors"))
-    })?;
+            })
+            .ok_or_else(|| {
+                crate::Error::invalid("layer_norm_backward_many: expected contiguous CPU tensors")
+            })
+        })?;
     Ok(Tensor::from_vec(out, (total, rows, d), gs[0].device())?)
 }
 
@@ -499,14 +546,21 @@ mod tests {
         let d1 = layer_norm_backward(&g, &c1, Some(&w), false).unwrap();
         let d2 = layer_norm_backward(&g, &c2, Some(&w), true).unwrap();
         assert!(max_diff(&d1, &d2) < 1e-4, "{}", max_diff(&d1, &d2));
-        let parts = [g.narrow(0, 0, 1).unwrap(), g.narrow(0, 1, 2).unwrap().contiguous().unwrap()];
+        let parts = [
+            g.narrow(0, 0, 1).unwrap(),
+            g.narrow(0, 1, 2).unwrap().contiguous().unwrap(),
+        ];
         let d3 = layer_norm_backward_many(&parts, &c1, Some(&w)).unwrap();
         assert!(max_diff(&d1, &d3) < 1e-4, "{}", max_diff(&d1, &d3));
         let a = randn(&[3, 9000], 11);
         let b = randn(&[5, 9000], 12);
         let nt = matmul_nt(&a, &b).unwrap();
         let reference = a.matmul(&b.t().unwrap()).unwrap();
-        assert!(max_diff(&nt, &reference) < 1e-3, "{}", max_diff(&nt, &reference));
+        assert!(
+            max_diff(&nt, &reference) < 1e-3,
+            "{}",
+            max_diff(&nt, &reference)
+        );
         for act in [Activation::GeluNew, Activation::Gelu, Activation::Relu] {
             let a1 = activation(&x, act, false).unwrap();
             let a2 = activation(&x, act, true).unwrap();

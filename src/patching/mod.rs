@@ -417,7 +417,9 @@ pub fn prepare(runner: &Runner) -> Result<Vec<PreparedChunk>> {
         .into_iter()
         .map(|chunk| {
             let (baseline, _) = runner.baseline(&chunk, &[])?;
-            let clean = runner.model.forward(&chunk.clean, &ForwardOptions::default())?;
+            let clean = runner
+                .model
+                .forward(&chunk.clean, &ForwardOptions::default())?;
             Ok(PreparedChunk {
                 clean_logits: logits_rows(&clean.logits)?,
                 chunk,
@@ -428,7 +430,12 @@ pub fn prepare(runner: &Runner) -> Result<Vec<PreparedChunk>> {
 }
 
 /// The metric over prepared chunks with the edges in `patched` ablated: one forward per chunk.
-pub fn metric_with_patch(model: &Model, prepared: &[PreparedChunk], metric: Metric, patched: &[bool]) -> Result<f32> {
+pub fn metric_with_patch(
+    model: &Model,
+    prepared: &[PreparedChunk],
+    metric: Metric,
+    patched: &[bool],
+) -> Result<f32> {
     let graph = model.graph();
     check_mask(&graph, patched)?;
     let vocab = model.cfg.d_vocab_out;
@@ -446,7 +453,13 @@ pub fn metric_with_patch(model: &Model, prepared: &[PreparedChunk], metric: Metr
                 ..Default::default()
             },
         )?;
-        let value = metric_value(metric, &logits_rows(&out.logits)?, vocab, &p.chunk.targets, Some(&p.clean_logits))?;
+        let value = metric_value(
+            metric,
+            &logits_rows(&out.logits)?,
+            vocab,
+            &p.chunk.targets,
+            Some(&p.clean_logits),
+        )?;
         total += value.mean as f64 * p.chunk.indices.len() as f64;
         count += p.chunk.indices.len();
     }
@@ -463,7 +476,11 @@ pub fn metric_with_patch(model: &Model, prepared: &[PreparedChunk], metric: Metr
 
 /// Exact per-edge patching: for every real edge, `M(that edge patched) − M(clean)` — the
 /// quantity EAP approximates, one forward per edge and chunk.
-pub fn exact_edge_scores(runner: &Runner, metric: Metric, progress: bool) -> Result<crate::graph::Scores> {
+pub fn exact_edge_scores(
+    runner: &Runner,
+    metric: Metric,
+    progress: bool,
+) -> Result<crate::graph::Scores> {
     let model = runner.model;
     let graph = model.graph();
     let prepared = prepare(runner)?;
@@ -473,9 +490,11 @@ pub fn exact_edge_scores(runner: &Runner, metric: Metric, progress: bool) -> Res
     let bar = if progress {
         let bar = indicatif::ProgressBar::new(edges.len() as u64);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("exact patching [{bar:30}] {pos}/{len} edges, {elapsed}")
-                .expect("static template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "exact patching [{bar:30}] {pos}/{len} edges, {elapsed}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
         );
         bar
     } else {
