@@ -300,6 +300,15 @@ pub fn matmul_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             found: format!("{k2}"),
         });
     }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        let fast = cpu_slice(a, |av| {
+            cpu_slice(b, |bv| nt_avx512::matmul_nt(av, bv, m, n, k))
+        });
+        if let Some(Some(out)) = fast {
+            return Ok(Tensor::from_vec(out, (m, n), a.device())?);
+        }
+    }
     let fast = cpu_slice(a, |av| {
         cpu_slice(b, |bv| {
             let block = k.div_ceil(4 * rayon::current_num_threads()).max(4096);
@@ -347,6 +356,107 @@ pub fn matmul_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     match fast {
         Some(Some(out)) => Ok(Tensor::from_vec(out, (m, n), a.device())?),
         _ => Ok(a.matmul(&b.t()?)?),
+    }
+}
+
+/// The split-K `A · Bᵀ` with a register-tiled AVX-512 kernel: 4 rows of A against 4 rows of B,
+/// 16 accumulators of 16 lanes, over cache-sized blocks of k. gemm packs both operands first,
+/// which for these shapes (m ≤ 157, n ≤ 37, k = 393,216) ran at ~3 GB/s against the machine's
+/// ~21 GB/s; this reads each operand once from memory.
+#[cfg(target_arch = "x86_64")]
+mod nt_avx512 {
+    use rayon::prelude::*;
+    use std::arch::x86_64::*;
+
+    const KB: usize = 1024;
+    const T: usize = 4;
+
+    pub fn matmul_nt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        let blocks = k.div_ceil(KB);
+        (0..blocks)
+            .into_par_iter()
+            .fold(
+                || vec![0f32; m * n],
+                |mut c, blk| {
+                    let k0 = blk * KB;
+                    let kb = KB.min(k - k0);
+                    // SAFETY: the caller checked avx512f at run time; all offsets are in bounds
+                    // of the [m, k] and [n, k] slices (rows below m and n, columns below k).
+                    unsafe { block(a, b, m, n, k, k0, kb, &mut c) };
+                    c
+                },
+            )
+            .reduce(
+                || vec![0f32; m * n],
+                |mut x, y| {
+                    x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+                    x
+                },
+            )
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block(
+        a: &[f32],
+        b: &[f32],
+        m: usize,
+        n: usize,
+        k: usize,
+        k0: usize,
+        kb: usize,
+        c: &mut [f32],
+    ) {
+        let k16 = kb / 16 * 16;
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let mut i = 0;
+        while i < m {
+            let mi = (m - i).min(T);
+            let mut j = 0;
+            while j < n {
+                let nj = (n - j).min(T);
+                let mut acc = [[_mm512_setzero_ps(); T]; T];
+                if mi == T && nj == T {
+                    let mut kk = 0;
+                    while kk < k16 {
+                        let off = k0 + kk;
+                        let av: [__m512; T] =
+                            std::array::from_fn(|r| _mm512_loadu_ps(ap.add((i + r) * k + off)));
+                        for s in 0..T {
+                            let bv = _mm512_loadu_ps(bp.add((j + s) * k + off));
+                            for r in 0..T {
+                                acc[r][s] = _mm512_fmadd_ps(av[r], bv, acc[r][s]);
+                            }
+                        }
+                        kk += 16;
+                    }
+                } else {
+                    let mut kk = 0;
+                    while kk < k16 {
+                        let off = k0 + kk;
+                        for r in 0..mi {
+                            let av = _mm512_loadu_ps(ap.add((i + r) * k + off));
+                            for s in 0..nj {
+                                let bv = _mm512_loadu_ps(bp.add((j + s) * k + off));
+                                acc[r][s] = _mm512_fmadd_ps(av, bv, acc[r][s]);
+                            }
+                        }
+                        kk += 16;
+                    }
+                }
+                for r in 0..mi {
+                    for s in 0..nj {
+                        let mut v = _mm512_reduce_add_ps(acc[r][s]);
+                        for t in k16..kb {
+                            v += a[(i + r) * k + k0 + t] * b[(j + s) * k + k0 + t];
+                        }
+                        c[(i + r) * n + j + s] += v;
+                    }
+                }
+                j += T;
+            }
+            i += T;
+        }
     }
 }
 
@@ -552,7 +662,7 @@ mod tests {
         ];
         let d3 = layer_norm_backward_many(&parts, &c1, Some(&w)).unwrap();
         assert!(max_diff(&d1, &d3) < 1e-4, "{}", max_diff(&d1, &d3));
-        let a = randn(&[3, 9000], 11);
+        let a = randn(&[6, 9000], 11);
         let b = randn(&[5, 9000], 12);
         let nt = matmul_nt(&a, &b).unwrap();
         let reference = a.matmul(&b.t().unwrap()).unwrap();
