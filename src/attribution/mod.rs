@@ -21,7 +21,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::graph::Scores;
 use crate::model::ops::to_vec;
-use crate::model::{ForwardOptions, ForwardOutput, Model};
+use std::cell::{Cell, RefCell};
+
+use crate::model::ops::cpu_slice;
+use crate::model::{ForwardOptions, ForwardOutput, Model, WriterSink};
 use crate::patching::{logits_rows, Ablation, Chunk, Runner, DEFAULT_MEMORY_BUDGET};
 use crate::tasks::{metric_gradient, metric_value, Dataset, Metric};
 use crate::{Error, Result};
@@ -214,12 +217,35 @@ fn attribute_chunk(
     // chunks add up to those of the metric averaged over the whole dataset.
     let share = chunk.indices.len() as f64 / total as f64;
 
-    let (baseline, corrupted_logits) = runner.baseline(chunk, &[])?;
+    // Δ = baseline − clean, accumulated straight into one [n_writers, N·d] buffer as the two
+    // forwards produce each writer's output: no copy of either run's activations is kept.
+    let delta_buf = DeltaBuffer::new(graph.n_writers(), n * d);
+    let corrupted_logits = match opts.ablation {
+        Ablation::Corrupted => {
+            let out = model.forward(
+                &chunk.corrupted,
+                &ForwardOptions {
+                    writer_sink: Some(&delta_buf),
+                    ..Default::default()
+                },
+            )?;
+            Some(out.logits)
+        }
+        Ablation::Zero => None,
+        Ablation::Mean | Ablation::MeanPositional => {
+            let (baseline, _) = runner.baseline(chunk, &[])?;
+            for (u, t) in baseline.iter().enumerate() {
+                delta_buf.write(u, t)?;
+            }
+            None
+        }
+    };
     let mut forward_passes = usize::from(opts.ablation == Ablation::Corrupted);
+    delta_buf.subtract.set(true);
     let clean = model.forward(
         &chunk.clean,
         &ForwardOptions {
-            keep_writers: true,
+            writer_sink: Some(&delta_buf),
             keep_cache: !matches!(opts.method, Method::EapIg { .. }),
             ..Default::default()
         },
@@ -266,14 +292,12 @@ fn attribute_chunk(
         None => None,
     };
     // Δ = baseline − clean for every writer, one row per writer: [n_writers, N·d].
-    let input_clean = clean.writers[0].clone();
-    let input_baseline = baseline[0].clone();
     let ForwardOutput {
         logits: clean_logits_t,
-        writers: clean_writers,
         cache: clean_cache,
+        ..
     } = clean;
-    let delta = activation_difference(baseline, clean_writers, n * d, &model.device)?;
+    let delta = delta_buf.into_tensor(&model.device)?;
 
     // Runs one backward from `logits` (whose forward kept `cache`) and adds weight · Δ·g.
     let mut backward_passes = 0;
@@ -332,6 +356,8 @@ fn attribute_chunk(
             )?;
         }
         Method::EapIg { steps } => {
+            let input_clean = model.embed(&chunk.clean)?;
+            let input_baseline = model.embed(&chunk.corrupted)?;
             let diff = (&input_clean - &input_baseline)?;
             for k in 0..steps {
                 let alpha = k as f64 / steps as f64;
@@ -361,34 +387,49 @@ fn attribute_chunk(
     })
 }
 
-/// `Δ = baseline − clean` for every writer as one `[n_writers, N·d]` matrix. Each writer's two
-/// activations are dropped as soon as its row is written (a layer's heads share one buffer, freed
-/// with the last of them), so the peak is about two copies of the writers' outputs, not three.
-fn activation_difference(
-    baseline: Vec<Tensor>,
-    clean: Vec<Tensor>,
+/// The `[n_writers, N·d]` activation difference, filled by a forward's [`WriterSink`] calls:
+/// first the baseline run sets each row, then the clean run subtracts from it.
+struct DeltaBuffer {
+    data: RefCell<Vec<f32>>,
     row: usize,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    let n_writers = clean.len();
-    if !device.is_cpu() {
-        return Ok((Tensor::stack(&baseline, 0)? - Tensor::stack(&clean, 0)?)?
-            .reshape((n_writers, row))?);
-    }
-    let mut out = vec![0f32; n_writers * row];
-    for (u, (b, c)) in baseline.into_iter().zip(clean).enumerate() {
-        let (b, c) = (b.contiguous()?, c.contiguous()?);
-        let dst = &mut out[u * row..(u + 1) * row];
-        let done = crate::model::ops::cpu_slice(&b, |bs| {
-            crate::model::ops::cpu_slice(&c, |cs| {
-                for ((o, x), y) in dst.iter_mut().zip(bs).zip(cs) {
-                    *o = x - y;
-                }
-            })
-        });
-        if !matches!(done, Some(Some(()))) {
-            dst.copy_from_slice(&to_vec(&(b - c)?)?);
+    subtract: Cell<bool>,
+}
+
+impl DeltaBuffer {
+    fn new(n_writers: usize, row: usize) -> Self {
+        DeltaBuffer {
+            data: RefCell::new(vec![0f32; n_writers * row]),
+            row,
+            subtract: Cell::new(false),
         }
     }
-    Ok(Tensor::from_vec(out, (n_writers, row), device)?)
+
+    fn into_tensor(self, device: &candle_core::Device) -> Result<Tensor> {
+        let n_writers = self.data.borrow().len() / self.row;
+        Ok(Tensor::from_vec(
+            self.data.into_inner(),
+            (n_writers, self.row),
+            device,
+        )?)
+    }
+}
+
+impl WriterSink for DeltaBuffer {
+    fn write(&self, writer: usize, output: &Tensor) -> Result<()> {
+        let output = output.contiguous()?;
+        let mut data = self.data.borrow_mut();
+        let dst = &mut data[writer * self.row..(writer + 1) * self.row];
+        let subtract = self.subtract.get();
+        let apply = |src: &[f32], dst: &mut [f32]| {
+            if subtract {
+                dst.iter_mut().zip(src).for_each(|(o, x)| *o -= x);
+            } else {
+                dst.copy_from_slice(src);
+            }
+        };
+        if cpu_slice(&output, |src| apply(src, &mut *dst)).is_none() {
+            apply(&to_vec(&output)?, dst);
+        }
+        Ok(())
+    }
 }

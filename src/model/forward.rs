@@ -118,6 +118,12 @@ impl ReaderIntervention for PatchPlan {
     }
 }
 
+/// Receives every writer's output (`[N, d]`) as the forward computes it, in graph order — so a
+/// caller can fold activations into its own buffer (EAP's `Δ`) instead of keeping them all.
+pub trait WriterSink {
+    fn write(&self, writer: usize, output: &Tensor) -> Result<()>;
+}
+
 /// What a forward pass should compute and keep.
 #[derive(Default)]
 pub struct ForwardOptions<'a> {
@@ -130,6 +136,8 @@ pub struct ForwardOptions<'a> {
     /// Replaces the embedding (`[N, d]`) — integrated gradients on the input.
     pub input_override: Option<Tensor>,
     pub intervention: Option<&'a dyn ReaderIntervention>,
+    /// Called with each writer's output as soon as it exists.
+    pub writer_sink: Option<&'a dyn WriterSink>,
 }
 
 /// What a forward pass returns.
@@ -279,6 +287,15 @@ impl Model {
         if track_writers {
             writers.push(x.clone());
         }
+        let mut next_writer = 0usize;
+        let mut sink = |t: &Tensor| -> Result<()> {
+            if let Some(s) = opts.writer_sink {
+                s.write(next_writer, t)?;
+            }
+            next_writer += 1;
+            Ok(())
+        };
+        sink(&x)?;
         let shortformer_pos = match cfg.positions {
             Positions::Shortformer => Some(self.positions(batch)?),
             Positions::Standard => None,
@@ -334,9 +351,11 @@ impl Model {
             let z_heads = z.transpose(0, 1)?.contiguous()?.reshape((h, n, dh))?;
             let head_out = z_heads.matmul(&lw.wo_heads)?; // [h, n, d]
             let attn_out = ops::sum_leading(&head_out)?.broadcast_add(&lw.bo)?;
-            if track_writers {
-                for hh in 0..h {
-                    writers.push(head_out.get(hh)?);
+            for hh in 0..h {
+                let out = head_out.get(hh)?;
+                sink(&out)?;
+                if track_writers {
+                    writers.push(out);
                 }
             }
             let x_mid = (&x + attn_out)?;
@@ -360,6 +379,7 @@ impl Model {
                     let post = ops::activation(&pre, cfg.act, false)?;
                     let out = post.matmul(&mlp.w_out)?;
                     let x_next = (&x_mid + &out)?.broadcast_add(&mlp.b_out)?;
+                    sink(&out)?;
                     if track_writers {
                         writers.push(out);
                     }
@@ -509,24 +529,31 @@ impl Model {
             let dxq = to_heads(dq)?.matmul(&lw.wq_heads.t()?)?;
             let dxk = to_heads(dk)?.matmul(&lw.wk_heads.t()?)?;
             let dxv = to_heads(dv)?.matmul(&lw.wv_heads.t()?)?;
-            let g_qkv = match &lc.ln1 {
+            // The layer's reader gradients in graph order, [3h (+1), n, d]: q, k, v of every
+            // head through LN1's backward, then the MLP's gradient appended without a copy of
+            // the rest.
+            let mlp_count = mlp_grad.is_some() as usize;
+            let grads = match &lc.ln1 {
                 Some(c) => ops::layer_norm_backward_many(
                     &[dxq, dxk, dxv],
                     c,
                     lw.ln1.as_ref().map(|n| &n.w),
+                    mlp_grad.as_ref(),
                 )?,
-                None => Tensor::cat(&[dxq, dxk, dxv], 0)?, // [3h, n, d]
+                None => {
+                    let mut parts = vec![dxq, dxk, dxv];
+                    if let Some(gm) = &mlp_grad {
+                        parts.push(gm.unsqueeze(0)?);
+                    }
+                    Tensor::cat(&parts, 0)?
+                }
             };
-            let mlp_count = mlp_grad.is_some() as usize;
-            let grads = match mlp_grad {
-                Some(gm) => Tensor::cat(&[g_qkv.clone(), gm.unsqueeze(0)?], 0)?,
-                None => g_qkv.clone(),
-            };
+            let g_qkv_sum = ops::sum_leading(&grads.narrow(0, 0, 3 * h)?)?;
             visit(ReaderGrads {
                 readers: first_reader..first_reader + 3 * h + mlp_count,
                 grads,
             })?;
-            g = (g + ops::sum_leading(&g_qkv)?)?;
+            g = (g + g_qkv_sum)?;
         }
         Ok(())
     }

@@ -25,7 +25,7 @@ use candle_core::Device;
 pub use config::{Activation, ModelConfig, Norm, Positions, WeightFormat};
 pub use forward::{
     AdditiveDeltas, Batch, ForwardCache, ForwardOptions, ForwardOutput, PatchPlan, ReaderGrads,
-    ReaderIntervention,
+    ReaderIntervention, WriterSink,
 };
 pub use weights::{EmbedWeights, LayerWeights, MlpWeights, NormWeights};
 

@@ -226,10 +226,13 @@ fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
 /// [`layer_norm_backward`] for several gradient stacks that share one LayerNorm's statistics
 /// (the q, k and v inputs of every head of a layer), written straight into one
 /// `[Σ k_i, rows, d]` tensor: no concatenation copy, one fused pass per row.
+///
+/// `append`, a `[rows, d]` tensor, is copied unchanged into one more slot at the end.
 pub fn layer_norm_backward_many(
     gs: &[Tensor],
     cache: &NormCache,
     w: Option<&Tensor>,
+    append: Option<&Tensor>,
 ) -> Result<Tensor> {
     let d = cache.xhat.dim(D::Minus1)?;
     let rows = cache.inv_std.elem_count();
@@ -239,12 +242,17 @@ pub fn layer_norm_backward_many(
         .all(|g| g.device().is_cpu() && g.is_contiguous() && g.dtype() == DType::F32)
         && cache.xhat.device().is_cpu();
     if !all_cpu {
-        return layer_norm_backward(&Tensor::cat(gs, 0)?, cache, w, false);
+        let normed = layer_norm_backward(&Tensor::cat(gs, 0)?, cache, w, false)?;
+        return match append {
+            Some(a) => Ok(Tensor::cat(&[normed, a.unsqueeze(0)?], 0)?),
+            None => Ok(normed),
+        };
     }
     let wv = w.map(to_vec).transpose()?;
     let xhat = to_vec(&cache.xhat)?;
     let inv = to_vec(&cache.inv_std)?;
-    let mut out = vec![0f32; total * rows * d];
+    let n_append = append.is_some() as usize;
+    let mut out = vec![0f32; (total + n_append) * rows * d];
     let mut jobs: Vec<(&mut [f32], Tensor, usize)> = Vec::new();
     let mut rest = out.as_mut_slice();
     for g in gs {
@@ -255,6 +263,9 @@ pub fn layer_norm_backward_many(
             jobs.push((head, g3.clone(), j));
             rest = tail;
         }
+    }
+    if let Some(a) = append {
+        rest.copy_from_slice(&to_vec(a)?);
     }
     jobs.into_par_iter()
         .try_for_each(|(dst, g3, j)| -> Result<()> {
@@ -283,7 +294,11 @@ pub fn layer_norm_backward_many(
                 crate::Error::invalid("layer_norm_backward_many: expected contiguous CPU tensors")
             })
         })?;
-    Ok(Tensor::from_vec(out, (total, rows, d), gs[0].device())?)
+    Ok(Tensor::from_vec(
+        out,
+        (total + n_append, rows, d),
+        gs[0].device(),
+    )?)
 }
 
 /// `A · Bᵀ` for row-major `a: [m, k]` and `b: [n, k]` with `k ≫ m, n` — the EAP contraction
@@ -660,7 +675,7 @@ mod tests {
             g.narrow(0, 0, 1).unwrap(),
             g.narrow(0, 1, 2).unwrap().contiguous().unwrap(),
         ];
-        let d3 = layer_norm_backward_many(&parts, &c1, Some(&w)).unwrap();
+        let d3 = layer_norm_backward_many(&parts, &c1, Some(&w), None).unwrap();
         assert!(max_diff(&d1, &d3) < 1e-4, "{}", max_diff(&d1, &d3));
         let a = randn(&[6, 9000], 11);
         let b = randn(&[5, 9000], 12);
