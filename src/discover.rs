@@ -1,4 +1,5 @@
-//! The main job: run exact patching, EAP and EAP-IG on one model and task, compare them with a
+//! The main job: run exact patching, EAP, EAP-IG, ACDC and the EAP→ACDC hybrid on one model and
+//! task, compare them with a
 //! ground truth when there is one, select a circuit, and write `circuit.json`, `circuit.svg`
 //! and `report.html`.
 //!
@@ -28,6 +29,14 @@ pub struct DiscoverOptions {
     pub top_n: Option<usize>,
     /// Also run exact per-edge patching (one forward per edge).
     pub exact: bool,
+    /// Also run ACDC and the EAP→ACDC hybrid (KL metric, a threshold sweep for the ROC).
+    pub acdc: bool,
+    /// ACDC's τ for the circuit whose faithfulness is reported (added to the sweep).
+    pub acdc_threshold: f32,
+    /// The sweep's thresholds (one ROC point each).
+    pub acdc_thresholds: Vec<f32>,
+    /// Hybrid: EAP's top edges kept for ACDC; default max(3 × top-n, 20% of the edges).
+    pub hybrid_keep: Option<usize>,
     pub progress: bool,
 }
 
@@ -40,9 +49,22 @@ impl Default for DiscoverOptions {
             batch_size: 32,
             top_n: None,
             exact: true,
+            acdc: true,
+            acdc_threshold: DEFAULT_ACDC_THRESHOLD,
+            acdc_thresholds: default_acdc_thresholds(),
+            hybrid_keep: None,
             progress: false,
         }
     }
+}
+
+/// ACDC's τ in `discover` (KL, nats): the planted circuits' edges move the KL by ≥ 0.3, their
+/// distractors by ≤ 0.03.
+pub const DEFAULT_ACDC_THRESHOLD: f32 = 0.1;
+
+/// The sweep `discover` draws ACDC's ROC from: 6 thresholds, 10⁻³ … 1 (KL, nats).
+pub fn default_acdc_thresholds() -> Vec<f32> {
+    crate::patching::acdc::log_thresholds(1e-3, 1.0, 6)
 }
 
 /// One method's scores and how well they do.
@@ -103,6 +125,9 @@ pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &D
     let n_chunks = prepared.len();
 
     let mut raw: Vec<(String, Scores, f64, usize)> = Vec::new();
+    // Methods whose ROC is not a ranking of their scores (ACDC: one point per threshold), and
+    // whose faithfulness is that of the circuit they found.
+    let mut special: Vec<(String, Option<Roc>, Circuit)> = Vec::new();
     if opts.exact {
         let t = Instant::now();
         let scores = exact_edge_scores(&runner, opts.metric, opts.progress)?;
@@ -134,12 +159,46 @@ pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &D
         };
         raw.push((name, att.scores, att.seconds, att.forward_passes));
     }
+    if opts.acdc {
+        let eap_scores = raw.iter().find(|r| r.0 == "EAP").map(|r| r.1.clone()).expect("EAP ran");
+        let keep = opts
+            .hybrid_keep
+            .unwrap_or((3 * top_n).max(n_edges / 5))
+            .clamp(1, n_edges);
+        let hybrid_mask = crate::patching::acdc::prune_mask(&eap_scores, Some(keep), None)?;
+        for (name, initial) in [("ACDC".to_string(), None), (format!("EAP→ACDC (top {keep})"), Some(hybrid_mask))] {
+            let mut thresholds = opts.acdc_thresholds.clone();
+            if !thresholds.contains(&opts.acdc_threshold) {
+                thresholds.push(opts.acdc_threshold);
+            }
+            let base = crate::patching::acdc::AcdcOptions {
+                threshold: opts.acdc_threshold,
+                metric: Metric::Kl,
+                initial_patched: initial,
+                progress: false,
+            };
+            let t = Instant::now();
+            let sweep = crate::patching::acdc::threshold_sweep(model, &prepared, &base, &thresholds, truth)?;
+            let seconds = t.elapsed().as_secs_f64();
+            let chosen = sweep
+                .runs
+                .iter()
+                .find(|r| r.threshold == opts.acdc_threshold)
+                .expect("τ is in the sweep");
+            special.push((name.clone(), sweep.roc.clone(), chosen.circuit.clone()));
+            raw.push((name, chosen.scores.clone(), seconds, sweep.forward_passes));
+        }
+    }
 
     let fractions = default_fractions();
     let exact_values: Option<Vec<f64>> = opts.exact.then(|| raw[0].1.edge_values().iter().map(|&v| v as f64).collect());
     let mut methods = Vec::new();
     for (name, scores, seconds, forward_passes) in raw {
-        let roc = truth.map(|t| roc_from_graph(&scores, t)).transpose()?;
+        let own = special.iter().find(|s| s.0 == name);
+        let roc = match own {
+            Some(s) => s.1.clone(),
+            None => truth.map(|t| roc_from_graph(&scores, t)).transpose()?,
+        };
         let curve_values = fractions
             .iter()
             .map(|f| {
@@ -148,7 +207,10 @@ pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &D
             })
             .collect::<Result<Vec<_>>>()?;
         let curve = FaithfulnessCurve::new(fractions.clone(), curve_values)?;
-        let faithfulness = faithfulness_of_top(model, &prepared, opts.metric, &scores, top_n)?;
+        let faithfulness = match own {
+            Some(s) => faithfulness_of_circuit(model, &prepared, opts.metric, &s.2)?,
+            None => faithfulness_of_top(model, &prepared, opts.metric, &scores, top_n)?,
+        };
         let vs_exact = match &exact_values {
             Some(ex) if name != "exact patching" => {
                 let ys: Vec<f64> = scores.edge_values().iter().map(|&v| v as f64).collect();
@@ -187,11 +249,15 @@ pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &D
 
 /// Faithfulness of the top-`k` edges by |score| (unpruned), every other edge patched.
 fn faithfulness_of_top(model: &Model, prepared: &[PreparedChunk], metric: Metric, scores: &Scores, k: usize) -> Result<f64> {
+    faithfulness_of_circuit(model, prepared, metric, &Circuit::top_n(scores, k))
+}
+
+/// Faithfulness of a circuit, every edge outside it patched.
+fn faithfulness_of_circuit(model: &Model, prepared: &[PreparedChunk], metric: Metric, kept: &Circuit) -> Result<f64> {
     let graph = model.graph();
     let full = metric_with_patch(model, prepared, metric, &vec![false; graph.n_writers() * graph.n_readers()])?;
     let empty = metric_with_patch(model, prepared, metric, &graph.real_edge_mask())?;
-    let kept = Circuit::top_n(scores, k);
-    let value = metric_with_patch(model, prepared, metric, &complement(&kept))?;
+    let value = metric_with_patch(model, prepared, metric, &complement(kept))?;
     crate::eval::faithfulness(value as f64, empty as f64, full as f64)
 }
 
@@ -235,7 +301,7 @@ impl Discovery {
 
     pub fn report(&self, command: &str) -> Report {
         let mut report = Report::new(format!("eap: circuit discovery on {}", self.model_name), command);
-        let header = ["method", "ROC AUC (trapezoid)", "ROC AUC (ACDC pessimistic)", &format!("faithfulness at {} edges", self.top_n), "CPR", "CMD", "R² vs exact", "Spearman vs exact", "forward passes", "wall time (s)"]
+        let header = ["method", "ROC AUC (trapezoid)", "ROC AUC (ACDC pessimistic)", &format!("faithfulness at {} edges (ACDC: its circuit at τ)", self.top_n), "CPR", "CMD", "R² vs exact", "Spearman vs exact", "forward passes", "wall time (s)"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -288,7 +354,7 @@ impl Discovery {
             report.sections.push(Section::Figure {
                 title: "ROC against the ground truth".into(),
                 svg: roc_svg(&curves),
-                caption: "Edges ranked by |score|; TPR and FPR over all real edges.".into(),
+                caption: "Edges ranked by |score|; TPR and FPR over all real edges. ACDC and EAP→ACDC: one point per threshold of a sweep (KL to the clean run), one circuit each, joined through (0, 0) and (1, 1).".into(),
             });
         }
         let curves: Vec<(String, FaithfulnessCurve)> = self.methods.iter().map(|m| (m.name.clone(), m.curve.clone())).collect();
