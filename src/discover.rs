@@ -29,11 +29,13 @@ pub struct DiscoverOptions {
     pub top_n: Option<usize>,
     /// Also run exact per-edge patching (one forward per edge).
     pub exact: bool,
-    /// Also run ACDC and the EAP→ACDC hybrid (KL metric, a threshold sweep for the ROC).
+    /// Also run ACDC and the EAP→ACDC hybrid with the task's metric (remove an edge when
+    /// |Δ metric| < τ) and a threshold sweep for the ROC.
     pub acdc: bool,
-    /// ACDC's τ for the circuit whose faithfulness is reported (added to the sweep).
+    /// ACDC's τ for the circuit whose faithfulness is reported (added to the sweep), as a
+    /// fraction of `|M(full) − M(∅)|`.
     pub acdc_threshold: f32,
-    /// The sweep's thresholds (one ROC point each).
+    /// The sweep's thresholds (one ROC point each), as fractions of `|M(full) − M(∅)|`.
     pub acdc_thresholds: Vec<f32>,
     /// Hybrid: EAP's top edges kept for ACDC; default max(3 × top-n, 20% of the edges).
     pub hybrid_keep: Option<usize>,
@@ -58,13 +60,13 @@ impl Default for DiscoverOptions {
     }
 }
 
-/// ACDC's τ in `discover` (KL, nats): the planted circuits' edges move the KL by ≥ 0.3, their
-/// distractors by ≤ 0.03.
+/// ACDC's τ in `discover`, as a fraction of the task metric's scale `|M(full) − M(∅)|`: on
+/// the planted models every truth edge moves the metric by more, every distractor by less.
 pub const DEFAULT_ACDC_THRESHOLD: f32 = 0.1;
 
-/// The sweep `discover` draws ACDC's ROC from: 6 thresholds, 10⁻³ … 1 (KL, nats).
+/// The sweep `discover` draws ACDC's ROC from, as fractions of `|M(full) − M(∅)|`.
 pub fn default_acdc_thresholds() -> Vec<f32> {
-    crate::patching::acdc::log_thresholds(1e-3, 1.0, 6)
+    vec![0.003, 0.01, 0.03, 0.1, 0.3, 0.6]
 }
 
 /// One method's scores and how well they do.
@@ -166,27 +168,31 @@ pub fn discover(model: &Model, data: &Dataset, truth: Option<&Circuit>, opts: &D
             .unwrap_or((3 * top_n).max(n_edges / 5))
             .clamp(1, n_edges);
         let hybrid_mask = crate::patching::acdc::prune_mask(&eap_scores, Some(keep), None)?;
+        let scale = crate::patching::acdc::metric_scale(model, &prepared, opts.metric)?;
+        let tau = opts.acdc_threshold * scale;
         for (name, initial) in [("ACDC".to_string(), None), (format!("EAP→ACDC (top {keep})"), Some(hybrid_mask))] {
-            let mut thresholds = opts.acdc_thresholds.clone();
-            if !thresholds.contains(&opts.acdc_threshold) {
-                thresholds.push(opts.acdc_threshold);
+            let mut thresholds: Vec<f32> = opts.acdc_thresholds.iter().map(|f| f * scale).collect();
+            if !thresholds.contains(&tau) {
+                thresholds.push(tau);
             }
             let base = crate::patching::acdc::AcdcOptions {
-                threshold: opts.acdc_threshold,
-                metric: Metric::Kl,
+                threshold: tau,
+                metric: opts.metric,
                 initial_patched: initial,
                 progress: false,
             };
             let t = Instant::now();
             let sweep = crate::patching::acdc::threshold_sweep(model, &prepared, &base, &thresholds, truth)?;
+            // The scale's two forwards per chunk are charged to each ACDC method.
             let seconds = t.elapsed().as_secs_f64();
+            let passes = sweep.forward_passes + 2 * n_chunks;
             let chosen = sweep
                 .runs
                 .iter()
-                .find(|r| r.threshold == opts.acdc_threshold)
+                .find(|r| r.threshold == tau)
                 .expect("τ is in the sweep");
             special.push((name.clone(), sweep.roc.clone(), chosen.circuit.clone()));
-            raw.push((name, chosen.scores.clone(), seconds, sweep.forward_passes));
+            raw.push((name, chosen.scores.clone(), seconds, passes));
         }
     }
 
@@ -354,7 +360,7 @@ impl Discovery {
             report.sections.push(Section::Figure {
                 title: "ROC against the ground truth".into(),
                 svg: roc_svg(&curves),
-                caption: "Edges ranked by |score|; TPR and FPR over all real edges. ACDC and EAP→ACDC: one point per threshold of a sweep (KL to the clean run), one circuit each, joined through (0, 0) and (1, 1).".into(),
+                caption: "Edges ranked by |score|; TPR and FPR over all real edges. ACDC and EAP→ACDC: one point per threshold of a sweep (|Δ task metric| < τ), one circuit each, joined through (0, 0) and (1, 1).".into(),
             });
         }
         let curves: Vec<(String, FaithfulnessCurve)> = self.methods.iter().map(|m| (m.name.clone(), m.curve.clone())).collect();

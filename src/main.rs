@@ -144,10 +144,11 @@ struct DiscoverArgs {
     /// Skip ACDC and the EAP→ACDC hybrid (a threshold sweep of exact patches each).
     #[arg(long)]
     no_acdc: bool,
-    /// ACDC's τ (KL) for the circuit whose faithfulness is reported.
+    /// ACDC's τ for the circuit whose faithfulness is reported, as a fraction of
+    /// |M(full) − M(∅)| of the task metric (default 0.1).
     #[arg(long)]
     acdc_threshold: Option<f32>,
-    /// ACDC's threshold sweep for the ROC (comma-separated).
+    /// ACDC's threshold sweep for the ROC, fractions of |M(full) − M(∅)| (comma-separated).
     #[arg(long, value_delimiter = ',')]
     acdc_thresholds: Option<Vec<f32>>,
     /// Hybrid: EAP's top edges kept for ACDC (default max(3 × top-n, 20% of edges)).
