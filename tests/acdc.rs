@@ -261,3 +261,59 @@ fn interrupted_acdc_resumes_to_the_same_circuit() {
     assert_eq!(a.circuit, c.circuit);
     assert_eq!(a.scores, c.scores);
 }
+
+/// `discover` runs ACDC and the hybrid beside the other methods, with ACDC's sweep ROC in
+/// the report.
+#[test]
+fn discover_compares_acdc_and_the_hybrid() {
+    let planted = build(PlantedKind::GreaterThan, &Device::Cpu).unwrap();
+    let (data, metric) = dataset(PlantedKind::GreaterThan, 16, 1).unwrap();
+    let opts = eap::discover::DiscoverOptions {
+        metric,
+        exact: false,
+        ..Default::default()
+    };
+    let found = eap::discover::discover(&planted.model, &data, Some(&planted.truth), &opts).unwrap();
+    let names: Vec<&str> = found.methods.iter().map(|m| m.name.as_str()).collect();
+    assert!(names.contains(&"ACDC"), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("EAP→ACDC")), "{names:?}");
+    let acdc = found.methods.iter().find(|m| m.name == "ACDC").unwrap();
+    assert!(acdc.roc.as_ref().unwrap().auc_trapezoid >= 0.95);
+    assert!(acdc.faithfulness > 0.9, "faithfulness {}", acdc.faithfulness);
+    assert!(acdc.forward_passes > 50);
+    let html = found.report("test").to_html();
+    assert!(html.contains("EAP→ACDC"));
+}
+
+/// `eap acdc --thresholds` prints each point and the sweep's AUC; `--prune-with eap` runs.
+#[test]
+fn cli_sweep_and_hybrid() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = dir.path().join("sweep.json");
+    let st = eap_bin()
+        .args(["acdc", "--planted", "weighted-vote", "--n", "8", "--metric", "logit-diff", "--thresholds", "0.05,0.5,2,8", "--no-progress", "--out"])
+        .arg(&summary)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&st.stdout);
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(stdout.contains("ROC AUC over the sweep"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(v["points"].as_array().unwrap().len(), 4);
+    assert!(v["roc"]["auc_trapezoid"].as_f64().unwrap() >= 0.95);
+
+    let out = dir.path().join("hybrid.json");
+    let st = eap_bin()
+        .args(["acdc", "--planted", "induction", "--n", "8", "--metric", "logit-diff", "--threshold", "1", "--prune-with", "eap", "--keep", "30", "--no-progress", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&st.stdout);
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(stdout.contains("30 of 81 edges survive"), "{stdout}");
+    let file = CircuitFile::read(&out).unwrap();
+    assert_eq!(file.meta["method"], "acdc");
+    assert!(file.meta["prune_with"]["keep"] == 30);
+    let steps = std::fs::read_to_string(Persist::beside(&out, false).log).unwrap();
+    assert!(steps.lines().count() <= 30);
+}
