@@ -1,4 +1,5 @@
-//! The main job: run exact patching, EAP and EAP-IG on one model and task, compare them with a
+//! The main job: run exact patching, EAP, EAP-IG, ACDC and the EAP→ACDC hybrid on one model and
+//! task, compare them with a
 //! ground truth when there is one, select a circuit, and write `circuit.json`, `circuit.svg`
 //! and `report.html`.
 //!
@@ -33,6 +34,16 @@ pub struct DiscoverOptions {
     pub top_n: Option<usize>,
     /// Also run exact per-edge patching (one forward per edge).
     pub exact: bool,
+    /// Also run ACDC and the EAP→ACDC hybrid with the task's metric (remove an edge when
+    /// |Δ metric| < τ) and a threshold sweep for the ROC.
+    pub acdc: bool,
+    /// ACDC's τ for the circuit whose faithfulness is reported (added to the sweep), as a
+    /// fraction of `|M(full) − M(∅)|`.
+    pub acdc_threshold: f32,
+    /// The sweep's thresholds (one ROC point each), as fractions of `|M(full) − M(∅)|`.
+    pub acdc_thresholds: Vec<f32>,
+    /// Hybrid: EAP's top edges kept for ACDC; default max(3 × top-n, 20% of the edges).
+    pub hybrid_keep: Option<usize>,
     pub progress: bool,
 }
 
@@ -45,9 +56,22 @@ impl Default for DiscoverOptions {
             batch_size: 32,
             top_n: None,
             exact: true,
+            acdc: true,
+            acdc_threshold: DEFAULT_ACDC_THRESHOLD,
+            acdc_thresholds: default_acdc_thresholds(),
+            hybrid_keep: None,
             progress: false,
         }
     }
+}
+
+/// ACDC's τ in `discover`, as a fraction of the task metric's scale `|M(full) − M(∅)|`: on
+/// the planted models every truth edge moves the metric by more, every distractor by less.
+pub const DEFAULT_ACDC_THRESHOLD: f32 = 0.1;
+
+/// The sweep `discover` draws ACDC's ROC from, as fractions of `|M(full) − M(∅)|`.
+pub fn default_acdc_thresholds() -> Vec<f32> {
+    vec![0.003, 0.01, 0.03, 0.1, 0.3, 0.6]
 }
 
 /// One method's scores and how well they do.
@@ -119,6 +143,9 @@ pub fn discover(
     let n_chunks = prepared.len();
 
     let mut raw: Vec<(String, Scores, f64, usize)> = Vec::new();
+    // Methods whose ROC is not a ranking of their scores (ACDC: one point per threshold), and
+    // whose faithfulness is that of the circuit they found.
+    let mut special: Vec<(String, Option<Roc>, Circuit)> = Vec::new();
     if opts.exact {
         let t = Instant::now();
         let scores = exact_edge_scores(&runner, opts.metric, opts.progress)?;
@@ -160,6 +187,53 @@ pub fn discover(
         };
         raw.push((name, att.scores, att.seconds, att.forward_passes));
     }
+    if opts.acdc {
+        let eap_scores = raw
+            .iter()
+            .find(|r| r.0 == "EAP")
+            .map(|r| r.1.clone())
+            .expect("EAP ran");
+        let keep = opts
+            .hybrid_keep
+            .unwrap_or((3 * top_n).max(n_edges / 5))
+            .clamp(1, n_edges);
+        let hybrid_mask = crate::patching::acdc::prune_mask(&eap_scores, Some(keep), None)?;
+        let scale = crate::patching::acdc::metric_scale(model, &prepared, opts.metric)?;
+        let tau = opts.acdc_threshold * scale;
+        for (name, initial) in [
+            ("ACDC".to_string(), None),
+            (format!("EAP→ACDC (top {keep})"), Some(hybrid_mask)),
+        ] {
+            let mut thresholds: Vec<f32> = opts.acdc_thresholds.iter().map(|f| f * scale).collect();
+            if !thresholds.contains(&tau) {
+                thresholds.push(tau);
+            }
+            let base = crate::patching::acdc::AcdcOptions {
+                threshold: tau,
+                metric: opts.metric,
+                initial_patched: initial,
+                progress: false,
+            };
+            let t = Instant::now();
+            let sweep = crate::patching::acdc::threshold_sweep(
+                model,
+                &prepared,
+                &base,
+                &thresholds,
+                truth,
+            )?;
+            // The scale's two forwards per chunk are charged to each ACDC method.
+            let seconds = t.elapsed().as_secs_f64();
+            let passes = sweep.forward_passes + 2 * n_chunks;
+            let chosen = sweep
+                .runs
+                .iter()
+                .find(|r| r.threshold == tau)
+                .expect("τ is in the sweep");
+            special.push((name.clone(), sweep.roc.clone(), chosen.circuit.clone()));
+            raw.push((name, chosen.scores.clone(), seconds, passes));
+        }
+    }
 
     let fractions = default_fractions();
     let exact_values: Option<Vec<f64>> = opts
@@ -167,7 +241,11 @@ pub fn discover(
         .then(|| raw[0].1.edge_values().iter().map(|&v| v as f64).collect());
     let mut methods = Vec::new();
     for (name, scores, seconds, forward_passes) in raw {
-        let roc = truth.map(|t| roc_from_graph(&scores, t)).transpose()?;
+        let own = special.iter().find(|s| s.0 == name);
+        let roc = match own {
+            Some(s) => s.1.clone(),
+            None => truth.map(|t| roc_from_graph(&scores, t)).transpose()?,
+        };
         let curve_values = fractions
             .iter()
             .map(|f| {
@@ -176,7 +254,10 @@ pub fn discover(
             })
             .collect::<Result<Vec<_>>>()?;
         let curve = FaithfulnessCurve::new(fractions.clone(), curve_values)?;
-        let faithfulness = faithfulness_of_top(model, &prepared, opts.metric, &scores, top_n)?;
+        let faithfulness = match own {
+            Some(s) => faithfulness_of_circuit(model, &prepared, opts.metric, &s.2)?,
+            None => faithfulness_of_top(model, &prepared, opts.metric, &scores, top_n)?,
+        };
         let vs_exact = match &exact_values {
             Some(ex) if name != "exact patching" => {
                 let ys: Vec<f64> = scores.edge_values().iter().map(|&v| v as f64).collect();
@@ -224,6 +305,16 @@ fn faithfulness_of_top(
     scores: &Scores,
     k: usize,
 ) -> Result<f64> {
+    faithfulness_of_circuit(model, prepared, metric, &Circuit::top_n(scores, k))
+}
+
+/// Faithfulness of a circuit, every edge outside it patched.
+fn faithfulness_of_circuit(
+    model: &Model,
+    prepared: &[PreparedChunk],
+    metric: Metric,
+    kept: &Circuit,
+) -> Result<f64> {
     let graph = model.graph();
     let full = metric_with_patch(
         model,
@@ -232,8 +323,7 @@ fn faithfulness_of_top(
         &vec![false; graph.n_writers() * graph.n_readers()],
     )?;
     let empty = metric_with_patch(model, prepared, metric, &graph.real_edge_mask())?;
-    let kept = Circuit::top_n(scores, k);
-    let value = metric_with_patch(model, prepared, metric, &complement(&kept))?;
+    let value = metric_with_patch(model, prepared, metric, &complement(kept))?;
     crate::eval::faithfulness(value as f64, empty as f64, full as f64)
 }
 
@@ -310,7 +400,10 @@ impl Discovery {
             "method",
             "ROC AUC (trapezoid)",
             "ROC AUC (ACDC pessimistic)",
-            &format!("faithfulness at {} edges", self.top_n),
+            &format!(
+                "faithfulness at {} edges (ACDC: its circuit at τ)",
+                self.top_n
+            ),
             "CPR",
             "CMD",
             "R² vs exact",
@@ -390,7 +483,7 @@ impl Discovery {
             report.sections.push(Section::Figure {
                 title: "ROC against the ground truth".into(),
                 svg: roc_svg(&curves),
-                caption: "Edges ranked by |score|; TPR and FPR over all real edges.".into(),
+                caption: "Edges ranked by |score|; TPR and FPR over all real edges. ACDC and EAP→ACDC: one point per threshold of a sweep (|Δ task metric| < τ), one circuit each, joined through (0, 0) and (1, 1).".into(),
             });
         }
         let curves: Vec<(String, FaithfulnessCurve)> = self

@@ -45,6 +45,66 @@ enum Command {
     Discover(DiscoverArgs),
     /// ROC of a scores file against a ground-truth circuit.
     Roc(RocArgs),
+    /// ACDC: remove edges one by one with exact patching while the metric moves by less than
+    /// τ; `--prune-with eap` first patches the edges EAP scores low (the hybrid).
+    Acdc(AcdcArgs),
+}
+
+#[derive(Args)]
+struct AcdcArgs {
+    /// A built-in planted-circuit model: induction, greater-than, weighted-vote.
+    #[arg(long, conflicts_with = "model")]
+    planted: Option<String>,
+    /// Model directory or hub id (with --data or --task).
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, conflicts_with = "task")]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    task: Option<Task>,
+    /// Ground-truth circuit (planted models have their own): prints TPR/FPR and the sweep's ROC.
+    #[arg(long)]
+    truth: Option<PathBuf>,
+    /// Examples to generate (planted models and --task).
+    #[arg(long, default_value_t = 32)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// τ: remove an edge when the metric moves by less than this.
+    #[arg(long, required_unless_present = "thresholds")]
+    threshold: Option<f32>,
+    /// Threshold sweep: one ACDC run per τ, each giving one ROC point (comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "threshold")]
+    thresholds: Option<Vec<f32>>,
+    /// ACDC's metric: kl (default, KL to the clean run; remove when Δ < τ) or a task metric
+    /// (logit-diff, prob-diff, nll; remove when |Δ| < τ).
+    #[arg(long, default_value = "kl")]
+    metric: Metric,
+    /// What a removed edge carries: corrupted, zero, mean, mean-positional.
+    #[arg(long, default_value = "corrupted")]
+    ablation: Ablation,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Pre-prune with attribution scores (the hybrid): only `eap`.
+    #[arg(long)]
+    prune_with: Option<String>,
+    /// Hybrid: keep EAP's top N edges, patch the rest from the start.
+    #[arg(long, requires = "prune_with", conflicts_with = "eap_threshold")]
+    keep: Option<usize>,
+    /// Hybrid: patch every edge with |EAP score| < T from the start.
+    #[arg(long, requires = "prune_with")]
+    eap_threshold: Option<f32>,
+    /// Circuit file to write (with --thresholds: a JSON summary of the sweep). The step log
+    /// (`<stem>.acdc-steps.jsonl`) and checkpoint (`<stem>.acdc-checkpoint.json`) go beside it.
+    #[arg(long, required_unless_present = "thresholds")]
+    out: Option<PathBuf>,
+    /// Continue an interrupted run from its checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(Args, Default)]
@@ -81,6 +141,19 @@ struct DiscoverArgs {
     /// Skip exact per-edge patching (one forward per edge) on large models.
     #[arg(long)]
     no_exact: bool,
+    /// Skip ACDC and the EAP→ACDC hybrid (a threshold sweep of exact patches each).
+    #[arg(long)]
+    no_acdc: bool,
+    /// ACDC's τ for the circuit whose faithfulness is reported, as a fraction of
+    /// |M(full) − M(∅)| of the task metric (default 0.1).
+    #[arg(long)]
+    acdc_threshold: Option<f32>,
+    /// ACDC's threshold sweep for the ROC, fractions of |M(full) − M(∅)| (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    acdc_thresholds: Option<Vec<f32>>,
+    /// Hybrid: EAP's top edges kept for ACDC (default max(3 × top-n, 20% of edges)).
+    #[arg(long)]
+    hybrid_keep: Option<usize>,
     /// Output folder (default: eap-out/<model>).
     #[arg(long)]
     out_dir: Option<PathBuf>,
@@ -260,6 +333,7 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Some(Command::Discover(a)) => cmd_discover(a),
         Some(Command::Roc(a)) => cmd_roc(a),
+        Some(Command::Acdc(a)) => cmd_acdc(a),
         Some(Command::Attribute(a)) => cmd_attribute(a),
         Some(Command::Circuit(a)) => cmd_circuit(a),
         Some(Command::Evaluate(a)) => cmd_evaluate(a),
@@ -676,6 +750,15 @@ fn cmd_discover(a: DiscoverArgs) -> Result<()> {
         batch_size: a.batch_size,
         top_n: a.top_n,
         exact: !a.no_exact,
+        acdc: !a.no_acdc,
+        acdc_threshold: a
+            .acdc_threshold
+            .unwrap_or(eap::discover::DEFAULT_ACDC_THRESHOLD),
+        acdc_thresholds: a
+            .acdc_thresholds
+            .clone()
+            .unwrap_or_else(eap::discover::default_acdc_thresholds),
+        hybrid_keep: a.hybrid_keep,
         progress: true,
     };
     let found = eap::discover::discover(&model, &data, truth.as_ref(), &opts)?;
@@ -715,5 +798,225 @@ fn cmd_discover(a: DiscoverArgs) -> Result<()> {
             .join(", ")
     );
     println!("total {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Model, dataset, the task's metric, ground truth and a label, for `discover` and `acdc`.
+#[allow(clippy::too_many_arguments)]
+fn load_job(
+    model: &Option<String>,
+    planted: &Option<String>,
+    tokenizer: &Option<PathBuf>,
+    data: &Option<PathBuf>,
+    task: Option<Task>,
+    truth: &Option<PathBuf>,
+    n: usize,
+    seed: u64,
+) -> Result<(Model, Dataset, Metric, Option<Circuit>, String)> {
+    match (model, planted) {
+        (Some(spec), _) => {
+            let margs = ModelArgs {
+                model: spec.clone(),
+                tokenizer: tokenizer.clone(),
+            };
+            let model = load_model(&margs)?;
+            let tok = tokenizer_for(&margs, &model)?;
+            let dargs = DataArgs {
+                data: data.clone(),
+                task,
+                n,
+                seed,
+                metric: None,
+                ablation: Ablation::Corrupted,
+                batch_size: 32,
+                memory_budget: 4096,
+            };
+            let (data, metric) = load_data(&dargs, tok.as_ref())?;
+            let truth = truth
+                .as_deref()
+                .map(|p| read_truth(p, model.graph()))
+                .transpose()?;
+            let label = Path::new(spec)
+                .file_name()
+                .map_or(spec.clone(), |f| f.to_string_lossy().into_owned());
+            Ok((model, data, metric, truth, label))
+        }
+        (None, planted) => {
+            if data.is_some() || task.is_some() {
+                bail!("--data and --task need --model; planted models generate their own task");
+            }
+            let kind: eap::planted::PlantedKind =
+                planted.as_deref().unwrap_or("induction").parse()?;
+            let built = eap::planted::build(kind, &device())?;
+            let (data, metric) = eap::planted::dataset(kind, n, seed)?;
+            let truth = match truth {
+                Some(p) => read_truth(p, built.model.graph())?,
+                None => built.truth,
+            };
+            Ok((
+                built.model,
+                data,
+                metric,
+                Some(truth),
+                format!("planted-{kind}"),
+            ))
+        }
+    }
+}
+
+/// `EAP_ACDC_EXIT_AFTER=k`: exit the process (code 75) after k readers of this invocation —
+/// lets tests interrupt a run for real and resume it.
+const EXIT_AFTER_ENV: &str = "EAP_ACDC_EXIT_AFTER";
+
+fn cmd_acdc(a: AcdcArgs) -> Result<()> {
+    use eap::patching::acdc::{prune_mask, rates, run_acdc, threshold_sweep, AcdcOptions, Persist};
+    let (model, data, task_metric, truth, _label) = load_job(
+        &a.model,
+        &a.planted,
+        &a.tokenizer,
+        &a.data,
+        a.task,
+        &a.truth,
+        a.n,
+        a.seed,
+    )?;
+    let runner = Runner::new(
+        &model,
+        &data,
+        a.ablation,
+        a.batch_size,
+        eap::patching::DEFAULT_MEMORY_BUDGET,
+    )?;
+    let prepared = eap::patching::prepare(&runner)?;
+    let graph = model.graph();
+    let initial_patched = match a.prune_with.as_deref() {
+        None => None,
+        Some("eap") => {
+            let att = attribute(
+                &model,
+                &data,
+                &AttributionOptions {
+                    method: Method::Eap,
+                    metric: task_metric,
+                    ablation: a.ablation,
+                    batch_size: a.batch_size,
+                    memory_budget: eap::patching::DEFAULT_MEMORY_BUDGET,
+                    progress: false,
+                },
+            )?;
+            let mask = prune_mask(&att.scores, a.keep, a.eap_threshold)?;
+            let survivors = graph.n_edges() - mask.iter().filter(|&&m| m).count();
+            println!(
+                "EAP ({task_metric}) pre-pruning: {survivors} of {} edges survive for ACDC ({:.2} s)",
+                graph.n_edges(),
+                att.seconds
+            );
+            Some(mask)
+        }
+        Some(other) => bail!("--prune-with `{other}`: only `eap` is supported"),
+    };
+    let base = AcdcOptions {
+        threshold: a.threshold.unwrap_or(0.0),
+        metric: a.metric,
+        initial_patched,
+        progress: !a.no_progress,
+    };
+    if let Some(thresholds) = &a.thresholds {
+        let sweep = threshold_sweep(&model, &prepared, &base, thresholds, truth.as_ref())?;
+        println!(
+            "{:>10} {:>7} {:>7} {:>7} {:>12} {:>8} {:>9}",
+            "τ", "edges", "FPR", "TPR", "metric", "passes", "time"
+        );
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
+        for p in &sweep.points {
+            println!(
+                "{:>10} {:>7} {:>7} {:>7} {:>12.5} {:>8} {:>8.2}s",
+                p.threshold,
+                p.edges,
+                opt(p.fpr),
+                opt(p.tpr),
+                p.metric,
+                p.forward_passes,
+                p.seconds
+            );
+        }
+        println!(
+            "{} forward passes in {:.2} s ({:.0} passes/s)",
+            sweep.forward_passes,
+            sweep.seconds,
+            sweep.forward_passes as f64 / sweep.seconds.max(1e-9)
+        );
+        if let Some(roc) = &sweep.roc {
+            println!(
+                "ROC AUC over the sweep: {:.4} (trapezoid), {:.4} (ACDC pessimistic)",
+                roc.auc_trapezoid, roc.auc_staircase
+            );
+        }
+        if let Some(out) = &a.out {
+            let summary = serde_json::json!({
+                "method": "acdc-sweep", "metric": a.metric.to_string(), "points": sweep.points,
+                "roc": sweep.roc.as_ref().map(|r| serde_json::json!({"points": r.points, "auc_trapezoid": r.auc_trapezoid, "auc_pessimistic": r.auc_staircase})),
+                "forward_passes": sweep.forward_passes, "seconds": sweep.seconds,
+            });
+            eap::patching::acdc::write_atomic(
+                out,
+                serde_json::to_string_pretty(&summary)?.as_bytes(),
+            )?;
+            println!("wrote {}", out.display());
+        }
+        return Ok(());
+    }
+    let out = a
+        .out
+        .clone()
+        .expect("clap requires --out without --thresholds");
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let persist = Persist::beside(&out, a.resume);
+    let exit_after: Option<usize> = std::env::var(EXIT_AFTER_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let result = run_acdc(&model, &prepared, &base, Some(&persist), &mut |done| {
+        if exit_after == Some(done) {
+            std::process::exit(75);
+        }
+    })?;
+    let mut meta = result.meta();
+    meta["model"] = serde_json::json!(model.name);
+    meta["d_model"] = serde_json::json!(model.cfg.d_model);
+    meta["task"] = serde_json::json!(data.name);
+    meta["n_examples"] = serde_json::json!(data.examples.len());
+    meta["ablation"] = serde_json::json!(a.ablation.to_string());
+    if a.prune_with.is_some() {
+        meta["prune_with"] =
+            serde_json::json!({"method": "eap", "keep": a.keep, "eap_threshold": a.eap_threshold});
+    }
+    CircuitFile::new(result.scores.clone(), result.circuit.clone(), meta)?.write(&out)?;
+    let tried = result.steps.iter().filter(|s| s.tried).count();
+    println!(
+        "ACDC ({}, τ = {}): kept {} of {} edges; {} tried; metric {:.5} -> {:.5}",
+        a.metric,
+        result.threshold,
+        result.circuit.n_edges(),
+        graph.n_edges(),
+        tried,
+        result.initial_metric,
+        result.metric
+    );
+    println!(
+        "{} forward passes in {:.2} s ({:.0} passes/s)",
+        result.forward_passes,
+        result.seconds,
+        result.passes_per_second()
+    );
+    if let Some(t) = &truth {
+        let (fpr, tpr) = rates(&result.circuit, t)?;
+        println!(
+            "against the ground truth ({} edges): TPR {tpr:.3}, FPR {fpr:.4}",
+            t.n_edges()
+        );
+    }
+    println!("wrote {} (steps: {})", out.display(), persist.log.display());
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Integration tests, one themed module each; helpers in `util`.
 
+mod acdc;
 mod attribution;
 mod errors;
 mod formats;

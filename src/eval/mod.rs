@@ -6,7 +6,8 @@
 //! ground truth; [`roc_from_graph`] is the one bridge from [`Scores`] and [`Circuit`]. The
 //! pictures of these values live in [`crate::report`].
 //!
-//! * [`roc`] → [`Roc`]: points `(FPR, TPR)` and two areas (trapezoid, ACDC's pessimistic one).
+//! * [`roc`] → [`Roc`]: points `(FPR, TPR)` and two areas (trapezoid, ACDC's pessimistic one);
+//!   [`roc_from_points`]: the same from one `(FPR, TPR)` point per circuit (ACDC's sweep).
 //! * [`faithfulness`], [`FaithfulnessCurve`], [`default_fractions`]: MIB's normalised metric
 //!   and the CPR/CMD areas over the fraction of edges kept.
 //! * [`correlation`] → [`Correlation`]: Pearson, R², Spearman.
@@ -121,6 +122,39 @@ pub fn roc_from_graph(scores: &Scores, truth: &Circuit) -> Result<Roc> {
         .map(|(w, r)| truth.contains(w, r))
         .collect();
     roc(&scores.edge_values(), &labels)
+}
+
+/// A ROC curve through separate `(FPR, TPR)` points, one per circuit — the way the ACDC paper
+/// draws ACDC's curve from a threshold sweep (each τ gives one circuit). `(0, 0)` and `(1, 1)`
+/// are added; the points are sorted by `(FPR, TPR)` and a point that another point dominates
+/// (higher FPR, lower TPR) is lifted to the best TPR reached at a lower FPR, so the curve is
+/// monotone (the Pareto frontier, as ACDC's plots use).
+pub fn roc_from_points(mut points: Vec<(f64, f64)>) -> Result<Roc> {
+    if let Some(p) = points.iter().find(|p| {
+        !(p.0.is_finite() && p.1.is_finite()) || p.0 < 0.0 || p.0 > 1.0 || p.1 < 0.0 || p.1 > 1.0
+    }) {
+        bail!(
+            "roc: point ({}, {}) is not a pair of rates in [0, 1]",
+            p.0,
+            p.1
+        );
+    }
+    points.push((0.0, 0.0));
+    points.push((1.0, 1.0));
+    points.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    let mut best = 0f64;
+    for p in points.iter_mut() {
+        best = best.max(p.1);
+        p.1 = best;
+    }
+    points.dedup();
+    let auc_trapezoid = trapezoid_area(&points);
+    let auc_staircase = pessimistic_area(&points);
+    Ok(Roc {
+        points,
+        auc_trapezoid,
+        auc_staircase,
+    })
 }
 
 /// Trapezoid rule over `(x, y)` points in the given order.

@@ -8,6 +8,9 @@
 //!   produces each chunk's baseline writer activations.
 //! * [`patched_metric`] — the metric averaged over the dataset with a set of edges patched.
 //! * [`faithfulness_of`] — `(M(C) − M(∅)) / (M(full) − M(∅))`.
+//! * [`acdc`] — ACDC and the EAP→ACDC hybrid on exact patching.
+
+pub mod acdc;
 
 use std::collections::BTreeMap;
 
