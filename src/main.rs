@@ -295,6 +295,12 @@ struct BenchArgs {
     /// Skip the EAP timing.
     #[arg(long)]
     no_eap: bool,
+    /// Memory budget for one chunk of EAP's activations, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    memory_budget: usize,
+    /// Time only EAP (so the process's peak memory is EAP's).
+    #[arg(long, conflicts_with = "no_eap")]
+    eap_only: bool,
 }
 
 /// glibc hands every allocation above 128 KiB to `mmap` and back to the kernel on free, so each
@@ -568,37 +574,40 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         }
         Ok(best)
     };
-    let fwd = time(&mut || {
-        model.forward(&batch, &ForwardOptions::default())?;
-        Ok(())
-    })?;
-    let fwd_bwd = time(&mut || {
-        let out = model.forward(
-            &batch,
-            &ForwardOptions {
-                keep_cache: true,
-                ..Default::default()
-            },
-        )?;
-        let dl = out.logits.ones_like()?;
-        model.backward(out.cache.as_ref().unwrap(), &dl, &mut |_| Ok(()))?;
-        Ok(())
-    })?;
     let gf = |flops: f64, s: f64| flops / s / 1e9;
-    println!(
-        "forward          {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s",
-        fwd,
-        fwd_flops / 1e9,
-        gf(fwd_flops, fwd)
-    );
-    // The activation-only backward does the forward's GEMMs once more, transposed.
-    let fb_flops = 2.0 * fwd_flops;
-    println!(
-        "forward+backward {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s",
-        fwd_bwd,
-        fb_flops / 1e9,
-        gf(fb_flops, fwd_bwd)
-    );
+    if !a.eap_only {
+        let fwd = time(&mut || {
+            model.forward(&batch, &ForwardOptions::default())?;
+            Ok(())
+        })?;
+        let fwd_bwd = time(&mut || {
+            let out = model.forward(
+                &batch,
+                &ForwardOptions {
+                    keep_cache: true,
+                    ..Default::default()
+                },
+            )?;
+            let dl = out.logits.ones_like()?;
+            model.backward(out.cache.as_ref().unwrap(), &dl, &mut |_| Ok(()))?;
+            Ok(())
+        })?;
+        let gf = |flops: f64, s: f64| flops / s / 1e9;
+        println!(
+            "forward          {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s",
+            fwd,
+            fwd_flops / 1e9,
+            gf(fwd_flops, fwd)
+        );
+        // The activation-only backward does the forward's GEMMs once more, transposed.
+        let fb_flops = 2.0 * fwd_flops;
+        println!(
+            "forward+backward {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s",
+            fwd_bwd,
+            fb_flops / 1e9,
+            gf(fb_flops, fwd_bwd)
+        );
+    }
     if !a.no_eap {
         let examples = seqs
             .iter()
@@ -622,7 +631,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             .sum();
         let eap_flops = 3.0 * fwd_flops + contraction;
         let eap_t = time(&mut || {
-            attribute(&model, &data, &AttributionOptions::default())?;
+            attribute(
+                &model,
+                &data,
+                &AttributionOptions {
+                    memory_budget: a.memory_budget << 20,
+                    ..Default::default()
+                },
+            )?;
             Ok(())
         })?;
         println!(

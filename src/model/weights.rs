@@ -34,13 +34,8 @@ pub struct MlpWeights {
 #[derive(Debug, Clone)]
 pub struct LayerWeights {
     pub ln1: Option<NormWeights>,
-    /// Query weights of all heads side by side, `[d_model, n_heads * d_head]`: one GEMM when
-    /// every head reads the same residual stream.
-    pub wq: Tensor,
-    pub wk: Tensor,
-    pub wv: Tensor,
-    /// The same weights per head, `[n_heads, d_model, d_head]`: for patched runs, where each
-    /// head reads its own input, and for the per-head backward.
+    /// Query weights per head, `[n_heads, d_model, d_head]` (TransformerLens's `W_Q`); the
+    /// forward lays them side by side for its one-GEMM projection when no head is patched.
     pub wq_heads: Tensor,
     pub wk_heads: Tensor,
     pub wv_heads: Tensor,
@@ -88,14 +83,8 @@ impl LayerWeights {
         mlp: Option<MlpWeights>,
     ) -> Result<LayerWeights> {
         let (h, d, dh) = (cfg.n_heads, cfg.d_model, cfg.d_head);
-        let cat = |w: &Tensor| -> Result<Tensor> {
-            Ok(w.permute((1, 0, 2))?.contiguous()?.reshape((d, h * dh))?)
-        };
         Ok(LayerWeights {
             ln1,
-            wq: cat(&w_q)?,
-            wk: cat(&w_k)?,
-            wv: cat(&w_v)?,
             wq_heads: w_q.contiguous()?,
             wk_heads: w_k.contiguous()?,
             wv_heads: w_v.contiguous()?,
@@ -350,21 +339,18 @@ impl WeightLoader {
                 let c_attn_b = self.get(&p("attn.c_attn.bias"), &[3 * d])?;
                 // Conv1D computes x @ W: columns [0, d) are the queries of all heads, head h in
                 // columns [h*dh, (h+1)*dh); then keys, then values.
-                let split = |k: usize| -> Result<(Tensor, Tensor)> {
+                let split = |k: usize| -> Result<Tensor> {
                     let w = c_attn.narrow(1, k * d, d)?.contiguous()?;
                     let heads = w.reshape((d, h, dh))?.permute((1, 0, 2))?.contiguous()?;
-                    Ok((w, heads))
+                    Ok(heads)
                 };
-                let (wq, wq_heads) = split(0)?;
-                let (wk, wk_heads) = split(1)?;
-                let (wv, wv_heads) = split(2)?;
+                let wq_heads = split(0)?;
+                let wk_heads = split(1)?;
+                let wv_heads = split(2)?;
                 let wo = self.get(&p("attn.c_proj.weight"), &[d, d])?;
                 let d_mlp = c.d_mlp.expect("GPT-2 has MLPs");
                 Ok(LayerWeights {
                     ln1: self.norm(&p("ln_1.weight"), &p("ln_1.bias"))?,
-                    wq,
-                    wk,
-                    wv,
                     wq_heads,
                     wk_heads,
                     wv_heads,
