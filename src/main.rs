@@ -295,6 +295,9 @@ struct BenchArgs {
     /// Skip the EAP timing.
     #[arg(long)]
     no_eap: bool,
+    /// Time this many ACDC tentative patches (exact patched forwards), 0 to skip.
+    #[arg(long, default_value_t = 4)]
+    acdc_steps: usize,
     /// Memory budget for one chunk of EAP's activations, in MiB.
     #[arg(long, default_value_t = 4096)]
     memory_budget: usize,
@@ -648,6 +651,32 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             gf(eap_flops, eap_t),
             g.n_edges()
         );
+    }
+    if a.acdc_steps > 0 {
+        // ACDC's unit of work: one exact forward with a set of edges patched to the corrupted
+        // run, here on edges into readers spread over the layers.
+        let examples = seqs
+            .iter()
+            .map(|s| eap::tasks::Example {
+                clean: s.clone(),
+                corrupted: s.iter().map(|t| (t + 1) % cfg.d_vocab as u32).collect(),
+                target: eap::tasks::Target { answers: vec![1], wrongs: vec![2] },
+            })
+            .collect();
+        let data = Dataset { name: "bench".into(), examples };
+        let runner = Runner::new(&model, &data, Ablation::Corrupted, a.batch, eap::patching::DEFAULT_MEMORY_BUDGET)?;
+        let prepared = eap::patching::prepare(&runner)?;
+        let g = model.graph();
+        let edges: Vec<(usize, usize)> = g.edges().collect();
+        let t = Instant::now();
+        for step in 0..a.acdc_steps {
+            let (w, r) = edges[(step * 7919) % edges.len()];
+            let mut mask = vec![false; g.n_writers() * g.n_readers()];
+            mask[w * g.n_readers() + r] = true;
+            eap::patching::metric_with_patch(&model, &prepared, Metric::Kl, &mask)?;
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!("ACDC patched forward {:>4.3} s per pass, {:.2} passes/s ({} passes)", s / a.acdc_steps as f64, a.acdc_steps as f64 / s, a.acdc_steps);
     }
     Ok(())
 }
