@@ -660,11 +660,23 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             .map(|s| eap::tasks::Example {
                 clean: s.clone(),
                 corrupted: s.iter().map(|t| (t + 1) % cfg.d_vocab as u32).collect(),
-                target: eap::tasks::Target { answers: vec![1], wrongs: vec![2] },
+                target: eap::tasks::Target {
+                    answers: vec![1],
+                    wrongs: vec![2],
+                },
             })
             .collect();
-        let data = Dataset { name: "bench".into(), examples };
-        let runner = Runner::new(&model, &data, Ablation::Corrupted, a.batch, eap::patching::DEFAULT_MEMORY_BUDGET)?;
+        let data = Dataset {
+            name: "bench".into(),
+            examples,
+        };
+        let runner = Runner::new(
+            &model,
+            &data,
+            Ablation::Corrupted,
+            a.batch,
+            eap::patching::DEFAULT_MEMORY_BUDGET,
+        )?;
         let prepared = eap::patching::prepare(&runner)?;
         let g = model.graph();
         let edges: Vec<(usize, usize)> = g.edges().collect();
@@ -676,7 +688,12 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             eap::patching::metric_with_patch(&model, &prepared, Metric::Kl, &mask)?;
         }
         let s = t.elapsed().as_secs_f64();
-        println!("ACDC patched forward {:>4.3} s per pass, {:.2} passes/s ({} passes)", s / a.acdc_steps as f64, a.acdc_steps as f64 / s, a.acdc_steps);
+        println!(
+            "ACDC patched forward {:>4.3} s per pass, {:.2} passes/s ({} passes)",
+            s / a.acdc_steps as f64,
+            a.acdc_steps as f64 / s,
+            a.acdc_steps
+        );
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod acdc;
 mod attribution;
+mod cli;
 mod errors;
 mod formats;
 mod model;
