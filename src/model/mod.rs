@@ -40,7 +40,7 @@ const DEFAULT_RESIDENT_BYTES: usize = 8 << 30;
 enum LayerStore {
     Resident(Vec<Arc<LayerWeights>>),
     /// Weights stay memory-mapped in their stored dtype; each use converts one layer.
-    Streamed(WeightLoader),
+    Streamed(Box<WeightLoader>),
 }
 
 /// A transformer whose graph eap analyses.
@@ -136,7 +136,7 @@ impl Model {
             for i in 0..cfg.n_layers {
                 loader.layer(i)?;
             }
-            LayerStore::Streamed(loader)
+            LayerStore::Streamed(Box::new(loader))
         };
         Ok(Model {
             cfg,

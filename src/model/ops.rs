@@ -506,7 +506,7 @@ mod nt_avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // register tiles indexed by (r, s)
     unsafe fn block(
         a: &[f32],
         b: &[f32],

@@ -85,8 +85,8 @@ pub const DEFAULT_MEMORY_BUDGET: usize = 4 << 30;
 
 impl<'a> Runner<'a> {
     /// Checks the dataset against the model and plans chunks of at most `batch_size` examples
-    /// whose activations (three copies of every writer's output plus the backward's caches) fit
-    /// in `memory_budget` bytes.
+    /// whose activations (EAP's `Δ` of every writer, the backward's caches and one layer's
+    /// temporaries) fit in `memory_budget` bytes.
     pub fn new(
         model: &'a Model,
         data: &'a Dataset,
@@ -100,53 +100,12 @@ impl<'a> Runner<'a> {
                 data.name
             )));
         }
-        let cfg = &model.cfg;
         for (i, ex) in data.examples.iter().enumerate() {
-            let bad_token = ex
-                .clean
-                .iter()
-                .chain(&ex.corrupted)
-                .find(|&&t| t as usize >= cfg.d_vocab);
-            let message = if ex.clean.len() != ex.corrupted.len() {
-                Some(format!(
-                    "clean has {} tokens, corrupted {}: prompts must have equal token length",
-                    ex.clean.len(),
-                    ex.corrupted.len()
-                ))
-            } else if ex.clean.is_empty() {
-                Some("empty prompt".to_string())
-            } else if ex.clean.len() > cfg.n_ctx {
-                Some(format!(
-                    "{} tokens exceed the model's context of {}",
-                    ex.clean.len(),
-                    cfg.n_ctx
-                ))
-            } else if let Some(t) = bad_token {
-                Some(format!(
-                    "token id {t} is outside the model's vocabulary of {}",
-                    cfg.d_vocab
-                ))
-            } else if let Some(t) = ex
-                .target
-                .answers
-                .iter()
-                .chain(&ex.target.wrongs)
-                .find(|&&t| t as usize >= cfg.d_vocab_out)
-            {
-                Some(format!(
-                    "answer token id {t} is outside the model's output vocabulary of {}",
-                    cfg.d_vocab_out
-                ))
-            } else {
-                None
-            };
-            if let Some(message) = message {
-                return Err(Error::Example {
-                    source_name: data.name.clone(),
-                    line: i + 1,
-                    message,
-                });
-            }
+            check_example(ex, &model.cfg).map_err(|message| Error::Example {
+                source_name: data.name.clone(),
+                line: i + 1,
+                message,
+            })?;
         }
         let max_len = data
             .examples
@@ -179,7 +138,11 @@ impl<'a> Runner<'a> {
         }
         let mut chunks = Vec::new();
         for indices in by_len.values() {
-            for part in indices.chunks(self.chunk_size) {
+            // Equal-sized chunks (32 examples under a cap of 20 run as 16 + 16, not 20 + 12).
+            let size = indices
+                .len()
+                .div_ceil(indices.len().div_ceil(self.chunk_size));
+            for part in indices.chunks(size) {
                 let ex = |i: &usize| &self.data.examples[*i];
                 let clean: Vec<Vec<u32>> = part.iter().map(|i| ex(i).clean.clone()).collect();
                 let corrupted: Vec<Vec<u32>> =
@@ -285,12 +248,58 @@ impl<'a> Runner<'a> {
     }
 }
 
+/// Why an example cannot run on a model of `cfg`, if it cannot.
+fn check_example(
+    ex: &crate::tasks::Example,
+    cfg: &crate::model::ModelConfig,
+) -> std::result::Result<(), String> {
+    if ex.clean.len() != ex.corrupted.len() {
+        return Err(format!(
+            "clean has {} tokens, corrupted {}: prompts must have equal token length",
+            ex.clean.len(),
+            ex.corrupted.len()
+        ));
+    }
+    if ex.clean.is_empty() {
+        return Err("empty prompt".to_string());
+    }
+    if ex.clean.len() > cfg.n_ctx {
+        return Err(format!(
+            "{} tokens exceed the model's context of {}",
+            ex.clean.len(),
+            cfg.n_ctx
+        ));
+    }
+    if let Some(t) = ex
+        .clean
+        .iter()
+        .chain(&ex.corrupted)
+        .find(|&&t| t as usize >= cfg.d_vocab)
+    {
+        return Err(format!(
+            "token id {t} is outside the model's vocabulary of {}",
+            cfg.d_vocab
+        ));
+    }
+    let targets = ex.target.answers.iter().chain(&ex.target.wrongs);
+    if let Some(t) = targets
+        .into_iter()
+        .find(|&&t| t as usize >= cfg.d_vocab_out)
+    {
+        return Err(format!(
+            "answer token id {t} is outside the model's output vocabulary of {}",
+            cfg.d_vocab_out
+        ));
+    }
+    Ok(())
+}
+
 /// Bytes of activations one example of `len` tokens needs during attribution.
 fn bytes_per_example(model: &Model, len: usize) -> usize {
     let c = &model.cfg;
     let n_w = model.graph().n_writers();
-    let per_token = 3 * n_w * c.d_model
-        + c.n_layers * (6 * c.d_model + c.d_mlp.unwrap_or(0) + 4 * c.n_heads * len);
+    let per_token =
+        n_w * c.d_model + c.n_layers * (6 * c.d_model + c.d_mlp.unwrap_or(0) + 4 * c.n_heads * len);
     4 * len * per_token
 }
 

@@ -164,7 +164,7 @@ fn check(
         return Err(Error::invalid("metric: vocabulary size is 0"));
     }
     let n = if metric == Metric::Kl {
-        if logits.len() % vocab != 0 {
+        if !logits.len().is_multiple_of(vocab) {
             return Err(Error::Shape {
                 op: "metric",
                 expected: format!("[n, {vocab}] logits"),
