@@ -20,6 +20,7 @@ pub mod attribution;
 pub mod discover;
 pub mod error;
 pub mod eval;
+pub mod fsutil;
 pub mod graph;
 pub mod model;
 pub mod patching;

@@ -40,7 +40,6 @@
 //! tensors, so it is written from `meta.d_model` (0 when absent, which EAP-IG accepts) and
 //! read back into `meta.d_model`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
@@ -353,28 +352,7 @@ impl CircuitFile {
         let mut text = serde_json::to_string(&self.to_json())
             .map_err(|e| Error::invalid(format!("serialising circuit: {e}")))?;
         text.push('\n');
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        result.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(path, e)
-        })
+        crate::fsutil::write_atomic(path, text.as_bytes())
     }
 
     /// Reads a file written by [`CircuitFile::write`] or by EAP-IG's `Graph.to_json`.

@@ -267,20 +267,7 @@ impl Checkpoint {
     }
 }
 
-/// Writes `bytes` to a temporary file in `path`'s folder, syncs it and renames it over `path`,
-/// so a reader sees either the old file or the new one, never a part.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map_or("file".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
+pub use crate::fsutil::write_atomic;
 
 fn mask_string(mask: &[bool]) -> String {
     mask.iter().map(|&b| if b { '1' } else { '0' }).collect()

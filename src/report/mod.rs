@@ -18,7 +18,7 @@ use std::path::Path;
 pub use circuit::circuit_svg;
 pub use plots::{faithfulness_svg, roc_svg, scatter_svg};
 
-use crate::{Error, Result};
+use crate::Result;
 use svg::escape;
 
 /// One HTML page of results.
@@ -154,19 +154,7 @@ impl Report {
     /// Writes the page to `path` atomically: a temporary file in the same directory, then a
     /// rename, so a reader never sees half a report.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let name = path
-            .file_name()
-            .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".{}.tmp", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        std::fs::write(&tmp, self.to_html()).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(path, e)
-        })
+        crate::fsutil::write_atomic(path.as_ref(), self.to_html().as_bytes())
     }
 }
 

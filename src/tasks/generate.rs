@@ -8,7 +8,6 @@
 //! (`super::Dataset`).
 
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -128,23 +127,7 @@ pub fn write_jsonl(records: &[Record], path: &Path) -> Result<()> {
         text.push_str(&line);
         text.push('\n');
     }
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    crate::fsutil::write_atomic(path, text.as_bytes())
 }
 
 // ---------------------------------------------------------------- helpers
