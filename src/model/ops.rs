@@ -147,22 +147,12 @@ pub fn layer_norm_backward(
                         .enumerate()
                         .for_each(|(task, (o, gs))| {
                             let first_row = task * ROWS_PER_TASK;
+                            let mut gw = vec![0f32; d];
                             for (r, gr) in gs.chunks(d).enumerate() {
                                 let row = (first_row + r) % rows;
                                 let xr = &xhat[row * d..(row + 1) * d];
-                                let (mut m1, mut m2) = (0f64, 0f64);
-                                for i in 0..d {
-                                    let gw = gr[i] * wv.as_ref().map_or(1.0, |w| w[i]);
-                                    m1 += gw as f64;
-                                    m2 += (gw * xr[i]) as f64;
-                                }
-                                let (m1, m2) = ((m1 / d as f64) as f32, (m2 / d as f64) as f32);
-                                let is = inv[row];
                                 let or = &mut o[r * d..(r + 1) * d];
-                                for i in 0..d {
-                                    let gw = gr[i] * wv.as_ref().map_or(1.0, |w| w[i]);
-                                    or[i] = is * (gw - m1 - xr[i] * m2);
-                                }
+                                ln_backward_row(gr, xr, wv.as_deref(), inv[row], &mut gw, or);
                             }
                         });
                     out
@@ -187,6 +177,33 @@ pub fn layer_norm_backward(
         .sub(&xhat.broadcast_mul(&m2)?.broadcast_as(gw.shape())?)?
         .broadcast_mul(&cache.inv_std)?;
     Ok(dx)
+}
+
+/// One row of the LayerNorm backward: `out = (1/σ) · (g·w − mean(g·w) − x̂ · mean(g·w·x̂))`.
+/// `out` may alias nothing; `gw` is scratch of the row's length.
+#[inline]
+fn ln_backward_row(
+    g: &[f32],
+    xhat: &[f32],
+    w: Option<&[f32]>,
+    inv_std: f32,
+    gw: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = g.len() as f32;
+    match w {
+        Some(w) => gw
+            .iter_mut()
+            .zip(g)
+            .zip(w)
+            .for_each(|((o, g), w)| *o = g * w),
+        None => gw.copy_from_slice(g),
+    }
+    let m1 = lane_sum(gw) / d;
+    let m2 = lane_dot(gw, xhat) / d;
+    for ((o, g), x) in out.iter_mut().zip(gw.iter()).zip(xhat) {
+        *o = inv_std * (g - m1 - x * m2);
+    }
 }
 
 /// Sum with 16 independent accumulators: a plain `iter().sum()` is one serial chain of
@@ -234,71 +251,11 @@ pub fn layer_norm_backward_many(
     w: Option<&Tensor>,
     append: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let d = cache.xhat.dim(D::Minus1)?;
-    let rows = cache.inv_std.elem_count();
-    let total: usize = gs.iter().map(|g| g.elem_count() / (rows * d)).sum();
-    let all_cpu = gs
-        .iter()
-        .all(|g| g.device().is_cpu() && g.is_contiguous() && g.dtype() == DType::F32)
-        && cache.xhat.device().is_cpu();
-    if !all_cpu {
-        let normed = layer_norm_backward(&Tensor::cat(gs, 0)?, cache, w, false)?;
-        return match append {
-            Some(a) => Ok(Tensor::cat(&[normed, a.unsqueeze(0)?], 0)?),
-            None => Ok(normed),
-        };
+    let normed = layer_norm_backward(&Tensor::cat(gs, 0)?, cache, w, false)?;
+    match append {
+        Some(a) => Ok(Tensor::cat(&[normed, a.unsqueeze(0)?], 0)?),
+        None => Ok(normed),
     }
-    let wv = w.map(to_vec).transpose()?;
-    let xhat = to_vec(&cache.xhat)?;
-    let inv = to_vec(&cache.inv_std)?;
-    let n_append = append.is_some() as usize;
-    let mut out = vec![0f32; (total + n_append) * rows * d];
-    let mut jobs: Vec<(&mut [f32], Tensor, usize)> = Vec::new();
-    let mut rest = out.as_mut_slice();
-    for g in gs {
-        let k = g.elem_count() / (rows * d);
-        let g3 = g.reshape((k, rows * d))?;
-        for j in 0..k {
-            let (head, tail) = rest.split_at_mut(rows * d);
-            jobs.push((head, g3.clone(), j));
-            rest = tail;
-        }
-    }
-    if let Some(a) = append {
-        rest.copy_from_slice(&to_vec(a)?);
-    }
-    jobs.into_par_iter()
-        .try_for_each(|(dst, g3, j)| -> Result<()> {
-            cpu_slice(&g3, |gs| {
-                let src = &gs[j * rows * d..(j + 1) * rows * d];
-                let mut gw = vec![0f32; d];
-                for r in 0..rows {
-                    let (gr, xr) = (&src[r * d..(r + 1) * d], &xhat[r * d..(r + 1) * d]);
-                    match &wv {
-                        Some(w) => gw
-                            .iter_mut()
-                            .zip(gr)
-                            .zip(w)
-                            .for_each(|((o, g), w)| *o = g * w),
-                        None => gw.copy_from_slice(gr),
-                    }
-                    let m1 = lane_sum(&gw) / d as f32;
-                    let m2 = lane_dot(&gw, xr) / d as f32;
-                    let is = inv[r];
-                    for ((o, g), x) in dst[r * d..(r + 1) * d].iter_mut().zip(&gw).zip(xr) {
-                        *o = is * (g - m1 - x * m2);
-                    }
-                }
-            })
-            .ok_or_else(|| {
-                crate::Error::invalid("layer_norm_backward_many: expected contiguous CPU tensors")
-            })
-        })?;
-    Ok(Tensor::from_vec(
-        out,
-        (total + n_append, rows, d),
-        gs[0].device(),
-    )?)
 }
 
 /// The q, k and v reader gradients of one layer in a single buffer `[3h (+1), rows, d]`: for
@@ -368,24 +325,18 @@ pub fn qkv_input_grads(
                 );
             }
             if let (Some(xhat), Some(inv)) = (&xhat, &inv) {
-                let mut gw = vec![0f32; d];
+                let (mut gw, mut g) = (vec![0f32; d], vec![0f32; d]);
                 for r in 0..rows {
                     let row = &mut dst[r * d..(r + 1) * d];
-                    let xr = &xhat[r * d..(r + 1) * d];
-                    match &wv {
-                        Some(w) => gw
-                            .iter_mut()
-                            .zip(row.iter())
-                            .zip(w)
-                            .for_each(|((o, g), w)| *o = g * w),
-                        None => gw.copy_from_slice(row),
-                    }
-                    let m1 = lane_sum(&gw) / d as f32;
-                    let m2 = lane_dot(&gw, xr) / d as f32;
-                    let is = inv[r];
-                    for ((o, g), x) in row.iter_mut().zip(&gw).zip(xr) {
-                        *o = is * (g - m1 - x * m2);
-                    }
+                    g.copy_from_slice(row);
+                    ln_backward_row(
+                        &g,
+                        &xhat[r * d..(r + 1) * d],
+                        wv.as_deref(),
+                        inv[r],
+                        &mut gw,
+                        row,
+                    );
                 }
             }
         });
