@@ -311,49 +311,8 @@ pub(crate) fn logits_rows(logits: &Tensor) -> Result<Vec<f32>> {
 /// The metric averaged over the whole dataset with the edges marked in `patched`
 /// (`[n_writers, n_readers]` row-major) carrying their baseline activations.
 pub fn patched_metric(runner: &Runner, metric: Metric, patched: &[bool]) -> Result<f32> {
-    let model = runner.model;
-    let graph = model.graph();
-    check_mask(&graph, patched)?;
-    let vocab = model.cfg.d_vocab_out;
-    let mut total = 0f64;
-    for chunk in runner.chunks()? {
-        let clean_logits = if metric.needs_clean_logits() {
-            let out = model.forward(&chunk.clean, &ForwardOptions::default())?;
-            Some(logits_rows(&out.logits)?)
-        } else {
-            None
-        };
-        let (baseline, _) = runner.baseline(&chunk, &[])?;
-        let plan = PatchPlan {
-            graph,
-            patched: patched.to_vec(),
-            baseline,
-        };
-        let out = model.forward(
-            &chunk.clean,
-            &ForwardOptions {
-                intervention: Some(&plan),
-                ..Default::default()
-            },
-        )?;
-        let value = metric_value(
-            metric,
-            &logits_rows(&out.logits)?,
-            vocab,
-            &chunk.targets,
-            clean_logits.as_deref(),
-        )?;
-        total += value.mean as f64 * chunk.indices.len() as f64;
-    }
-    let mean = (total / runner.data.examples.len() as f64) as f32;
-    if !mean.is_finite() {
-        return Err(Error::NonFinite {
-            metric: metric.to_string(),
-            value: mean,
-            context: "under patching".into(),
-        });
-    }
-    Ok(mean)
+    check_mask(&runner.model.graph(), patched)?;
+    metric_with_patch(runner.model, &prepare(runner)?, metric, patched)
 }
 
 fn check_mask(graph: &Graph, mask: &[bool]) -> Result<()> {
@@ -493,11 +452,19 @@ pub fn exact_edge_scores(
     metric: Metric,
     progress: bool,
 ) -> Result<crate::graph::Scores> {
-    let model = runner.model;
+    exact_edge_scores_prepared(runner.model, &prepare(runner)?, metric, progress)
+}
+
+/// [`exact_edge_scores`] over chunks already prepared.
+pub fn exact_edge_scores_prepared(
+    model: &Model,
+    prepared: &[PreparedChunk],
+    metric: Metric,
+    progress: bool,
+) -> Result<crate::graph::Scores> {
     let graph = model.graph();
-    let prepared = prepare(runner)?;
     let none = vec![false; graph.n_writers() * graph.n_readers()];
-    let clean = metric_with_patch(model, &prepared, metric, &none)?;
+    let clean = metric_with_patch(model, prepared, metric, &none)?;
     let edges: Vec<(usize, usize)> = graph.edges().collect();
     let bar = if progress {
         let bar = indicatif::ProgressBar::new(edges.len() as u64);
@@ -517,7 +484,7 @@ pub fn exact_edge_scores(
     let mut mask = none;
     for (w, r) in edges {
         mask[w * nr + r] = true;
-        let value = metric_with_patch(model, &prepared, metric, &mask)?;
+        let value = metric_with_patch(model, prepared, metric, &mask)?;
         mask[w * nr + r] = false;
         scores.values[w * nr + r] = value - clean;
         bar.inc(1);

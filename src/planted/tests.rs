@@ -188,87 +188,52 @@ fn weighted_vote_per_edge_patching_finds_the_truth() {
     check_per_edge(PlantedKind::WeightedVote);
 }
 
+/// Patching nothing is the clean model and patching every edge the corrupted run, each checked
+/// against a plain forward on that run's tokens.
 #[test]
-fn weighted_vote_attention_is_soft() {
-    // The vote head's largest attention weight stays far from 1: e^2 / (2 e^2 + 12) ≈ 0.28.
-    let w = (weighted_vote::ALPHA as f64).exp();
-    assert!(w / (2.0 * w + 12.0) < 0.5);
-}
-
-#[test]
-fn patched_metric_matches_the_patcher() {
-    let (p, data, metric) = setup(PlantedKind::Induction);
-    let none = vec![false; p.truth.edges.len()];
-    let a = patched_metric(&p.model, &data, metric, &none).unwrap();
-    let b = Patcher::new(&p.model, &data, metric)
-        .unwrap()
-        .metric(&none)
-        .unwrap();
-    assert_eq!(a, b);
-    assert!(patched_metric(&p.model, &data, metric, &none[1..]).is_err());
-}
-
-/// A plain EAP estimate (DESIGN §1), for checking that the soft construction gives a
-/// first-order method a fair chance: `Σ_rows (a_u(corrupt) − a_u(clean)) · dM/d in_v`.
-fn eap_scores(p: &PlantedModel, data: &Dataset, metric: Metric) -> crate::graph::Scores {
+fn patched_metric_end_points_are_the_clean_and_corrupted_runs() {
     use crate::model::{Batch, ForwardOptions};
-    use crate::tasks::metric_gradient;
-    let m = &p.model;
-    let dev = &m.device;
-    let clean = Batch::new(
-        &data
-            .examples
-            .iter()
-            .map(|e| e.clean.clone())
-            .collect::<Vec<_>>(),
-        dev,
-    )
-    .unwrap();
-    let corrupted = Batch::new(
-        &data
-            .examples
-            .iter()
-            .map(|e| e.corrupted.clone())
-            .collect::<Vec<_>>(),
-        dev,
-    )
-    .unwrap();
-    let targets: Vec<_> = data.examples.iter().map(|e| e.target.clone()).collect();
-    let keep = ForwardOptions {
-        keep_writers: true,
-        keep_cache: true,
+    use crate::tasks::metric_value;
+    for kind in PlantedKind::ALL {
+        let (p, data, metric) = setup(kind);
+        let targets: Vec<_> = data.examples.iter().map(|e| e.target.clone()).collect();
+        let plain = |tokens: Vec<Vec<u32>>| {
+            let batch = Batch::new(&tokens, &Device::Cpu).unwrap();
+            let out = p.model.forward(&batch, &ForwardOptions::default()).unwrap();
+            let rows = out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            metric_value(metric, &rows, p.model.cfg.d_vocab_out, &targets, None)
+                .unwrap()
+                .mean
+        };
+        let clean = plain(data.examples.iter().map(|e| e.clean.clone()).collect());
+        let corrupted = plain(data.examples.iter().map(|e| e.corrupted.clone()).collect());
+        let none = vec![false; p.truth.edges.len()];
+        let all = p.model.graph().real_edge_mask();
+        let (m_none, m_all) = (
+            patched_metric(&p.model, &data, metric, &none).unwrap(),
+            patched_metric(&p.model, &data, metric, &all).unwrap(),
+        );
+        assert!(
+            (m_none - clean).abs() < 1e-4,
+            "{kind}: {m_none} vs clean {clean}"
+        );
+        assert!(
+            (m_all - corrupted).abs() < 1e-4,
+            "{kind}: {m_all} vs corrupted {corrupted}"
+        );
+        assert!(patched_metric(&p.model, &data, metric, &none[1..]).is_err());
+    }
+}
+
+/// EAP from the library, against the corrupted run, with the task's metric.
+fn eap_scores(p: &PlantedModel, data: &Dataset, metric: Metric) -> crate::graph::Scores {
+    let opts = crate::attribution::AttributionOptions {
+        metric,
         ..Default::default()
     };
-    let out = m.forward(&clean, &keep).unwrap();
-    let corr = m
-        .forward(
-            &corrupted,
-            &ForwardOptions {
-                keep_writers: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let logits = out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let vocab = m.cfg.d_vocab_out;
-    let grad = metric_gradient(metric, &logits, vocab, &targets, None).unwrap();
-    let dlogits = candle_core::Tensor::from_vec(grad, out.logits.dims(), dev).unwrap();
-    let grads = m
-        .reader_gradients(out.cache.as_ref().unwrap(), &dlogits)
-        .unwrap();
-    let g = m.graph();
-    let mut scores = crate::graph::Scores::zeros(g);
-    for (w, r) in g.edges() {
-        let delta = (&corr.writers[w] - &out.writers[w]).unwrap();
-        let s = (delta * &grads[r])
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        scores.values[w * g.n_readers() + r] = s;
-    }
-    scores
+    crate::attribution::attribute(&p.model, data, &opts)
+        .unwrap()
+        .scores
 }
 
 #[test]
