@@ -138,6 +138,23 @@ pub struct ForwardOptions<'a> {
     pub intervention: Option<&'a dyn ReaderIntervention>,
     /// Called with each writer's output as soon as it exists.
     pub writer_sink: Option<&'a dyn WriterSink>,
+    /// Keep the residual stream entering each layer and the final one (`n_layers + 1`
+    /// tensors), from which later runs can start ([`Prefix`]).
+    pub keep_residuals: bool,
+    /// Start at a layer from a cached prefix instead of the embedding.
+    pub start: Option<&'a Prefix>,
+}
+
+/// The state of a run at the start of `layer`: the residual stream and every writer output
+/// computed before it. A run whose interventions touch no reader below `layer` can resume from
+/// an unpatched run's prefix and skip the layers before (ACDC, exact per-edge patching).
+#[derive(Debug, Clone)]
+pub struct Prefix {
+    pub layer: usize,
+    /// `[N, d]`.
+    pub x: Tensor,
+    /// The writers before `layer` in graph order, `[N, d]` each.
+    pub writers: Vec<Tensor>,
 }
 
 /// What a forward pass returns.
@@ -147,6 +164,8 @@ pub struct ForwardOutput {
     /// Writer outputs in graph order, `[N, d]` each (empty unless `keep_writers`).
     pub writers: Vec<Tensor>,
     pub cache: Option<ForwardCache>,
+    /// The residual stream entering each layer, then the final one (with `keep_residuals`).
+    pub residuals: Vec<Tensor>,
 }
 
 struct LayerCache {
@@ -269,24 +288,45 @@ impl Model {
             cfg.d_head,
         );
         let n = b * p;
-        let mut x = match &opts.input_override {
-            Some(t) => {
-                if t.dims() != [n, d] {
-                    return Err(Error::Shape {
-                        op: "forward input override",
-                        expected: format!("[{n}, {d}]"),
-                        found: format!("{:?}", t.dims()),
-                    });
+        let (mut x, mut writers, first_layer) = match opts.start {
+            Some(prefix) => {
+                if prefix.layer > cfg.n_layers
+                    || prefix.writers.len()
+                        != graph.n_upstream(prefix.layer * graph.readers_per_layer())
+                {
+                    return Err(Error::invalid(format!(
+                        "forward prefix for layer {} holds {} writer outputs",
+                        prefix.layer,
+                        prefix.writers.len()
+                    )));
                 }
-                t.clone()
+                if opts.keep_cache || opts.input_override.is_some() {
+                    return Err(Error::invalid("a forward that starts from a cached prefix keeps no backward cache and takes no input override"));
+                }
+                (prefix.x.clone(), prefix.writers.clone(), prefix.layer)
             }
-            None => self.embed(batch)?,
+            None => {
+                let x = match &opts.input_override {
+                    Some(t) => {
+                        if t.dims() != [n, d] {
+                            return Err(Error::Shape {
+                                op: "forward input override",
+                                expected: format!("[{n}, {d}]"),
+                                found: format!("{:?}", t.dims()),
+                            });
+                        }
+                        t.clone()
+                    }
+                    None => self.embed(batch)?,
+                };
+                (x.clone(), vec![x], 0)
+            }
         };
         let track_writers = opts.keep_writers || opts.intervention.is_some();
-        let mut writers: Vec<Tensor> = Vec::new();
-        if track_writers {
-            writers.push(x.clone());
+        if !track_writers {
+            writers.clear();
         }
+        let mut residuals = Vec::new();
         let mut next_writer = 0usize;
         let mut sink = |t: &Tensor| -> Result<()> {
             if let Some(s) = opts.writer_sink {
@@ -295,14 +335,19 @@ impl Model {
             next_writer += 1;
             Ok(())
         };
-        sink(&x)?;
+        if first_layer == 0 {
+            sink(&x)?;
+        }
         let shortformer_pos = match cfg.positions {
             Positions::Shortformer => Some(self.positions(batch)?),
             Positions::Standard => None,
         };
         let mask = ops::attention_mask(p, cfg.causal, &self.device)?;
         let mut layer_caches = Vec::new();
-        for l in 0..cfg.n_layers {
+        for l in first_layer..cfg.n_layers {
+            if opts.keep_residuals {
+                residuals.push(x.clone());
+            }
             let lw = self.layer(l)?;
             let first_reader = l * graph.readers_per_layer();
             let deltas = match opts.intervention {
@@ -401,6 +446,9 @@ impl Model {
             }
             x = x_next;
         }
+        if opts.keep_residuals {
+            residuals.push(x.clone());
+        }
         if let Some(iv) = opts.intervention {
             let logits_reader = graph.n_readers() - 1;
             if let Some(delta) = iv
@@ -446,6 +494,7 @@ impl Model {
             writers.clear();
         }
         Ok(ForwardOutput {
+            residuals,
             logits,
             writers,
             cache,

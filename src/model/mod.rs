@@ -24,8 +24,8 @@ use candle_core::Device;
 
 pub use config::{Activation, ModelConfig, Norm, Positions, WeightFormat};
 pub use forward::{
-    AdditiveDeltas, Batch, ForwardCache, ForwardOptions, ForwardOutput, PatchPlan, ReaderGrads,
-    ReaderIntervention, WriterSink,
+    AdditiveDeltas, Batch, ForwardCache, ForwardOptions, ForwardOutput, PatchPlan, Prefix,
+    ReaderGrads, ReaderIntervention, WriterSink,
 };
 pub use weights::{EmbedWeights, LayerWeights, MlpWeights, NormWeights};
 

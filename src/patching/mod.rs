@@ -379,6 +379,10 @@ pub struct PreparedChunk {
     pub chunk: Chunk,
     pub baseline: Vec<Tensor>,
     pub clean_logits: Vec<f32>,
+    /// The clean run's residual stream entering each layer (and the final one) and its writer
+    /// outputs: a patched run whose lowest patched reader is in layer L starts there.
+    clean_residuals: Vec<Tensor>,
+    clean_writers: Vec<Tensor>,
 }
 
 /// Runs the baseline and clean forwards of every chunk once.
@@ -388,13 +392,20 @@ pub fn prepare(runner: &Runner) -> Result<Vec<PreparedChunk>> {
         .into_iter()
         .map(|chunk| {
             let (baseline, _) = runner.baseline(&chunk, &[])?;
-            let clean = runner
-                .model
-                .forward(&chunk.clean, &ForwardOptions::default())?;
+            let clean = runner.model.forward(
+                &chunk.clean,
+                &ForwardOptions {
+                    keep_writers: true,
+                    keep_residuals: true,
+                    ..Default::default()
+                },
+            )?;
             Ok(PreparedChunk {
                 clean_logits: logits_rows(&clean.logits)?,
                 chunk,
                 baseline,
+                clean_residuals: clean.residuals,
+                clean_writers: clean.writers,
             })
         })
         .collect()
@@ -410,8 +421,23 @@ pub fn metric_with_patch(
     let graph = model.graph();
     check_mask(&graph, patched)?;
     let vocab = model.cfg.d_vocab_out;
+    // Layers below the lowest reader with a patched input compute exactly the clean run:
+    // start from its cached prefix there.
+    let nr = graph.n_readers();
+    let start_layer = (0..nr)
+        .filter(|&r| (0..graph.n_upstream(r)).any(|u| patched[u * nr + r]))
+        .map(|r| (r / graph.readers_per_layer()).min(graph.n_layers))
+        .min()
+        .unwrap_or(graph.n_layers);
     let (mut total, mut count) = (0f64, 0usize);
     for p in prepared {
+        let prefix = (start_layer > 0).then(|| crate::model::Prefix {
+            layer: start_layer,
+            x: p.clean_residuals[start_layer].clone(),
+            writers: p.clean_writers
+                [..graph.n_upstream((start_layer * graph.readers_per_layer()).min(nr - 1))]
+                .to_vec(),
+        });
         let plan = PatchPlan {
             graph,
             patched: patched.to_vec(),
@@ -421,6 +447,7 @@ pub fn metric_with_patch(
             &p.chunk.clean,
             &ForwardOptions {
                 intervention: Some(&plan),
+                start: prefix.as_ref(),
                 ..Default::default()
             },
         )?;
