@@ -233,7 +233,7 @@ fn attribute_chunk(
         }
         Ablation::Zero => None,
         Ablation::Mean | Ablation::MeanPositional => {
-            let (baseline, _) = runner.baseline(chunk, &[])?;
+            let baseline = runner.baseline(chunk)?;
             for (u, t) in baseline.iter().enumerate() {
                 delta_buf.write(u, t)?;
             }

@@ -203,13 +203,8 @@ impl<'a> Runner<'a> {
         sums.into_iter().map(|s| Ok((s / count as f64)?)).collect()
     }
 
-    /// Each writer's baseline output for `chunk`, `[N, d]` each, and the corrupted run's logits
-    /// when the baseline is the corrupted run.
-    pub fn baseline(
-        &self,
-        chunk: &Chunk,
-        logit_positions: &[usize],
-    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+    /// Each writer's baseline output for `chunk`, `[N, d]` each.
+    pub fn baseline(&self, chunk: &Chunk) -> Result<Vec<Tensor>> {
         let model = self.model;
         let g = model.graph();
         let (b, p, d) = (chunk.clean.batch, chunk.clean.seq_len, model.cfg.d_model);
@@ -220,15 +215,14 @@ impl<'a> Runner<'a> {
                     &chunk.corrupted,
                     &ForwardOptions {
                         keep_writers: true,
-                        logit_positions: logit_positions.to_vec(),
                         ..Default::default()
                     },
                 )?;
-                Ok((out.writers, Some(out.logits)))
+                Ok(out.writers)
             }
             Ablation::Zero => {
                 let z = Tensor::zeros((n, d), DType::F32, &model.device)?;
-                Ok((vec![z; g.n_writers()], None))
+                Ok(vec![z; g.n_writers()])
             }
             Ablation::Mean | Ablation::MeanPositional => {
                 let means = self.means.as_ref().expect("means computed in Runner::new");
@@ -242,7 +236,7 @@ impl<'a> Runner<'a> {
                         }
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Ok((w, None))
+                Ok(w)
             }
         }
     }
@@ -391,7 +385,7 @@ pub fn prepare(runner: &Runner) -> Result<Vec<PreparedChunk>> {
         .chunks()?
         .into_iter()
         .map(|chunk| {
-            let (baseline, _) = runner.baseline(&chunk, &[])?;
+            let baseline = runner.baseline(&chunk)?;
             let clean = runner.model.forward(
                 &chunk.clean,
                 &ForwardOptions {
