@@ -52,26 +52,8 @@ enum Command {
 
 #[derive(Args)]
 struct AcdcArgs {
-    /// A built-in planted-circuit model: induction, greater-than, weighted-vote.
-    #[arg(long, conflicts_with = "model")]
-    planted: Option<String>,
-    /// Model directory or hub id (with --data or --task).
-    #[arg(long)]
-    model: Option<String>,
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
-    #[arg(long, conflicts_with = "task")]
-    data: Option<PathBuf>,
-    #[arg(long)]
-    task: Option<Task>,
-    /// Ground-truth circuit (planted models have their own): prints TPR/FPR and the sweep's ROC.
-    #[arg(long)]
-    truth: Option<PathBuf>,
-    /// Examples to generate (planted models and --task).
-    #[arg(long, default_value_t = 32)]
-    n: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    job: JobArgs,
     /// τ: remove an edge when the metric moves by less than this.
     #[arg(long, required_unless_present = "thresholds")]
     threshold: Option<f32>,
@@ -107,8 +89,9 @@ struct AcdcArgs {
     no_progress: bool,
 }
 
-#[derive(Args, Default)]
-struct DiscoverArgs {
+/// Which model and examples a `discover` or `acdc` run works on.
+#[derive(Args)]
+struct JobArgs {
     /// A built-in planted-circuit model: induction, greater-than, weighted-vote.
     #[arg(long, conflicts_with = "model")]
     planted: Option<String>,
@@ -121,7 +104,8 @@ struct DiscoverArgs {
     data: Option<PathBuf>,
     #[arg(long)]
     task: Option<Task>,
-    /// Ground-truth circuit: a circuit JSON or a text file of edge names.
+    /// Ground-truth circuit: a circuit JSON or a text file of edge names (planted models have
+    /// their own).
     #[arg(long)]
     truth: Option<PathBuf>,
     /// Examples to generate (planted models and --task).
@@ -129,6 +113,12 @@ struct DiscoverArgs {
     n: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Args)]
+struct DiscoverArgs {
+    #[command(flatten)]
+    job: JobArgs,
     #[arg(long)]
     metric: Option<Metric>,
     #[arg(long, default_value = "corrupted")]
@@ -321,8 +311,14 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
-    let cli = Cli::parse();
-    match run(cli) {
+    // No arguments: the main job, with `eap discover`'s defaults.
+    let command = match Cli::parse().command {
+        Some(command) => command,
+        None => Cli::parse_from(["eap", "discover"])
+            .command
+            .expect("`discover` is a command"),
+    };
+    match run(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -331,23 +327,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        None => cmd_discover(DiscoverArgs {
-            n: 32,
-            ablation: Ablation::Corrupted,
-            ig_steps: 5,
-            batch_size: 32,
-            ..Default::default()
-        }),
-        Some(Command::Discover(a)) => cmd_discover(a),
-        Some(Command::Roc(a)) => cmd_roc(a),
-        Some(Command::Acdc(a)) => cmd_acdc(a),
-        Some(Command::Attribute(a)) => cmd_attribute(a),
-        Some(Command::Circuit(a)) => cmd_circuit(a),
-        Some(Command::Evaluate(a)) => cmd_evaluate(a),
-        Some(Command::Dataset(a)) => cmd_dataset(a),
-        Some(Command::Bench(a)) => cmd_bench(a),
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Discover(a) => cmd_discover(a),
+        Command::Roc(a) => cmd_roc(a),
+        Command::Acdc(a) => cmd_acdc(a),
+        Command::Attribute(a) => cmd_attribute(a),
+        Command::Circuit(a) => cmd_circuit(a),
+        Command::Evaluate(a) => cmd_evaluate(a),
+        Command::Dataset(a) => cmd_dataset(a),
+        Command::Bench(a) => cmd_bench(a),
     }
 }
 
@@ -750,61 +739,12 @@ fn cmd_roc(a: RocArgs) -> Result<()> {
 fn cmd_discover(a: DiscoverArgs) -> Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let start = Instant::now();
-    let (model, data, metric, truth, label) = match (&a.model, &a.planted) {
-        (Some(spec), _) => {
-            let margs = ModelArgs {
-                model: spec.clone(),
-                tokenizer: a.tokenizer.clone(),
-            };
-            let model = load_model(&margs)?;
-            let tok = tokenizer_for(&margs, &model)?;
-            let dargs = DataArgs {
-                data: a.data.clone(),
-                task: a.task,
-                n: a.n,
-                seed: a.seed,
-                metric: a.metric,
-                ablation: a.ablation,
-                batch_size: a.batch_size,
-                memory_budget: 4096,
-            };
-            let (data, metric) = load_data(&dargs, tok.as_ref())?;
-            let truth = a
-                .truth
-                .as_deref()
-                .map(|p| read_truth(p, model.graph()))
-                .transpose()?;
-            let label = Path::new(spec)
-                .file_name()
-                .map_or(spec.clone(), |f| f.to_string_lossy().into_owned());
-            (model, data, metric, truth, label)
-        }
-        (None, planted) => {
-            if a.data.is_some() || a.task.is_some() {
-                bail!("--data and --task need --model; planted models generate their own task");
-            }
-            let kind: eap::planted::PlantedKind =
-                planted.as_deref().unwrap_or("induction").parse()?;
-            let built = eap::planted::build(kind, &device())?;
-            let (data, metric) = eap::planted::dataset(kind, a.n, a.seed)?;
-            println!(
-                "{}
-",
-                built.description
-            );
-            let truth = match &a.truth {
-                Some(p) => read_truth(p, built.model.graph())?,
-                None => built.truth,
-            };
-            (
-                built.model,
-                data,
-                a.metric.unwrap_or(metric),
-                Some(truth),
-                format!("planted-{kind}"),
-            )
-        }
-    };
+    let job = load_job(&a.job)?;
+    if let Some(description) = &job.description {
+        println!("{description}\n");
+    }
+    let (model, data, truth, label) = (job.model, job.data, job.truth, job.label);
+    let metric = a.metric.unwrap_or(job.metric);
     let opts = eap::discover::DiscoverOptions {
         metric,
         ablation: a.ablation,
@@ -863,65 +803,76 @@ fn cmd_discover(a: DiscoverArgs) -> Result<()> {
     Ok(())
 }
 
-/// Model, dataset, the task's metric, ground truth and a label, for `discover` and `acdc`.
-#[allow(clippy::too_many_arguments)]
-fn load_job(
-    model: &Option<String>,
-    planted: &Option<String>,
-    tokenizer: &Option<PathBuf>,
-    data: &Option<PathBuf>,
-    task: Option<Task>,
-    truth: &Option<PathBuf>,
-    n: usize,
-    seed: u64,
-) -> Result<(Model, Dataset, Metric, Option<Circuit>, String)> {
-    match (model, planted) {
+/// What `discover` and `acdc` run on.
+struct Job {
+    model: Model,
+    data: Dataset,
+    /// The task's own metric.
+    metric: Metric,
+    truth: Option<Circuit>,
+    /// Names the output folder.
+    label: String,
+    /// What a planted model computes, to print first.
+    description: Option<String>,
+}
+
+fn load_job(a: &JobArgs) -> Result<Job> {
+    match (&a.model, &a.planted) {
         (Some(spec), _) => {
             let margs = ModelArgs {
                 model: spec.clone(),
-                tokenizer: tokenizer.clone(),
+                tokenizer: a.tokenizer.clone(),
             };
             let model = load_model(&margs)?;
             let tok = tokenizer_for(&margs, &model)?;
             let dargs = DataArgs {
-                data: data.clone(),
-                task,
-                n,
-                seed,
+                data: a.data.clone(),
+                task: a.task,
+                n: a.n,
+                seed: a.seed,
                 metric: None,
                 ablation: Ablation::Corrupted,
                 batch_size: 32,
                 memory_budget: 4096,
             };
             let (data, metric) = load_data(&dargs, tok.as_ref())?;
-            let truth = truth
+            let truth = a
+                .truth
                 .as_deref()
                 .map(|p| read_truth(p, model.graph()))
                 .transpose()?;
             let label = Path::new(spec)
                 .file_name()
                 .map_or(spec.clone(), |f| f.to_string_lossy().into_owned());
-            Ok((model, data, metric, truth, label))
+            Ok(Job {
+                model,
+                data,
+                metric,
+                truth,
+                label,
+                description: None,
+            })
         }
         (None, planted) => {
-            if data.is_some() || task.is_some() {
+            if a.data.is_some() || a.task.is_some() {
                 bail!("--data and --task need --model; planted models generate their own task");
             }
             let kind: eap::planted::PlantedKind =
                 planted.as_deref().unwrap_or("induction").parse()?;
             let built = eap::planted::build(kind, &device())?;
-            let (data, metric) = eap::planted::dataset(kind, n, seed)?;
-            let truth = match truth {
+            let (data, metric) = eap::planted::dataset(kind, a.n, a.seed)?;
+            let truth = match &a.truth {
                 Some(p) => read_truth(p, built.model.graph())?,
                 None => built.truth,
             };
-            Ok((
-                built.model,
+            Ok(Job {
+                model: built.model,
                 data,
                 metric,
-                Some(truth),
-                format!("planted-{kind}"),
-            ))
+                truth: Some(truth),
+                label: format!("planted-{kind}"),
+                description: Some(built.description),
+            })
         }
     }
 }
@@ -932,16 +883,13 @@ const EXIT_AFTER_ENV: &str = "EAP_ACDC_EXIT_AFTER";
 
 fn cmd_acdc(a: AcdcArgs) -> Result<()> {
     use eap::patching::acdc::{prune_mask, rates, run_acdc, threshold_sweep, AcdcOptions, Persist};
-    let (model, data, task_metric, truth, _label) = load_job(
-        &a.model,
-        &a.planted,
-        &a.tokenizer,
-        &a.data,
-        a.task,
-        &a.truth,
-        a.n,
-        a.seed,
-    )?;
+    let Job {
+        model,
+        data,
+        metric: task_metric,
+        truth,
+        ..
+    } = load_job(&a.job)?;
     let runner = Runner::new(
         &model,
         &data,
