@@ -299,31 +299,8 @@ pub fn qkv_input_grads(
             let (letter, head) = (job / h, job % h);
             let dsrc = &d_data[letter][head * rows * dh..(head + 1) * rows * dh];
             let wsrc = &w_data[letter][head * d * dh..(head + 1) * d * dh];
-            // SAFETY: dst is [rows, d] row-major; dsrc [rows, dh] row-major; wsrc [d, dh] row-major
-            // read as its transpose [dh, d] (column stride dh, row stride 1). All in bounds.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    d,
-                    dh,
-                    dst.as_mut_ptr(),
-                    1,
-                    d as isize,
-                    false,
-                    dsrc.as_ptr(),
-                    1,
-                    dh as isize,
-                    wsrc.as_ptr(),
-                    dh as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            // dst [rows, d] = dsrc [rows, dh] · W[h]ᵀ, W[h] being [d, dh].
+            gemm_nt_serial(rows, d, dh, dsrc, dh, wsrc, dh, dst);
             if let (Some(xhat), Some(inv)) = (&xhat, &inv) {
                 let (mut gw, mut g) = (vec![0f32; d], vec![0f32; d]);
                 for r in 0..rows {
@@ -345,6 +322,57 @@ pub fn qkv_input_grads(
         (3 * h + n_append, rows, d),
         d_heads[0].device(),
     )?))
+}
+
+/// `C = A · Bᵀ` on one thread, with gemm's kernels: `A` is `m × k` with rows `lda` apart, `B`
+/// is `n × k` with rows `ldb` apart, `C` is `m × n` row-major and overwritten. The one place
+/// eap calls gemm directly; bounds are checked here so callers stay safe.
+#[allow(clippy::too_many_arguments)]
+fn gemm_nt_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+) {
+    let last = |rows: usize, ld: usize| {
+        if rows == 0 || k == 0 {
+            0
+        } else {
+            (rows - 1) * ld + k
+        }
+    };
+    assert!(
+        a.len() >= last(m, lda) && b.len() >= last(n, ldb) && c.len() >= m * n,
+        "gemm_nt_serial: operands too short"
+    );
+    // SAFETY: the assertion keeps every element the strides address inside `a`, `b` and `c`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            ldb as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// `A · Bᵀ` for row-major `a: [m, k]` and `b: [n, k]` with `k ≫ m, n` — the EAP contraction
@@ -371,53 +399,33 @@ pub fn matmul_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         }
     }
     let fast = cpu_slice(a, |av| {
-        cpu_slice(b, |bv| {
-            let block = k.div_ceil(4 * rayon::current_num_threads()).max(4096);
-            let partials: Vec<Vec<f32>> = (0..k.div_ceil(block))
-                .into_par_iter()
-                .map(|blk| {
-                    let k0 = blk * block;
-                    let kb = block.min(k - k0);
-                    let mut c = vec![0f32; m * n];
-                    // SAFETY: the pointers and strides describe in-bounds row-major views of
-                    // `av` ([m, k], columns k0..k0+kb), `bv` read as Bᵀ ([k, n]) and `c` ([m, n]).
-                    unsafe {
-                        gemm::gemm(
-                            m,
-                            n,
-                            kb,
-                            c.as_mut_ptr(),
-                            1,
-                            n as isize,
-                            false,
-                            av.as_ptr().add(k0),
-                            1,
-                            k as isize,
-                            bv.as_ptr().add(k0),
-                            k as isize,
-                            1,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    c
-                })
-                .collect();
-            let mut out = vec![0f32; m * n];
-            for p in partials {
-                out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
-            }
-            out
-        })
+        cpu_slice(b, |bv| matmul_nt_split_k(av, bv, m, n, k))
     });
     match fast {
         Some(Some(out)) => Ok(Tensor::from_vec(out, (m, n), a.device())?),
         _ => Ok(a.matmul(&b.t()?)?),
     }
+}
+
+/// The portable split-K `A · Bᵀ`: one single-threaded gemm per block of `k`, partial products
+/// added. Used where AVX-512 is missing.
+fn matmul_nt_split_k(av: &[f32], bv: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let block = k.div_ceil(4 * rayon::current_num_threads()).max(4096);
+    (0..k.div_ceil(block))
+        .into_par_iter()
+        .map(|blk| {
+            let k0 = blk * block;
+            let mut c = vec![0f32; m * n];
+            gemm_nt_serial(m, n, block.min(k - k0), &av[k0..], k, &bv[k0..], k, &mut c);
+            c
+        })
+        .reduce(
+            || vec![0f32; m * n],
+            |mut x, y| {
+                x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+                x
+            },
+        )
 }
 
 /// The split-K `A · Bᵀ` with a register-tiled AVX-512 kernel: 4 rows of A against 4 rows of B,
