@@ -37,6 +37,17 @@ pub struct Roc {
     pub auc_staircase: f64,
 }
 
+impl Roc {
+    /// The curve through `points` (already ordered from (0, 0) to (1, 1)) and both its areas.
+    fn from_points(points: Vec<(f64, f64)>) -> Roc {
+        Roc {
+            auc_trapezoid: trapezoid_area(&points),
+            auc_staircase: pessimistic_area(&points),
+            points,
+        }
+    }
+}
+
 /// ROC of a ranking by `|score|` against `truth`, over the same list of edges.
 ///
 /// Edges are ranked by `|score|` descending and the number of top edges is swept from none to
@@ -84,13 +95,7 @@ pub fn roc(scores: &[f32], truth: &[bool]) -> Result<Roc> {
         }
         points.push((fp as f64 / n, tp as f64 / p));
     }
-    let auc_trapezoid = trapezoid_area(&points);
-    let auc_staircase = pessimistic_area(&points);
-    Ok(Roc {
-        points,
-        auc_trapezoid,
-        auc_staircase,
-    })
+    Ok(Roc::from_points(points))
 }
 
 /// [`roc`] over the real edges of a graph ([`crate::graph::Graph::edges`] order): scores of
@@ -148,13 +153,7 @@ pub fn roc_from_points(mut points: Vec<(f64, f64)>) -> Result<Roc> {
         p.1 = best;
     }
     points.dedup();
-    let auc_trapezoid = trapezoid_area(&points);
-    let auc_staircase = pessimistic_area(&points);
-    Ok(Roc {
-        points,
-        auc_trapezoid,
-        auc_staircase,
-    })
+    Ok(Roc::from_points(points))
 }
 
 /// Trapezoid rule over `(x, y)` points in the given order.
