@@ -205,7 +205,7 @@ fn norm_parts(ln: &Option<NormWeights>) -> (Option<&Tensor>, Option<&Tensor>) {
 }
 
 impl Model {
-    fn apply_norm(
+    pub(crate) fn apply_norm(
         &self,
         x: &Tensor,
         ln: &Option<NormWeights>,
@@ -262,7 +262,7 @@ impl Model {
     }
 
     /// `W_pos[0..P]` repeated for each sequence, `[N, d]`.
-    fn positions(&self, batch: &Batch) -> Result<Tensor> {
+    pub(crate) fn positions(&self, batch: &Batch) -> Result<Tensor> {
         let pos = self.embed.w_pos.narrow(0, 0, batch.seq_len)?;
         Ok(pos
             .unsqueeze(0)?

@@ -58,6 +58,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::incremental::{connected, AcdcState};
 use super::{complement, metric_with_patch, PreparedChunk};
 use crate::eval::{roc_from_points, Roc};
 use crate::graph::{Circuit, Graph, Reader, Scores, Writer};
@@ -172,41 +173,6 @@ fn node_writer(graph: &Graph, reader: usize) -> Option<usize> {
         Reader::Head { layer, head, .. } => Some(graph.writer_index(Writer::Head { layer, head })),
         Reader::Mlp { layer } => Some(graph.writer_index(Writer::Mlp { layer })),
         Reader::Logits => None,
-    }
-}
-
-/// Whether `writer` still has an unpatched outgoing edge.
-fn connected(graph: &Graph, patched: &[bool], writer: usize) -> bool {
-    let nr = graph.n_readers();
-    (0..nr).any(|r| graph.is_edge(writer, r) && !patched[writer * nr + r])
-}
-
-/// Evaluates patched sets: the one place ACDC runs the model, so that a faster evaluation
-/// (restarting from the changed reader's layer with the earlier layers cached) can replace it.
-pub struct PatchEvaluator<'a> {
-    pub model: &'a Model,
-    pub prepared: &'a [PreparedChunk],
-    pub metric: Metric,
-    /// Forward passes so far (one per chunk per evaluation).
-    pub passes: usize,
-}
-
-impl<'a> PatchEvaluator<'a> {
-    pub fn new(model: &'a Model, prepared: &'a [PreparedChunk], metric: Metric) -> Self {
-        PatchEvaluator {
-            model,
-            prepared,
-            metric,
-            passes: 0,
-        }
-    }
-
-    /// The metric with the edges of `patched` ablated. `changed_reader` is the reader whose
-    /// incoming edges differ from the previous evaluation (a hint for a cached evaluation;
-    /// today every call is a full forward).
-    pub fn evaluate(&mut self, patched: &[bool], _changed_reader: Option<usize>) -> Result<f32> {
-        self.passes += self.prepared.len();
-        metric_with_patch(self.model, self.prepared, self.metric, patched)
     }
 }
 
@@ -376,7 +342,6 @@ pub fn run_acdc(
     };
     let order = visit_order(&graph);
     let fp = fingerprint(&graph, opts, prepared);
-    let mut eval = PatchEvaluator::new(model, prepared, opts.metric);
     let start = Instant::now();
 
     // State: fresh or from a checkpoint.
@@ -386,8 +351,8 @@ pub fn run_acdc(
     let mut position = 0usize;
     let mut seconds_before = 0f64;
     let mut passes_before = 0usize;
-    let mut current;
-    let initial_metric;
+    let mut checkpoint_metric = None;
+    let mut initial_metric = None;
     let resumed = match persist {
         Some(p) if p.resume && p.checkpoint.exists() => Some(Checkpoint::read(&p.checkpoint)?),
         _ => None,
@@ -409,18 +374,31 @@ pub fn run_acdc(
             scores.values[i] = v;
         }
         position = ck.next_position.min(order.len());
-        current = ck.metric;
-        initial_metric = ck.initial_metric;
+        checkpoint_metric = Some(ck.metric);
+        initial_metric = Some(ck.initial_metric);
         passes_before = ck.forward_passes;
         seconds_before = ck.seconds;
         steps = restore_log(&p.log, ck.steps_logged)?;
+    } else if let Some(p) = persist {
+        std::fs::File::create(&p.log).map_err(|e| Error::io(&p.log, e))?;
+    }
+    // The run under the current circuit; a resume rebuilds it from the checkpoint's mask.
+    let mut state = AcdcState::build(model, prepared, opts.metric, order.clone(), patched, position)?;
+    let build_passes = if checkpoint_metric.is_some() {
+        state.passes
     } else {
-        current = eval.evaluate(&patched, None)?;
-        initial_metric = current;
-        if let Some(p) = persist {
-            std::fs::File::create(&p.log).map_err(|e| Error::io(&p.log, e))?;
+        0
+    };
+    let mut current = state.metric();
+    if let Some(m) = checkpoint_metric {
+        if m.to_bits() != current.to_bits() {
+            eprintln!(
+                "warning: the resumed ACDC state gives metric {current}, the checkpoint {m}; \
+                 continuing from the recomputed state"
+            );
         }
     }
+    let initial_metric = initial_metric.unwrap_or(current);
     let mut log = match persist {
         Some(p) => Some(
             std::fs::OpenOptions::new()
@@ -457,14 +435,14 @@ pub fn run_acdc(
     while position < order.len() {
         let r = order[position];
         let first_new_step = steps.len();
-        let live = node_writer(&graph, r).is_none_or(|w| connected(&graph, &patched, w));
+        let live = node_writer(&graph, r).is_none_or(|w| connected(&graph, state.patched(), w));
         for w in (0..graph.n_upstream(r)).rev() {
             let i = w * nr + r;
-            if patched[i] {
+            if state.patched()[i] {
                 continue;
             }
             if !live {
-                patched[i] = true;
+                state.remove_untried(w, r)?;
                 steps.push(AcdcStep {
                     writer: w,
                     reader: r,
@@ -477,15 +455,15 @@ pub fn run_acdc(
                 });
                 continue;
             }
-            patched[i] = true;
-            let value = eval.evaluate(&patched, Some(r))?;
+            let value = state.try_edge(w, r)?;
             let delta = value - current;
             scores.values[i] = delta;
             let removed = remove_when(delta);
             if removed {
+                state.accept()?;
                 current = value;
             } else {
-                patched[i] = false;
+                state.reject()?;
             }
             steps.push(AcdcStep {
                 writer: w,
@@ -498,8 +476,11 @@ pub fn run_acdc(
                 removed,
             });
         }
+        // The reader is decided: the state is brought to the form a resume rebuilds.
+        current = state.finish_reader()?;
         position += 1;
         done_here += 1;
+        let passes = passes_before + state.passes - build_passes;
         if let (Some(p), Some(log)) = (persist, log.as_mut()) {
             let mut text = String::new();
             for s in &steps[first_new_step..] {
@@ -513,7 +494,7 @@ pub fn run_acdc(
                 version: 1,
                 fingerprint: fp.clone(),
                 next_position: position,
-                patched: mask_string(&patched),
+                patched: mask_string(state.patched()),
                 scores: scores
                     .values
                     .iter()
@@ -523,7 +504,7 @@ pub fn run_acdc(
                     .collect(),
                 metric: current,
                 initial_metric,
-                forward_passes: passes_before + eval.passes,
+                forward_passes: passes,
                 steps_logged: steps.len(),
                 seconds: seconds_before + start.elapsed().as_secs_f64(),
             }
@@ -532,8 +513,11 @@ pub fn run_acdc(
         bar.set_message(format!(
             "{} {} edges kept, {:.0} passes/s",
             opts.threshold,
-            real.iter().zip(&patched).filter(|(&r, &p)| r && !p).count(),
-            eval.passes as f64 / start.elapsed().as_secs_f64().max(1e-9)
+            real.iter()
+                .zip(state.patched())
+                .filter(|(&r, &p)| r && !p)
+                .count(),
+            (state.passes - build_passes) as f64 / start.elapsed().as_secs_f64().max(1e-9)
         ));
         bar.inc(1);
         on_reader(done_here);
@@ -541,14 +525,14 @@ pub fn run_acdc(
     bar.finish_and_clear();
     let circuit = Circuit {
         graph,
-        edges: real.iter().zip(&patched).map(|(&r, &p)| r && !p).collect(),
+        edges: real.iter().zip(state.patched()).map(|(&r, &p)| r && !p).collect(),
     };
     Ok(AcdcResult {
         circuit,
         scores,
         metric: current,
         initial_metric,
-        forward_passes: passes_before + eval.passes,
+        forward_passes: passes_before + state.passes - build_passes,
         seconds: seconds_before + start.elapsed().as_secs_f64(),
         steps,
         threshold: opts.threshold,

@@ -11,6 +11,7 @@
 //! * [`acdc`] — ACDC and the EAP→ACDC hybrid on exact patching.
 
 pub mod acdc;
+pub mod incremental;
 
 use std::collections::BTreeMap;
 
@@ -376,7 +377,7 @@ pub struct PreparedChunk {
     /// The clean run's residual stream entering each layer (and the final one) and its writer
     /// outputs: a patched run whose lowest patched reader is in layer L starts there.
     clean_residuals: Vec<Tensor>,
-    clean_writers: Vec<Tensor>,
+    pub(crate) clean_writers: Vec<Tensor>,
 }
 
 /// Runs the baseline and clean forwards of every chunk once.

@@ -1,0 +1,820 @@
+//! ACDC's patched forwards, computed incrementally and still exactly (DESIGN §3).
+//!
+//! A tentative ACDC patch changes the input of one reader `r*`. Every node whose inputs do not
+//! change keeps its output from the current circuit's run, so a pass recomputes only
+//! * the node of `r*` (one head, or one MLP);
+//! * the nodes reachable from it through *unpatched* edges — the current circuit's descendants,
+//!   a handful in a sparse circuit; a node with no unpatched outgoing edge left is read by
+//!   nobody and is skipped;
+//! * the logits at the metric's rows, when the change reaches them (otherwise the metric is the
+//!   current one).
+//!
+//! # Reader inputs without a running residual stream
+//!
+//! A reader's input under a patched set `P` is `bias + Σ_{u∉P} a_u + Σ_{u∈P} b_u` (`a` the
+//! run's writer outputs, `b` the baseline's). Two equal ways to compute it:
+//! * **form A**, `x_site + Σ_{u∈P(r)} (b_u − a_u)`, with `x_site` the run's residual stream at
+//!   the reader's site — cheap when few of its edges are patched;
+//! * **form B**, `B_site + Σ_{u∉P(r)} (a_u − b_u)`, with `B_site` the *baseline* residual stream
+//!   (bias plus every baseline writer), fixed for the whole run — cheap when few edges are left,
+//!   which is what ACDC leaves behind.
+//!
+//! ACDC visits readers from the logits down, and only edges into the visited reader change.
+//! So every node below the visit frontier keeps the outputs of the last full build, and the
+//! residual stream at the sites of the readers not yet decided never changes: those readers use
+//! form A (the visited reader's patched sum is kept and extended by one term per try), and the
+//! decided readers use form B with their few surviving edges.
+//!
+//! # Determinism across resumes
+//!
+//! A resumed run rebuilds this state from the checkpoint's patched set with one full pass.
+//! For it to continue exactly as an uninterrupted run, the state at every reader boundary is
+//! *canonical*: every node's output is the same f32 function of the patched set and the
+//! visiting position, whatever history led there. Undecided readers use form A with their
+//! patched writers summed from the highest index down; decided readers use form B summed the same
+//! way; and when a reader's visit ends ([`AcdcState::finish_reader`]) its node and the nodes it
+//! reaches are recomputed in form B — about one tentative pass per reader.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::PreparedChunk;
+use crate::graph::{Graph, Qkv, Reader, Writer};
+use crate::model::{ops, LayerWeights, Model};
+use crate::tasks::{metric_value, Metric};
+use crate::{Error, Result};
+
+/// Floats per rayon task in the input sums.
+const FOLD_CHUNK: usize = 16 * 1024;
+
+/// Runs `f` on the data of contiguous f32 CPU tensors; `None` for other devices or layouts.
+fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+    if ts
+        .iter()
+        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous())
+    {
+        return None;
+    }
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (t, (storage, layout)) in ts.iter().zip(&guards) {
+        match &**storage {
+            Storage::Cpu(cpu) => {
+                let data = cpu.as_slice::<f32>().ok()?;
+                let start = layout.start_offset();
+                slices.push(&data[start..start + t.elem_count()]);
+            }
+            _ => return None,
+        }
+    }
+    Some(f(&slices))
+}
+
+/// `init + (p_1 − m_1) + (p_2 − m_2) + …`, added left to right element by element, over the
+/// `rows` of `[N, d]` terms (all rows when `None`; `init` is already in that row space).
+/// `None` when there is neither an `init` nor a term. The order of the additions is fixed, so
+/// extending a sum by one term gives the same bits as summing all terms at once.
+fn fold(
+    init: Option<&Tensor>,
+    terms: &[(&Tensor, &Tensor)],
+    rows: Option<&[usize]>,
+) -> Result<Option<Tensor>> {
+    if terms.is_empty() {
+        return Ok(init.cloned());
+    }
+    let d = terms[0].0.dim(1)?;
+    let out_rows = rows.map_or(terms[0].0.dim(0)?, <[usize]>::len);
+    let mut all: Vec<&Tensor> = Vec::with_capacity(2 * terms.len() + 1);
+    for (p, m) in terms {
+        all.push(p);
+        all.push(m);
+    }
+    if let Some(i) = init {
+        all.push(i);
+    }
+    let fast = with_slices(&all, |s| {
+        let k = terms.len();
+        let mut out = vec![0f32; out_rows * d];
+        // Output elements `out_off..` read the terms' elements `src..`, one contiguous run.
+        let body = |o: &mut [f32], out_off: usize, src: usize| {
+            let n = o.len();
+            let first = match init {
+                Some(_) => {
+                    o.copy_from_slice(&s[2 * k][out_off..out_off + n]);
+                    0
+                }
+                None => {
+                    let (p, m) = (&s[0][src..src + n], &s[1][src..src + n]);
+                    for ((o, p), m) in o.iter_mut().zip(p).zip(m) {
+                        *o = p - m;
+                    }
+                    1
+                }
+            };
+            for t in first..k {
+                let (p, m) = (&s[2 * t][src..src + n], &s[2 * t + 1][src..src + n]);
+                for ((o, p), m) in o.iter_mut().zip(p).zip(m) {
+                    *o += p - m;
+                }
+            }
+        };
+        match rows {
+            None => out
+                .par_chunks_mut(FOLD_CHUNK)
+                .enumerate()
+                .for_each(|(c, o)| body(o, c * FOLD_CHUNK, c * FOLD_CHUNK)),
+            Some(rows) => out
+                .par_chunks_mut(d)
+                .enumerate()
+                .for_each(|(i, o)| body(o, i * d, rows[i] * d)),
+        }
+        out
+    });
+    if let Some(v) = fast {
+        return Ok(Some(Tensor::from_vec(v, (out_rows, d), terms[0].0.device())?));
+    }
+    // Any device: the same additions through candle.
+    let pick = |t: &Tensor| -> Result<Tensor> {
+        match rows {
+            Some(r) => Ok(t.index_select(&row_index(r, t.device())?, 0)?),
+            None => Ok(t.clone()),
+        }
+    };
+    let mut acc = init.cloned();
+    for (p, m) in terms {
+        let t = (pick(p)? - pick(m)?)?;
+        acc = Some(match acc {
+            None => t,
+            Some(a) => (a + t)?,
+        });
+    }
+    Ok(acc)
+}
+
+fn row_index(rows: &[usize], device: &candle_core::Device) -> Result<Tensor> {
+    let v: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    Ok(Tensor::from_vec(v, rows.len(), device)?)
+}
+
+/// `base[rows] + sum` (just `base[rows]` without a sum).
+fn add_base(base: &Tensor, rows: Option<&[usize]>, sum: Option<Tensor>) -> Result<Tensor> {
+    let base = match rows {
+        Some(r) => base.index_select(&row_index(r, base.device())?, 0)?,
+        None => base.clone(),
+    };
+    Ok(match sum {
+        Some(s) => (base + s)?,
+        None => base,
+    })
+}
+
+/// One chunk's current run.
+struct ChunkState {
+    /// Every writer's output in the current circuit, `[N, d]`.
+    writers: Vec<Tensor>,
+    /// Each head's current q, k and v projections, `[N, d_head]`, indexed `layer · H + head`.
+    proj: Vec<[Tensor; 3]>,
+    /// The residual stream at every site of the last build (`2·layer` entering the layer,
+    /// `2·layer + 1` entering its MLP, `2·n_layers` before the final norm). Valid at the sites
+    /// of undecided readers, the only ones that use it.
+    sites: Vec<Tensor>,
+    /// The baseline's residual stream at every site: biases plus every baseline writer.
+    base_sites: Vec<Tensor>,
+    /// Rows whose logits the metric reads.
+    logit_rows: Vec<usize>,
+    /// Positional embeddings added to the q/k inputs (shortformer models).
+    shortformer_pos: Option<Tensor>,
+    mask: Tensor,
+    /// The chunk's current mean metric.
+    metric: f32,
+}
+
+/// What one pass over a chunk changed.
+#[derive(Default)]
+struct ChunkUpdate {
+    writers: Vec<(usize, Tensor)>,
+    proj: Vec<(usize, usize, Tensor)>,
+    metric: Option<f32>,
+}
+
+/// The tentative pass waiting for ACDC's decision.
+struct Pending {
+    index: usize,
+    updates: Vec<ChunkUpdate>,
+    visit_sums: Vec<Option<Tensor>>,
+    metric: f32,
+}
+
+/// ACDC's patched set and the run of the model under it, one state per chunk.
+pub struct AcdcState<'a> {
+    model: &'a Model,
+    prepared: &'a [PreparedChunk],
+    metric_kind: Metric,
+    graph: Graph,
+    order: Vec<usize>,
+    /// Position of each reader in `order`.
+    position_of: Vec<usize>,
+    /// Readers `order[..position]` are decided; `order[position]` is being visited.
+    position: usize,
+    patched: Vec<bool>,
+    chunks: Vec<ChunkState>,
+    metric: f32,
+    /// The visited reader and, per chunk, `Σ_{u∈P(r)} (b_u − a_u)` over its patched edges.
+    visit: Option<(usize, Vec<Option<Tensor>>)>,
+    pending: Option<Pending>,
+    /// Metric evaluations so far, one per chunk per evaluation (the build counts one).
+    pub passes: usize,
+}
+
+fn layer_of(graph: &Graph, reader: usize) -> usize {
+    match graph.reader(reader) {
+        Reader::Head { layer, .. } | Reader::Mlp { layer } => layer,
+        Reader::Logits => graph.n_layers,
+    }
+}
+
+fn site_of(graph: &Graph, reader: usize) -> usize {
+    match graph.reader(reader) {
+        Reader::Head { layer, .. } => 2 * layer,
+        Reader::Mlp { layer } => 2 * layer + 1,
+        Reader::Logits => 2 * graph.n_layers,
+    }
+}
+
+/// The residual stream at every site given every writer's output (`writers` of the run, or
+/// the baseline's): left-to-right sums, the same in every build.
+fn residual_sites(model: &Model, writers: &[Tensor]) -> Result<Vec<Tensor>> {
+    let g = model.graph();
+    let mut sites = vec![writers[0].clone()];
+    let mut x = writers[0].clone();
+    for l in 0..g.n_layers {
+        let lw = model.layer(l)?;
+        for h in 0..g.n_heads {
+            x = (x + &writers[g.writer_index(Writer::Head { layer: l, head: h })])?;
+        }
+        x = x.broadcast_add(&lw.bo)?;
+        sites.push(x.clone());
+        if let Some(mlp) = &lw.mlp {
+            x = (x + &writers[g.writer_index(Writer::Mlp { layer: l })])?;
+            x = x.broadcast_add(&mlp.b_out)?;
+        }
+        sites.push(x.clone());
+    }
+    Ok(sites)
+}
+
+/// One head's projection of its (already combined) input for `letter` (0 q, 1 k, 2 v).
+fn head_projection(
+    model: &Model,
+    lw: &LayerWeights,
+    letter: usize,
+    head: usize,
+    input: &Tensor,
+    shortformer_pos: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (mut xn, _) = model.apply_norm(input, &lw.ln1)?;
+    if let (Some(pos), true) = (shortformer_pos, letter < 2) {
+        xn = (xn + pos)?;
+    }
+    let dh = model.cfg.d_head;
+    let w = [&lw.wq_heads, &lw.wk_heads, &lw.wv_heads][letter].get(head)?;
+    let b = [&lw.bq, &lw.bk, &lw.bv][letter].narrow(0, head * dh, dh)?;
+    Ok(xn.matmul(&w)?.broadcast_add(&b)?)
+}
+
+/// One head's output `z_h W_O[h]`, `[N, d]`, from its projections.
+fn head_output(
+    model: &Model,
+    lw: &LayerWeights,
+    head: usize,
+    qkv: [&Tensor; 3],
+    batch: usize,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let dh = model.cfg.d_head;
+    let n = qkv[0].dim(0)?;
+    let p = n / batch;
+    let q = qkv[0].reshape((batch, p, dh))?;
+    let k = qkv[1].reshape((batch, p, dh))?;
+    let v = qkv[2].reshape((batch, p, dh))?;
+    let scores =
+        (q.matmul(&k.t()?)? * (1.0 / model.cfg.attn_scale as f64))?.broadcast_add(mask)?;
+    let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
+    let z = pattern.matmul(&v)?.reshape((n, dh))?;
+    Ok(z.matmul(&lw.wo_heads.get(head)?)?)
+}
+
+fn mlp_output(model: &Model, lw: &LayerWeights, input: &Tensor) -> Result<Tensor> {
+    let mlp = lw.mlp.as_ref().expect("MLP reader of a layer with an MLP");
+    let (xn, _) = model.apply_norm(input, &lw.ln2)?;
+    let pre = xn.matmul(&mlp.w_in)?.broadcast_add(&mlp.b_in)?;
+    let post = ops::activation(&pre, model.cfg.act, false)?;
+    Ok(post.matmul(&mlp.w_out)?)
+}
+
+impl<'a> AcdcState<'a> {
+    /// Builds the state for `patched` with the readers before `position` of `order` decided:
+    /// one full pass per chunk, every node in its canonical form.
+    pub fn build(
+        model: &'a Model,
+        prepared: &'a [PreparedChunk],
+        metric_kind: Metric,
+        order: Vec<usize>,
+        patched: Vec<bool>,
+        position: usize,
+    ) -> Result<AcdcState<'a>> {
+        let graph = model.graph();
+        let (nw, nr) = (graph.n_writers(), graph.n_readers());
+        if patched.len() != nw * nr {
+            return Err(Error::invalid(format!(
+                "patch mask has {} entries, expected {}",
+                patched.len(),
+                nw * nr
+            )));
+        }
+        let mut position_of = vec![usize::MAX; nr];
+        for (i, &r) in order.iter().enumerate() {
+            position_of[r] = i;
+        }
+        if order.len() != nr || position_of.contains(&usize::MAX) {
+            return Err(Error::invalid("the visit order must list every reader once"));
+        }
+        let mut chunks = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            let (b, len) = (p.chunk.clean.batch, p.chunk.clean.seq_len);
+            chunks.push(ChunkState {
+                writers: p.clean_writers.clone(),
+                proj: Vec::new(),
+                sites: Vec::new(),
+                base_sites: residual_sites(model, &p.baseline)?,
+                logit_rows: (0..b).map(|i| i * len + len - 1).collect(),
+                shortformer_pos: match model.cfg.positions {
+                    crate::model::Positions::Shortformer => {
+                        Some(model.positions(&p.chunk.clean)?)
+                    }
+                    crate::model::Positions::Standard => None,
+                },
+                mask: ops::attention_mask(len, model.cfg.causal, &model.device)?,
+                metric: 0.0,
+            });
+        }
+        let mut state = AcdcState {
+            model,
+            prepared,
+            metric_kind,
+            graph,
+            order,
+            position_of,
+            position,
+            patched,
+            chunks,
+            metric: 0.0,
+            visit: None,
+            pending: None,
+            passes: 0,
+        };
+        for c in 0..prepared.len() {
+            state.build_chunk(c)?;
+        }
+        state.metric = state.combined(&vec![None; prepared.len()])?;
+        state.passes += prepared.len();
+        Ok(state)
+    }
+
+    pub fn metric(&self) -> f32 {
+        self.metric
+    }
+
+    pub fn patched(&self) -> &[bool] {
+        &self.patched
+    }
+
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// The reader being visited, `None` once every reader is decided.
+    pub fn visiting(&self) -> Option<usize> {
+        self.order.get(self.position).copied()
+    }
+
+    fn decided(&self, reader: usize) -> bool {
+        self.position_of[reader] < self.position
+    }
+
+    /// Every node of chunk `c` in layer order, each reader's input in its canonical form.
+    fn build_chunk(&mut self, c: usize) -> Result<()> {
+        let g = self.graph;
+        let model = self.model;
+        let writers0 = self.chunks[c].writers[0].clone();
+        let mut writers = vec![writers0.clone()];
+        writers.resize(g.n_writers(), writers0);
+        let mut proj = Vec::with_capacity(g.n_layers * g.n_heads);
+        let mut sites = vec![writers[0].clone()];
+        let batch = self.prepared[c].chunk.clean.batch;
+        for l in 0..g.n_layers {
+            let lw = model.layer(l)?;
+            let mut x = sites[2 * l].clone();
+            for h in 0..g.n_heads {
+                let mut qkv = Vec::with_capacity(3);
+                for (letter, &which) in Qkv::ALL.iter().enumerate() {
+                    let r = g.reader_index(Reader::Head {
+                        layer: l,
+                        head: h,
+                        qkv: which,
+                    });
+                    let input = self.canonical_input(c, r, &writers, &sites, None)?;
+                    let pos = self.chunks[c].shortformer_pos.as_ref();
+                    qkv.push(head_projection(model, &lw, letter, h, &input, pos)?);
+                }
+                let out = head_output(
+                    model,
+                    &lw,
+                    h,
+                    [&qkv[0], &qkv[1], &qkv[2]],
+                    batch,
+                    &self.chunks[c].mask,
+                )?;
+                let u = g.writer_index(Writer::Head { layer: l, head: h });
+                x = (x + &out)?;
+                writers[u] = out;
+                proj.push([qkv[0].clone(), qkv[1].clone(), qkv[2].clone()]);
+            }
+            x = x.broadcast_add(&lw.bo)?;
+            sites.push(x.clone());
+            if let Some(mlp) = &lw.mlp {
+                let r = g.reader_index(Reader::Mlp { layer: l });
+                let input = self.canonical_input(c, r, &writers, &sites, None)?;
+                let out = mlp_output(model, &lw, &input)?;
+                let u = g.writer_index(Writer::Mlp { layer: l });
+                x = (x + &out)?.broadcast_add(&mlp.b_out)?;
+                writers[u] = out;
+            }
+            sites.push(x.clone());
+        }
+        let r = g.reader_index(Reader::Logits);
+        let rows = self.chunks[c].logit_rows.clone();
+        let input = self.canonical_input(c, r, &writers, &sites, Some(&rows))?;
+        let metric = self.chunk_metric(c, &input)?;
+        let st = &mut self.chunks[c];
+        st.writers = writers;
+        st.proj = proj;
+        st.sites = sites;
+        st.metric = metric;
+        Ok(())
+    }
+
+    /// Reader `r`'s input in its canonical form: form A (the site's residual plus its patched
+    /// edges' `b − a`) while it is undecided, form B (the baseline's residual plus its
+    /// unpatched edges' `a − b`) once decided; writers from the highest index down.
+    fn canonical_input(
+        &self,
+        c: usize,
+        r: usize,
+        writers: &[Tensor],
+        sites: &[Tensor],
+        rows: Option<&[usize]>,
+    ) -> Result<Tensor> {
+        let g = self.graph;
+        let nr = g.n_readers();
+        let st = &self.chunks[c];
+        let baseline = &self.prepared[c].baseline;
+        let site = site_of(&g, r);
+        let decided = self.decided(r);
+        let terms: Vec<(&Tensor, &Tensor)> = (0..g.n_upstream(r))
+            .rev()
+            .filter(|&u| self.patched[u * nr + r] != decided)
+            .map(|u| {
+                if decided {
+                    (&writers[u], &baseline[u])
+                } else {
+                    (&baseline[u], &writers[u])
+                }
+            })
+            .collect();
+        let base = if decided {
+            &st.base_sites[site]
+        } else {
+            &sites[site]
+        };
+        add_base(base, rows, fold(None, &terms, rows)?)
+    }
+
+    fn chunk_metric(&self, c: usize, logits_input: &Tensor) -> Result<f32> {
+        let model = self.model;
+        let (xn, _) = model.apply_norm(logits_input, &model.embed.ln_final)?;
+        let mut logits = xn.matmul(&model.embed.w_u)?;
+        if let Some(bu) = &model.embed.b_u {
+            logits = logits.broadcast_add(bu)?;
+        }
+        let p = &self.prepared[c];
+        Ok(metric_value(
+            self.metric_kind,
+            &ops::to_vec(&logits)?,
+            model.cfg.d_vocab_out,
+            &p.chunk.targets,
+            Some(&p.clean_logits),
+        )?
+        .mean)
+    }
+
+    /// The dataset's mean metric with some chunks' metrics replaced.
+    fn combined(&self, replaced: &[Option<f32>]) -> Result<f32> {
+        let (mut total, mut count) = (0f64, 0usize);
+        for (c, p) in self.prepared.iter().enumerate() {
+            let m = replaced[c].unwrap_or(self.chunks[c].metric);
+            total += m as f64 * p.chunk.indices.len() as f64;
+            count += p.chunk.indices.len();
+        }
+        let mean = (total / count.max(1) as f64) as f32;
+        if !mean.is_finite() {
+            return Err(Error::NonFinite {
+                metric: self.metric_kind.to_string(),
+                value: mean,
+                context: "under patching".into(),
+            });
+        }
+        Ok(mean)
+    }
+
+    fn check_visiting(&self, reader: usize) -> Result<()> {
+        if self.visiting() != Some(reader) {
+            return Err(Error::invalid(format!(
+                "ACDC visits {} now, not {}",
+                self.visiting()
+                    .map_or("no reader".to_string(), |r| self.graph.reader_name(r)),
+                self.graph.reader_name(reader)
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_edge(&self, writer: usize, reader: usize) -> Result<usize> {
+        self.check_visiting(reader)?;
+        if self.pending.is_some() {
+            return Err(Error::invalid(
+                "a tentative patch is waiting for accept or reject",
+            ));
+        }
+        let i = writer * self.graph.n_readers() + reader;
+        if !self.graph.is_edge(writer, reader) || self.patched[i] {
+            return Err(Error::invalid(format!(
+                "{} is not an unpatched edge",
+                self.graph.edge_name(writer, reader)
+            )));
+        }
+        Ok(i)
+    }
+
+    /// The visited reader's patched sum per chunk, started on its first try.
+    fn visit_sums(&mut self, reader: usize) -> Result<()> {
+        if self.visit.as_ref().is_some_and(|(r, _)| *r == reader) {
+            return Ok(());
+        }
+        let g = self.graph;
+        let nr = g.n_readers();
+        let mut sums = Vec::with_capacity(self.chunks.len());
+        for (c, st) in self.chunks.iter().enumerate() {
+            let baseline = &self.prepared[c].baseline;
+            let terms: Vec<(&Tensor, &Tensor)> = (0..g.n_upstream(reader))
+                .rev()
+                .filter(|&u| self.patched[u * nr + reader])
+                .map(|u| (&baseline[u], &st.writers[u]))
+                .collect();
+            let rows = (reader == g.reader_index(Reader::Logits)).then_some(&st.logit_rows[..]);
+            sums.push(fold(None, &terms, rows)?);
+        }
+        self.visit = Some((reader, sums));
+        Ok(())
+    }
+
+    /// The metric with `writer → reader` patched on top of the current circuit; `reader` must
+    /// be the one being visited. Follow with [`accept`](Self::accept) or
+    /// [`reject`](Self::reject).
+    pub fn try_edge(&mut self, writer: usize, reader: usize) -> Result<f32> {
+        let i = self.check_edge(writer, reader)?;
+        self.visit_sums(reader)?;
+        let g = self.graph;
+        self.patched[i] = true;
+        let result = (|| -> Result<Pending> {
+            let mut updates = Vec::with_capacity(self.chunks.len());
+            let mut visit_sums = Vec::with_capacity(self.chunks.len());
+            for c in 0..self.chunks.len() {
+                let st = &self.chunks[c];
+                let rows = (reader == g.reader_index(Reader::Logits)).then_some(&st.logit_rows[..]);
+                let prev = self.visit.as_ref().expect("visit sums started").1[c].as_ref();
+                let term = (&self.prepared[c].baseline[writer], &st.writers[writer]);
+                let sum = fold(prev, &[term], rows)?;
+                let input = add_base(&st.sites[site_of(&g, reader)], rows, sum.clone())?;
+                updates.push(self.pass(c, reader, Some(input))?);
+                visit_sums.push(sum);
+            }
+            let metrics: Vec<Option<f32>> = updates.iter().map(|u| u.metric).collect();
+            Ok(Pending {
+                index: i,
+                metric: self.combined(&metrics)?,
+                updates,
+                visit_sums,
+            })
+        })();
+        match result {
+            Ok(p) => {
+                let m = p.metric;
+                self.pending = Some(p);
+                self.passes += self.chunks.len();
+                Ok(m)
+            }
+            Err(e) => {
+                self.patched[i] = false;
+                Err(e)
+            }
+        }
+    }
+
+    /// Keeps the tentative patch: the edge stays patched and its run becomes the current one.
+    pub fn accept(&mut self) -> Result<()> {
+        let p = self
+            .pending
+            .take()
+            .ok_or_else(|| Error::invalid("no tentative patch to accept"))?;
+        for (c, u) in p.updates.into_iter().enumerate() {
+            self.apply(c, u);
+        }
+        if let Some((_, sums)) = self.visit.as_mut() {
+            *sums = p.visit_sums;
+        }
+        self.metric = p.metric;
+        Ok(())
+    }
+
+    /// Drops the tentative patch: the edge is restored.
+    pub fn reject(&mut self) -> Result<()> {
+        let p = self
+            .pending
+            .take()
+            .ok_or_else(|| Error::invalid("no tentative patch to reject"))?;
+        self.patched[p.index] = false;
+        Ok(())
+    }
+
+    /// Patches an edge of the visited reader without a pass: its node no longer reaches the
+    /// logits (ACDC's disconnected nodes), so nothing reads what changes.
+    pub fn remove_untried(&mut self, writer: usize, reader: usize) -> Result<()> {
+        let i = self.check_edge(writer, reader)?;
+        self.patched[i] = true;
+        self.visit = None;
+        Ok(())
+    }
+
+    /// Ends the visited reader's visit: it becomes decided, and its node and everything it
+    /// reaches are recomputed in the canonical form. Returns the current metric.
+    pub fn finish_reader(&mut self) -> Result<f32> {
+        let reader = self
+            .visiting()
+            .ok_or_else(|| Error::invalid("every reader is decided"))?;
+        if self.pending.is_some() {
+            return Err(Error::invalid(
+                "a tentative patch is waiting for accept or reject",
+            ));
+        }
+        self.position += 1;
+        self.visit = None;
+        for c in 0..self.chunks.len() {
+            let u = self.pass(c, reader, None)?;
+            self.apply(c, u);
+        }
+        self.metric = self.combined(&vec![None; self.chunks.len()])?;
+        Ok(self.metric)
+    }
+
+    fn apply(&mut self, c: usize, u: ChunkUpdate) {
+        let st = &mut self.chunks[c];
+        for (w, t) in u.writers {
+            st.writers[w] = t;
+        }
+        for (node, letter, t) in u.proj {
+            st.proj[node][letter] = t;
+        }
+        if let Some(m) = u.metric {
+            st.metric = m;
+        }
+    }
+
+    /// One chunk's pass: `forced`'s input changed (to `forced_input`, or to its canonical form
+    /// when `None`); recomputes its node and every node reached through unpatched edges.
+    fn pass(&self, c: usize, forced: usize, forced_input: Option<Tensor>) -> Result<ChunkUpdate> {
+        let g = self.graph;
+        let model = self.model;
+        let nr = g.n_readers();
+        let st = &self.chunks[c];
+        let batch = self.prepared[c].chunk.clean.batch;
+        let mut new_writers: HashMap<usize, Tensor> = HashMap::new();
+        let mut changed: Vec<usize> = Vec::new();
+        let mut update = ChunkUpdate::default();
+        let mut forced_input = forced_input;
+        // The writer values of this pass: recomputed ones, else the current ones.
+        let current: Vec<&Tensor> = st.writers.iter().collect();
+        let reads_changed = |r: usize, changed: &[usize]| -> bool {
+            let up = g.n_upstream(r);
+            changed.iter().any(|&u| u < up && !self.patched[u * nr + r])
+        };
+        let mut input_of = |r: usize,
+                            changed: &[usize],
+                            new_writers: &HashMap<usize, Tensor>,
+                            rows: Option<&[usize]>|
+         -> Result<Tensor> {
+            if r == forced {
+                if let Some(t) = forced_input.take() {
+                    return Ok(t);
+                }
+            }
+            if !self.decided(r) && changed.iter().any(|&u| u < g.n_upstream(r)) {
+                return Err(Error::invalid(format!(
+                    "incremental ACDC: undecided reader {} depends on a changed writer",
+                    g.reader_name(r)
+                )));
+            }
+            let writers: Vec<Tensor> = current
+                .iter()
+                .enumerate()
+                .map(|(u, t)| new_writers.get(&u).unwrap_or(t).clone())
+                .collect();
+            self.canonical_input(c, r, &writers, &st.sites, rows)
+        };
+        for l in layer_of(&g, forced)..g.n_layers {
+            let mut lw: Option<std::sync::Arc<LayerWeights>> = None;
+            for h in 0..g.n_heads {
+                let node = g.writer_index(Writer::Head { layer: l, head: h });
+                let readers = Qkv::ALL.map(|qkv| {
+                    g.reader_index(Reader::Head {
+                        layer: l,
+                        head: h,
+                        qkv,
+                    })
+                });
+                let dirty = readers.map(|r| r == forced || reads_changed(r, &changed));
+                if !dirty.iter().any(|&d| d) || !connected(&g, &self.patched, node) {
+                    continue;
+                }
+                let lw = match &lw {
+                    Some(w) => w.clone(),
+                    None => {
+                        let w = model.layer(l)?;
+                        lw = Some(w.clone());
+                        w
+                    }
+                };
+                let hn = l * g.n_heads + h;
+                let mut qkv = st.proj[hn].clone();
+                for letter in 0..3 {
+                    if dirty[letter] {
+                        let input = input_of(readers[letter], &changed, &new_writers, None)?;
+                        let pos = st.shortformer_pos.as_ref();
+                        qkv[letter] = head_projection(model, &lw, letter, h, &input, pos)?;
+                        update.proj.push((hn, letter, qkv[letter].clone()));
+                    }
+                }
+                let out = head_output(
+                    model,
+                    &lw,
+                    h,
+                    [&qkv[0], &qkv[1], &qkv[2]],
+                    batch,
+                    &st.mask,
+                )?;
+                new_writers.insert(node, out);
+                changed.push(node);
+            }
+            if g.has_mlp {
+                let r = g.reader_index(Reader::Mlp { layer: l });
+                let node = g.writer_index(Writer::Mlp { layer: l });
+                if (r == forced || reads_changed(r, &changed))
+                    && connected(&g, &self.patched, node)
+                {
+                    let lw = match &lw {
+                        Some(w) => w.clone(),
+                        None => model.layer(l)?,
+                    };
+                    let input = input_of(r, &changed, &new_writers, None)?;
+                    new_writers.insert(node, mlp_output(model, &lw, &input)?);
+                    changed.push(node);
+                }
+            }
+        }
+        let r = g.reader_index(Reader::Logits);
+        if r == forced || reads_changed(r, &changed) {
+            let input = input_of(r, &changed, &new_writers, Some(&st.logit_rows))?;
+            update.metric = Some(self.chunk_metric(c, &input)?);
+        }
+        update.writers = new_writers.into_iter().collect();
+        Ok(update)
+    }
+}
+
+/// Whether `writer` still has an unpatched outgoing edge.
+pub(crate) fn connected(graph: &Graph, patched: &[bool], writer: usize) -> bool {
+    let nr = graph.n_readers();
+    (0..nr).any(|r| graph.is_edge(writer, r) && !patched[writer * nr + r])
+}
