@@ -285,9 +285,19 @@ struct BenchArgs {
     /// Skip the EAP timing.
     #[arg(long)]
     no_eap: bool,
-    /// Time this many ACDC tentative patches (exact patched forwards), 0 to skip.
-    #[arg(long, default_value_t = 4)]
+    /// Time this many ACDC tentative patches (exact patched forwards) at each point, 0 to skip.
+    #[arg(long, default_value_t = 8)]
     acdc_steps: usize,
+    /// Points of the visit order, spread evenly over the edges, where ACDC steps are timed
+    /// (0: only from the start).
+    #[arg(long, default_value_t = 8)]
+    acdc_samples: usize,
+    /// Edges of the circuit the readers above each point keep (EAP's top edges).
+    #[arg(long, default_value_t = 1000)]
+    acdc_circuit_edges: usize,
+    /// ACDC's τ on the KL divergence in the ACDC timing.
+    #[arg(long, default_value_t = 1e-4)]
+    acdc_threshold: f32,
     /// Memory budget for one chunk of EAP's activations, in MiB.
     #[arg(long, default_value_t = 4096)]
     memory_budget: usize,
@@ -642,48 +652,104 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         );
     }
     if a.acdc_steps > 0 {
-        // ACDC's unit of work: one exact forward with a set of edges patched to the corrupted
-        // run, here on edges into readers spread over the layers.
-        let examples = seqs
-            .iter()
-            .map(|s| eap::tasks::Example {
-                clean: s.clone(),
-                corrupted: s.iter().map(|t| (t + 1) % cfg.d_vocab as u32).collect(),
-                target: eap::tasks::Target {
-                    answers: vec![1],
-                    wrongs: vec![2],
-                },
-            })
-            .collect();
-        let data = Dataset {
-            name: "bench".into(),
-            examples,
-        };
-        let runner = Runner::new(
-            &model,
-            &data,
-            Ablation::Corrupted,
-            a.batch,
-            eap::patching::DEFAULT_MEMORY_BUDGET,
-        )?;
-        let prepared = eap::patching::prepare(&runner)?;
-        let g = model.graph();
-        let edges: Vec<(usize, usize)> = g.edges().collect();
-        let t = Instant::now();
-        for step in 0..a.acdc_steps {
-            let (w, r) = edges[(step * 7919) % edges.len()];
-            let mut mask = vec![false; g.n_writers() * g.n_readers()];
-            mask[w * g.n_readers() + r] = true;
-            eap::patching::metric_with_patch(&model, &prepared, Metric::Kl, &mask)?;
-        }
-        let s = t.elapsed().as_secs_f64();
-        println!(
-            "ACDC patched forward {:>4.3} s per pass, {:.2} passes/s ({} passes)",
-            s / a.acdc_steps as f64,
-            a.acdc_steps as f64 / s,
-            a.acdc_steps
-        );
+        bench_acdc(&model, &seqs, &a)?;
     }
+    Ok(())
+}
+
+/// ACDC's unit of work, one exact patched forward, timed as ACDC runs it: from the start of
+/// the visit order, and at visit positions spread evenly over the edges, where the readers
+/// already visited keep a sparse circuit (EAP's top edges, the size of IOI's) as ACDC would
+/// leave behind.
+fn bench_acdc(model: &Model, seqs: &[Vec<u32>], a: &BenchArgs) -> Result<()> {
+    use eap::patching::acdc::{time_steps, visit_order, AcdcOptions};
+    let cfg = &model.cfg;
+    let examples = seqs
+        .iter()
+        .map(|s| eap::tasks::Example {
+            clean: s.clone(),
+            corrupted: s.iter().map(|t| (t + 1) % cfg.d_vocab as u32).collect(),
+            target: eap::tasks::Target {
+                answers: vec![1],
+                wrongs: vec![2],
+            },
+        })
+        .collect();
+    let data = Dataset {
+        name: "bench".into(),
+        examples,
+    };
+    let runner = Runner::new(
+        model,
+        &data,
+        Ablation::Corrupted,
+        a.batch,
+        eap::patching::DEFAULT_MEMORY_BUDGET,
+    )?;
+    let prepared = eap::patching::prepare(&runner)?;
+    let g = model.graph();
+    let opts = AcdcOptions {
+        threshold: a.acdc_threshold,
+        metric: Metric::Kl,
+        ..Default::default()
+    };
+    let report = |what: &str, t: &eap::patching::acdc::StepTiming| {
+        println!(
+            "ACDC {what:<34} {:>7.4} s per pass, {:>6.2} passes/s ({} passes, {} removed; state built in {:.2} s)",
+            t.seconds / t.passes.max(1) as f64,
+            t.passes_per_second(),
+            t.passes,
+            t.removed,
+            t.build_seconds
+        );
+    };
+    let none = vec![false; g.n_writers() * g.n_readers()];
+    let top = time_steps(model, &prepared, &opts, none.clone(), 0, a.acdc_steps)?;
+    report("from the start (logits first)", &top);
+    if a.acdc_samples == 0 {
+        return Ok(());
+    }
+    // The circuit above each sample point: EAP's top edges.
+    let scores = attribute(
+        model,
+        &data,
+        &AttributionOptions {
+            memory_budget: a.memory_budget << 20,
+            ..Default::default()
+        },
+    )?
+    .scores;
+    let kept = Circuit::top_n(&scores, a.acdc_circuit_edges);
+    let order = visit_order(&g);
+    let nr = g.n_readers();
+    let total: usize = order.iter().map(|&r| g.n_upstream(r)).sum();
+    let (mut seconds, mut passes) = (0f64, 0usize);
+    for k in 0..a.acdc_samples {
+        // The reader holding the edge at quantile (k + ½) / samples of the visit order.
+        let target = (k as f64 + 0.5) / a.acdc_samples as f64 * total as f64;
+        let (mut position, mut cum) = (0, 0usize);
+        while position + 1 < order.len() && (cum + g.n_upstream(order[position])) as f64 <= target {
+            cum += g.n_upstream(order[position]);
+            position += 1;
+        }
+        let mut patched = none.clone();
+        for &r in &order[..position] {
+            for w in 0..g.n_upstream(r) {
+                patched[w * nr + r] = !kept.contains(w, r);
+            }
+        }
+        let t = time_steps(model, &prepared, &opts, patched, position, a.acdc_steps)?;
+        report(&format!("at {}", g.reader_name(order[position])), &t);
+        seconds += t.seconds;
+        passes += t.passes;
+    }
+    println!(
+        "ACDC over the graph ({} samples, {}-edge circuit above) {:.4} s per pass, {:.2} passes/s",
+        a.acdc_samples,
+        a.acdc_circuit_edges,
+        seconds / passes.max(1) as f64,
+        passes as f64 / seconds.max(1e-9)
+    );
     Ok(())
 }
 

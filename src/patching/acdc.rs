@@ -383,7 +383,14 @@ pub fn run_acdc(
         std::fs::File::create(&p.log).map_err(|e| Error::io(&p.log, e))?;
     }
     // The run under the current circuit; a resume rebuilds it from the checkpoint's mask.
-    let mut state = AcdcState::build(model, prepared, opts.metric, order.clone(), patched, position)?;
+    let mut state = AcdcState::build(
+        model,
+        prepared,
+        opts.metric,
+        order.clone(),
+        patched,
+        position,
+    )?;
     let build_passes = if checkpoint_metric.is_some() {
         state.passes
     } else {
@@ -423,61 +430,18 @@ pub fn run_acdc(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let remove_when = |delta: f32| -> bool {
-        if opts.metric == Metric::Kl {
-            delta < opts.threshold
-        } else {
-            delta.abs() < opts.threshold
-        }
-    };
-
     let mut done_here = 0usize;
     while position < order.len() {
-        let r = order[position];
         let first_new_step = steps.len();
-        let live = node_writer(&graph, r).is_none_or(|w| connected(&graph, state.patched(), w));
-        for w in (0..graph.n_upstream(r)).rev() {
-            let i = w * nr + r;
-            if state.patched()[i] {
-                continue;
-            }
-            if !live {
-                state.remove_untried(w, r)?;
-                steps.push(AcdcStep {
-                    writer: w,
-                    reader: r,
-                    edge: graph.edge_name(w, r),
-                    tried: false,
-                    metric_before: current,
-                    metric_after: None,
-                    delta: None,
-                    removed: true,
-                });
-                continue;
-            }
-            let value = state.try_edge(w, r)?;
-            let delta = value - current;
-            scores.values[i] = delta;
-            let removed = remove_when(delta);
-            if removed {
-                state.accept()?;
-                current = value;
-            } else {
-                state.reject()?;
-            }
-            steps.push(AcdcStep {
-                writer: w,
-                reader: r,
-                edge: graph.edge_name(w, r),
-                tried: true,
-                metric_before: value - delta,
-                metric_after: Some(value),
-                delta: Some(delta),
-                removed,
-            });
-        }
-        // The reader is decided: the state is brought to the form a resume rebuilds.
-        current = state.finish_reader()?;
+        let tries = visit_reader(
+            &mut state,
+            opts,
+            &mut current,
+            &mut scores,
+            &mut steps,
+            None,
+        )?;
+        debug_assert!(tries.finished);
         position += 1;
         done_here += 1;
         let passes = passes_before + state.passes - build_passes;
@@ -525,7 +489,11 @@ pub fn run_acdc(
     bar.finish_and_clear();
     let circuit = Circuit {
         graph,
-        edges: real.iter().zip(state.patched()).map(|(&r, &p)| r && !p).collect(),
+        edges: real
+            .iter()
+            .zip(state.patched())
+            .map(|(&r, &p)| r && !p)
+            .collect(),
     };
     Ok(AcdcResult {
         circuit,
@@ -537,6 +505,162 @@ pub fn run_acdc(
         steps,
         threshold: opts.threshold,
         metric_kind: opts.metric,
+    })
+}
+
+/// How a call of [`visit_reader`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Visit {
+    /// Tentative patches run (one pass per chunk each).
+    pub tries: usize,
+    /// The reader was decided (false only when `max_tries` stopped the visit).
+    pub finished: bool,
+}
+
+/// ACDC on the reader `state` is visiting: each incoming edge from the latest writer down is
+/// patched tentatively and kept removed when the metric moves by less than τ (module docs);
+/// edges of a node that no longer reaches the logits are removed untried. Updates `current`
+/// (the current circuit's metric), the scores and the step log, then decides the reader.
+/// `max_tries` stops after that many tentative patches without deciding it (benchmarks).
+pub fn visit_reader(
+    state: &mut AcdcState,
+    opts: &AcdcOptions,
+    current: &mut f32,
+    scores: &mut Scores,
+    steps: &mut Vec<AcdcStep>,
+    max_tries: Option<usize>,
+) -> Result<Visit> {
+    let graph = scores.graph;
+    let nr = graph.n_readers();
+    let r = state
+        .visiting()
+        .ok_or_else(|| Error::invalid("every reader is decided"))?;
+    let remove_when = |delta: f32| -> bool {
+        if opts.metric == Metric::Kl {
+            delta < opts.threshold
+        } else {
+            delta.abs() < opts.threshold
+        }
+    };
+    let live = node_writer(&graph, r).is_none_or(|w| connected(&graph, state.patched(), w));
+    let mut tries = 0;
+    for w in (0..graph.n_upstream(r)).rev() {
+        let i = w * nr + r;
+        if state.patched()[i] {
+            continue;
+        }
+        if !live {
+            state.remove_untried(w, r)?;
+            steps.push(AcdcStep {
+                writer: w,
+                reader: r,
+                edge: graph.edge_name(w, r),
+                tried: false,
+                metric_before: *current,
+                metric_after: None,
+                delta: None,
+                removed: true,
+            });
+            continue;
+        }
+        if max_tries.is_some_and(|m| tries >= m) {
+            return Ok(Visit {
+                tries,
+                finished: false,
+            });
+        }
+        let value = state.try_edge(w, r)?;
+        tries += 1;
+        let delta = value - *current;
+        scores.values[i] = delta;
+        let removed = remove_when(delta);
+        if removed {
+            state.accept()?;
+            *current = value;
+        } else {
+            state.reject()?;
+        }
+        steps.push(AcdcStep {
+            writer: w,
+            reader: r,
+            edge: graph.edge_name(w, r),
+            tried: true,
+            metric_before: value - delta,
+            metric_after: Some(value),
+            delta: Some(delta),
+            removed,
+        });
+    }
+    // The reader is decided: the state is brought to the form a resume rebuilds.
+    *current = state.finish_reader()?;
+    Ok(Visit {
+        tries,
+        finished: true,
+    })
+}
+
+/// What [`time_steps`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct StepTiming {
+    /// Forward passes (tentative patches × chunks) in the timed part.
+    pub passes: usize,
+    /// Tentative patches whose edge stayed removed.
+    pub removed: usize,
+    /// Wall time of the steps, reader boundaries included; the state's build excluded.
+    pub seconds: f64,
+    /// The one full pass that builds the state.
+    pub build_seconds: f64,
+}
+
+impl StepTiming {
+    pub fn passes_per_second(&self) -> f64 {
+        self.passes as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Runs ACDC for `steps` tentative patches from visit position `position`, with `patched` as
+/// the circuit so far (readers before `position` decided), and times them: the benchmark of
+/// ACDC's unit of work at any depth of the graph.
+pub fn time_steps(
+    model: &Model,
+    prepared: &[PreparedChunk],
+    opts: &AcdcOptions,
+    patched: Vec<bool>,
+    position: usize,
+    steps: usize,
+) -> Result<StepTiming> {
+    let graph = model.graph();
+    let t = Instant::now();
+    let mut state = AcdcState::build(
+        model,
+        prepared,
+        opts.metric,
+        visit_order(&graph),
+        patched,
+        position,
+    )?;
+    let build_seconds = t.elapsed().as_secs_f64();
+    let (build_passes, mut current) = (state.passes, state.metric());
+    let mut scores = Scores::zeros(graph);
+    let mut log = Vec::new();
+    let t = Instant::now();
+    let mut tries = 0;
+    while tries < steps && state.visiting().is_some() {
+        tries += visit_reader(
+            &mut state,
+            opts,
+            &mut current,
+            &mut scores,
+            &mut log,
+            Some(steps - tries),
+        )?
+        .tries;
+    }
+    Ok(StepTiming {
+        passes: state.passes - build_passes,
+        removed: log.iter().filter(|s| s.tried && s.removed).count(),
+        seconds: t.elapsed().as_secs_f64(),
+        build_seconds,
     })
 }
 

@@ -133,7 +133,11 @@ fn fold(
         out
     });
     if let Some(v) = fast {
-        return Ok(Some(Tensor::from_vec(v, (out_rows, d), terms[0].0.device())?));
+        return Ok(Some(Tensor::from_vec(
+            v,
+            (out_rows, d),
+            terms[0].0.device(),
+        )?));
     }
     // Any device: the same additions through candle.
     let pick = |t: &Tensor| -> Result<Tensor> {
@@ -299,8 +303,7 @@ fn head_output(
     let q = qkv[0].reshape((batch, p, dh))?;
     let k = qkv[1].reshape((batch, p, dh))?;
     let v = qkv[2].reshape((batch, p, dh))?;
-    let scores =
-        (q.matmul(&k.t()?)? * (1.0 / model.cfg.attn_scale as f64))?.broadcast_add(mask)?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / model.cfg.attn_scale as f64))?.broadcast_add(mask)?;
     let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
     let z = pattern.matmul(&v)?.reshape((n, dh))?;
     Ok(z.matmul(&lw.wo_heads.get(head)?)?)
@@ -339,7 +342,9 @@ impl<'a> AcdcState<'a> {
             position_of[r] = i;
         }
         if order.len() != nr || position_of.contains(&usize::MAX) {
-            return Err(Error::invalid("the visit order must list every reader once"));
+            return Err(Error::invalid(
+                "the visit order must list every reader once",
+            ));
         }
         let mut chunks = Vec::with_capacity(prepared.len());
         for p in prepared {
@@ -351,9 +356,7 @@ impl<'a> AcdcState<'a> {
                 base_sites: residual_sites(model, &p.baseline)?,
                 logit_rows: (0..b).map(|i| i * len + len - 1).collect(),
                 shortformer_pos: match model.cfg.positions {
-                    crate::model::Positions::Shortformer => {
-                        Some(model.positions(&p.chunk.clean)?)
-                    }
+                    crate::model::Positions::Shortformer => Some(model.positions(&p.chunk.clean)?),
                     crate::model::Positions::Standard => None,
                 },
                 mask: ops::attention_mask(len, model.cfg.causal, &model.device)?,
@@ -776,22 +779,14 @@ impl<'a> AcdcState<'a> {
                         update.proj.push((hn, letter, qkv[letter].clone()));
                     }
                 }
-                let out = head_output(
-                    model,
-                    &lw,
-                    h,
-                    [&qkv[0], &qkv[1], &qkv[2]],
-                    batch,
-                    &st.mask,
-                )?;
+                let out = head_output(model, &lw, h, [&qkv[0], &qkv[1], &qkv[2]], batch, &st.mask)?;
                 new_writers.insert(node, out);
                 changed.push(node);
             }
             if g.has_mlp {
                 let r = g.reader_index(Reader::Mlp { layer: l });
                 let node = g.writer_index(Writer::Mlp { layer: l });
-                if (r == forced || reads_changed(r, &changed))
-                    && connected(&g, &self.patched, node)
+                if (r == forced || reads_changed(r, &changed)) && connected(&g, &self.patched, node)
                 {
                     let lw = match &lw {
                         Some(w) => w.clone(),
