@@ -35,8 +35,6 @@
 //! way; and when a reader's visit ends ([`AcdcState::finish_reader`]) its node and the nodes it
 //! reaches are recomputed in form B — about one tentative pass per reader.
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
@@ -188,8 +186,11 @@ struct ChunkState {
     base_sites: Vec<Tensor>,
     /// Rows whose logits the metric reads.
     logit_rows: Vec<usize>,
-    /// Positional embeddings added to the q/k inputs (shortformer models).
-    shortformer_pos: Option<Tensor>,
+    /// Positional embeddings added to the q/k inputs (shortformer models): every row, the
+    /// rows before the last position, the last position's rows.
+    shortformer_pos: Option<(Tensor, Option<Tensor>, Tensor)>,
+    batch: usize,
+    seq_len: usize,
     mask: Tensor,
     /// The chunk's current mean metric.
     metric: f32,
@@ -211,6 +212,14 @@ struct Pending {
     metric: f32,
 }
 
+/// The visited reader and, per chunk, `Σ_{u∈P(r)} (b_u − a_u)` over its patched edges, at the
+/// rows of `need`.
+struct VisitSums {
+    reader: usize,
+    need: Need,
+    sums: Vec<Option<Tensor>>,
+}
+
 /// ACDC's patched set and the run of the model under it, one state per chunk.
 pub struct AcdcState<'a> {
     model: &'a Model,
@@ -225,8 +234,8 @@ pub struct AcdcState<'a> {
     patched: Vec<bool>,
     chunks: Vec<ChunkState>,
     metric: f32,
-    /// The visited reader and, per chunk, `Σ_{u∈P(r)} (b_u − a_u)` over its patched edges.
-    visit: Option<(usize, Vec<Option<Tensor>>)>,
+    /// The visited reader's patched sums.
+    visit: Option<VisitSums>,
     pending: Option<Pending>,
     /// Metric evaluations so far, one per chunk per evaluation (the build counts one).
     pub passes: usize,
@@ -269,6 +278,59 @@ fn residual_sites(model: &Model, writers: &[Tensor]) -> Result<Vec<Tensor>> {
     Ok(sites)
 }
 
+/// Which rows of a node's output anything reads: none (the node is dead), only the rows the
+/// metric reads (the last position of each sequence), or all.
+///
+/// A node whose output only reaches the logits through queries, MLPs and the logits themselves
+/// is needed at the last position only, and is computed there alone: 32 rows instead of 512 for
+/// GPT-2 at 32 × 16. Keys and values need every position. Every node computes its last-position
+/// rows in a separate pass of their own, so those rows have the same bits in either mode, and a
+/// node's need only falls as edges are patched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Need {
+    None,
+    Last,
+    All,
+}
+
+/// `[b·p, c]` as the rows before the last position `[b·(p−1), c]` (none when `p = 1`) and the
+/// last position's rows `[b, c]`.
+fn split_rows(t: &Tensor, b: usize, p: usize) -> Result<(Option<Tensor>, Tensor)> {
+    let c = t.dim(1)?;
+    let t3 = t.reshape((b, p, c))?;
+    let last = t3.narrow(1, p - 1, 1)?.contiguous()?.reshape((b, c))?;
+    let rest = match p {
+        1 => None,
+        _ => Some(
+            t3.narrow(1, 0, p - 1)?
+                .contiguous()?
+                .reshape((b * (p - 1), c))?,
+        ),
+    };
+    Ok((rest, last))
+}
+
+/// The inverse of [`split_rows`]; zeros for the earlier rows when there are none.
+fn join_rows(rest: Option<&Tensor>, last: &Tensor, b: usize, p: usize) -> Result<Tensor> {
+    let c = last.dim(1)?;
+    if p == 1 {
+        return Ok(last.clone());
+    }
+    let rest = match rest {
+        Some(r) => r.reshape((b, p - 1, c))?,
+        None => Tensor::zeros((b, p - 1, c), DType::F32, last.device())?,
+    };
+    Ok(Tensor::cat(&[&rest, &last.reshape((b, 1, c))?], 1)?.reshape((b * p, c))?)
+}
+
+/// The rows of an input: `input` holds the last position's rows only (`Need::Last`) or all.
+fn parts(input: &Tensor, need: Need, b: usize, p: usize) -> Result<(Option<Tensor>, Tensor)> {
+    match need {
+        Need::All => split_rows(input, b, p),
+        _ => Ok((None, input.clone())),
+    }
+}
+
 /// One head's projection of its (already combined) input for `letter` (0 q, 1 k, 2 v).
 fn head_projection(
     model: &Model,
@@ -288,24 +350,22 @@ fn head_projection(
     Ok(xn.matmul(&w)?.broadcast_add(&b)?)
 }
 
-/// One head's output `z_h W_O[h]`, `[N, d]`, from its projections.
-fn head_output(
+/// Attention of queries `[b, m, dh]` over all keys and values `[b, p, dh]`, with the mask's
+/// rows for those queries (`[m, p]`), through `W_O[head]`: `[b·m, d]`.
+fn attend(
     model: &Model,
     lw: &LayerWeights,
     head: usize,
-    qkv: [&Tensor; 3],
-    batch: usize,
-    mask: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask_rows: &Tensor,
 ) -> Result<Tensor> {
-    let dh = model.cfg.d_head;
-    let n = qkv[0].dim(0)?;
-    let p = n / batch;
-    let q = qkv[0].reshape((batch, p, dh))?;
-    let k = qkv[1].reshape((batch, p, dh))?;
-    let v = qkv[2].reshape((batch, p, dh))?;
-    let scores = (q.matmul(&k.t()?)? * (1.0 / model.cfg.attn_scale as f64))?.broadcast_add(mask)?;
+    let (b, m, dh) = q.dims3()?;
+    let scores =
+        (q.matmul(&k.t()?)? * (1.0 / model.cfg.attn_scale as f64))?.broadcast_add(mask_rows)?;
     let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
-    let z = pattern.matmul(&v)?.reshape((n, dh))?;
+    let z = pattern.matmul(v)?.reshape((b * m, dh))?;
     Ok(z.matmul(&lw.wo_heads.get(head)?)?)
 }
 
@@ -315,6 +375,93 @@ fn mlp_output(model: &Model, lw: &LayerWeights, input: &Tensor) -> Result<Tensor
     let pre = xn.matmul(&mlp.w_in)?.broadcast_add(&mlp.b_in)?;
     let post = ops::activation(&pre, model.cfg.act, false)?;
     Ok(post.matmul(&mlp.w_out)?)
+}
+
+/// The node computations of one chunk, row-restricted by [`Need`].
+struct NodeCtx<'c> {
+    model: &'c Model,
+    batch: usize,
+    seq_len: usize,
+    mask: &'c Tensor,
+    pos: Option<&'c (Tensor, Option<Tensor>, Tensor)>,
+}
+
+impl NodeCtx<'_> {
+    /// Head `head`'s output `[N, d]` (earlier rows zero under `Need::Last`) and its new
+    /// projections. `inputs` holds the new input of each changed letter: the query's at the
+    /// rows of `need`, the key's and value's at every row; the others come from `cached`.
+    fn head(
+        &self,
+        lw: &LayerWeights,
+        head: usize,
+        need: Need,
+        inputs: [Option<Tensor>; 3],
+        cached: &[Tensor; 3],
+    ) -> Result<([Option<Tensor>; 3], Tensor)> {
+        let (b, p, dh) = (self.batch, self.seq_len, self.model.cfg.d_head);
+        let mut new: [Option<Tensor>; 3] = [None, None, None];
+        let [q_in, k_in, v_in] = inputs;
+        if let Some(input) = q_in {
+            let (rest, last) = parts(&input, need, b, p)?;
+            let q_last = head_projection(self.model, lw, 0, head, &last, self.pos.map(|t| &t.2))?;
+            let q_rest = match &rest {
+                Some(r) => Some(head_projection(
+                    self.model,
+                    lw,
+                    0,
+                    head,
+                    r,
+                    self.pos.and_then(|t| t.1.as_ref()),
+                )?),
+                None => None,
+            };
+            new[0] = Some(join_rows(q_rest.as_ref(), &q_last, b, p)?);
+        }
+        for (letter, input) in [(1, k_in), (2, v_in)] {
+            if let Some(input) = input {
+                let pos = self.pos.map(|t| &t.0);
+                new[letter] = Some(head_projection(self.model, lw, letter, head, &input, pos)?);
+            }
+        }
+        let pick = |l: usize| new[l].as_ref().unwrap_or(&cached[l]);
+        let k = pick(1).reshape((b, p, dh))?;
+        let v = pick(2).reshape((b, p, dh))?;
+        let (q_rest, q_last) = split_rows(pick(0), b, p)?;
+        let out_last = attend(
+            self.model,
+            lw,
+            head,
+            &q_last.reshape((b, 1, dh))?,
+            &k,
+            &v,
+            &self.mask.narrow(0, p - 1, 1)?,
+        )?;
+        let out_rest = match (need, q_rest) {
+            (Need::All, Some(q)) => Some(attend(
+                self.model,
+                lw,
+                head,
+                &q.reshape((b, p - 1, dh))?,
+                &k,
+                &v,
+                &self.mask.narrow(0, 0, p - 1)?,
+            )?),
+            _ => None,
+        };
+        Ok((new, join_rows(out_rest.as_ref(), &out_last, b, p)?))
+    }
+
+    /// The MLP's output `[N, d]` from its input at the rows of `need`.
+    fn mlp(&self, lw: &LayerWeights, need: Need, input: &Tensor) -> Result<Tensor> {
+        let (b, p) = (self.batch, self.seq_len);
+        let (rest, last) = parts(input, need, b, p)?;
+        let out_last = mlp_output(self.model, lw, &last)?;
+        let out_rest = match &rest {
+            Some(r) => Some(mlp_output(self.model, lw, r)?),
+            None => None,
+        };
+        join_rows(out_rest.as_ref(), &out_last, b, p)
+    }
 }
 
 impl<'a> AcdcState<'a> {
@@ -349,16 +496,23 @@ impl<'a> AcdcState<'a> {
         let mut chunks = Vec::with_capacity(prepared.len());
         for p in prepared {
             let (b, len) = (p.chunk.clean.batch, p.chunk.clean.seq_len);
+            let shortformer_pos = match model.cfg.positions {
+                crate::model::Positions::Shortformer => {
+                    let full = model.positions(&p.chunk.clean)?;
+                    let (rest, last) = split_rows(&full, b, len)?;
+                    Some((full, rest, last))
+                }
+                crate::model::Positions::Standard => None,
+            };
             chunks.push(ChunkState {
                 writers: p.clean_writers.clone(),
                 proj: Vec::new(),
                 sites: Vec::new(),
                 base_sites: residual_sites(model, &p.baseline)?,
                 logit_rows: (0..b).map(|i| i * len + len - 1).collect(),
-                shortformer_pos: match model.cfg.positions {
-                    crate::model::Positions::Shortformer => Some(model.positions(&p.chunk.clean)?),
-                    crate::model::Positions::Standard => None,
-                },
+                shortformer_pos,
+                batch: b,
+                seq_len: len,
                 mask: ops::attention_mask(len, model.cfg.causal, &model.device)?,
                 metric: 0.0,
             });
@@ -378,8 +532,9 @@ impl<'a> AcdcState<'a> {
             pending: None,
             passes: 0,
         };
+        let needs = state.needs(&state.patched);
         for c in 0..prepared.len() {
-            state.build_chunk(c)?;
+            state.build_chunk(c, &needs)?;
         }
         state.metric = state.combined(&vec![None; prepared.len()])?;
         state.passes += prepared.len();
@@ -403,57 +558,128 @@ impl<'a> AcdcState<'a> {
         self.order.get(self.position).copied()
     }
 
+    /// How many nodes the current circuit needs at the metric's rows only (computed on those
+    /// rows alone), and how many it needs at every row.
+    pub fn row_restricted_nodes(&self) -> (usize, usize) {
+        let needs = self.needs(&self.patched);
+        let count = |n: Need| needs[1..].iter().filter(|&&x| x == n).count();
+        (count(Need::Last), count(Need::All))
+    }
+
     fn decided(&self, reader: usize) -> bool {
         self.position_of[reader] < self.position
     }
 
-    /// Every node of chunk `c` in layer order, each reader's input in its canonical form.
-    fn build_chunk(&mut self, c: usize) -> Result<()> {
+    fn ctx(&self, c: usize) -> NodeCtx<'_> {
+        let st = &self.chunks[c];
+        NodeCtx {
+            model: self.model,
+            batch: st.batch,
+            seq_len: st.seq_len,
+            mask: &st.mask,
+            pos: st.shortformer_pos.as_ref(),
+        }
+    }
+
+    /// Each writer's [`Need`] under `patched`. Writers that an undecided reader reads (those
+    /// below the visit frontier) are needed at every row: undecided readers take their input
+    /// from the residual stream.
+    fn needs(&self, patched: &[bool]) -> Vec<Need> {
+        let g = self.graph;
+        let (nw, nr) = (g.n_writers(), g.n_readers());
+        // The visit order goes down the layers, so the visited reader has the most writers
+        // upstream of any undecided one.
+        let below_frontier = self.visiting().map_or(0, |r| g.n_upstream(r));
+        let mut need = vec![Need::None; nw];
+        for x in (0..nw).rev() {
+            if x < below_frontier {
+                need[x] = Need::All;
+                continue;
+            }
+            let mut n = Need::None;
+            for r in 0..nr {
+                if g.is_edge(x, r) && !patched[x * nr + r] {
+                    n = n.max(self.reader_need(r, &need));
+                    if n == Need::All {
+                        break;
+                    }
+                }
+            }
+            need[x] = n;
+        }
+        need
+    }
+
+    /// The rows of reader `r`'s input that its node needs, given the writers' needs.
+    fn reader_need(&self, r: usize, need: &[Need]) -> Need {
+        let g = self.graph;
+        match g.reader(r) {
+            Reader::Logits => Need::Last,
+            Reader::Mlp { layer } => need[g.writer_index(Writer::Mlp { layer })],
+            Reader::Head { layer, head, qkv } => {
+                match (need[g.writer_index(Writer::Head { layer, head })], qkv) {
+                    (n, Qkv::Q) => n,
+                    (Need::None, _) => Need::None,
+                    _ => Need::All,
+                }
+            }
+        }
+    }
+
+    /// The rows argument of the input sums for a reader needed at `need`.
+    fn rows_for(&self, c: usize, need: Need) -> Option<&[usize]> {
+        (need != Need::All).then_some(&self.chunks[c].logit_rows[..])
+    }
+
+    /// Every live node of chunk `c` in layer order, each reader's input in its canonical form.
+    fn build_chunk(&mut self, c: usize, needs: &[Need]) -> Result<()> {
         let g = self.graph;
         let model = self.model;
-        let writers0 = self.chunks[c].writers[0].clone();
-        let mut writers = vec![writers0.clone()];
-        writers.resize(g.n_writers(), writers0);
-        let mut proj = Vec::with_capacity(g.n_layers * g.n_heads);
+        let (n, dh) = (
+            self.chunks[c].batch * self.chunks[c].seq_len,
+            model.cfg.d_head,
+        );
+        // Dead nodes are read by nobody; they keep the clean run's outputs as placeholders.
+        let mut writers = self.chunks[c].writers.clone();
+        let zero = Tensor::zeros((n, dh), DType::F32, &model.device)?;
+        let mut proj = vec![[zero.clone(), zero.clone(), zero]; g.n_layers * g.n_heads];
         let mut sites = vec![writers[0].clone()];
-        let batch = self.prepared[c].chunk.clean.batch;
         for l in 0..g.n_layers {
             let lw = model.layer(l)?;
             let mut x = sites[2 * l].clone();
             for h in 0..g.n_heads {
-                let mut qkv = Vec::with_capacity(3);
-                for (letter, &which) in Qkv::ALL.iter().enumerate() {
-                    let r = g.reader_index(Reader::Head {
-                        layer: l,
-                        head: h,
-                        qkv: which,
-                    });
-                    let input = self.canonical_input(c, r, &writers, &sites, None)?;
-                    let pos = self.chunks[c].shortformer_pos.as_ref();
-                    qkv.push(head_projection(model, &lw, letter, h, &input, pos)?);
-                }
-                let out = head_output(
-                    model,
-                    &lw,
-                    h,
-                    [&qkv[0], &qkv[1], &qkv[2]],
-                    batch,
-                    &self.chunks[c].mask,
-                )?;
                 let u = g.writer_index(Writer::Head { layer: l, head: h });
-                x = (x + &out)?;
-                writers[u] = out;
-                proj.push([qkv[0].clone(), qkv[1].clone(), qkv[2].clone()]);
+                if needs[u] != Need::None {
+                    let mut inputs: [Option<Tensor>; 3] = [None, None, None];
+                    for (letter, &qkv) in Qkv::ALL.iter().enumerate() {
+                        let r = g.reader_index(Reader::Head {
+                            layer: l,
+                            head: h,
+                            qkv,
+                        });
+                        let rows = self.rows_for(c, self.reader_need(r, needs));
+                        inputs[letter] = Some(self.canonical_input(c, r, &writers, &sites, rows)?);
+                    }
+                    let hn = l * g.n_heads + h;
+                    let (new, out) = self.ctx(c).head(&lw, h, needs[u], inputs, &proj[hn])?;
+                    for (letter, t) in new.into_iter().enumerate() {
+                        proj[hn][letter] = t.expect("every letter computed");
+                    }
+                    writers[u] = out;
+                }
+                x = (x + &writers[u])?;
             }
             x = x.broadcast_add(&lw.bo)?;
             sites.push(x.clone());
             if let Some(mlp) = &lw.mlp {
-                let r = g.reader_index(Reader::Mlp { layer: l });
-                let input = self.canonical_input(c, r, &writers, &sites, None)?;
-                let out = mlp_output(model, &lw, &input)?;
                 let u = g.writer_index(Writer::Mlp { layer: l });
-                x = (x + &out)?.broadcast_add(&mlp.b_out)?;
-                writers[u] = out;
+                if needs[u] != Need::None {
+                    let r = g.reader_index(Reader::Mlp { layer: l });
+                    let rows = self.rows_for(c, needs[u]);
+                    let input = self.canonical_input(c, r, &writers, &sites, rows)?;
+                    writers[u] = self.ctx(c).mlp(&lw, needs[u], &input)?;
+                }
+                x = (x + &writers[u])?.broadcast_add(&mlp.b_out)?;
             }
             sites.push(x.clone());
         }
@@ -571,9 +797,14 @@ impl<'a> AcdcState<'a> {
         Ok(i)
     }
 
-    /// The visited reader's patched sum per chunk, started on its first try.
-    fn visit_sums(&mut self, reader: usize) -> Result<()> {
-        if self.visit.as_ref().is_some_and(|(r, _)| *r == reader) {
+    /// The visited reader's patched sum per chunk at the rows its node needs (which patching
+    /// the reader's own edges does not change), started on its first try.
+    fn visit_sums(&mut self, reader: usize, need: Need) -> Result<()> {
+        if self
+            .visit
+            .as_ref()
+            .is_some_and(|v| v.reader == reader && v.need == need)
+        {
             return Ok(());
         }
         let g = self.graph;
@@ -586,10 +817,9 @@ impl<'a> AcdcState<'a> {
                 .filter(|&u| self.patched[u * nr + reader])
                 .map(|u| (&baseline[u], &st.writers[u]))
                 .collect();
-            let rows = (reader == g.reader_index(Reader::Logits)).then_some(&st.logit_rows[..]);
-            sums.push(fold(None, &terms, rows)?);
+            sums.push(fold(None, &terms, self.rows_for(c, need))?);
         }
-        self.visit = Some((reader, sums));
+        self.visit = Some(VisitSums { reader, need, sums });
         Ok(())
     }
 
@@ -598,20 +828,23 @@ impl<'a> AcdcState<'a> {
     /// [`reject`](Self::reject).
     pub fn try_edge(&mut self, writer: usize, reader: usize) -> Result<f32> {
         let i = self.check_edge(writer, reader)?;
-        self.visit_sums(reader)?;
-        let g = self.graph;
+        // The rows the visited reader's node needs do not depend on the reader's own edges.
+        let need = self.reader_need(reader, &self.needs(&self.patched));
+        self.visit_sums(reader, need)?;
         self.patched[i] = true;
         let result = (|| -> Result<Pending> {
+            let needs = self.needs(&self.patched);
+            let g = self.graph;
             let mut updates = Vec::with_capacity(self.chunks.len());
             let mut visit_sums = Vec::with_capacity(self.chunks.len());
             for c in 0..self.chunks.len() {
                 let st = &self.chunks[c];
-                let rows = (reader == g.reader_index(Reader::Logits)).then_some(&st.logit_rows[..]);
-                let prev = self.visit.as_ref().expect("visit sums started").1[c].as_ref();
+                let rows = self.rows_for(c, need);
+                let prev = self.visit.as_ref().expect("visit sums started").sums[c].as_ref();
                 let term = (&self.prepared[c].baseline[writer], &st.writers[writer]);
                 let sum = fold(prev, &[term], rows)?;
                 let input = add_base(&st.sites[site_of(&g, reader)], rows, sum.clone())?;
-                updates.push(self.pass(c, reader, Some(input))?);
+                updates.push(self.pass(c, reader, Some(input), &needs)?);
                 visit_sums.push(sum);
             }
             let metrics: Vec<Option<f32>> = updates.iter().map(|u| u.metric).collect();
@@ -645,8 +878,8 @@ impl<'a> AcdcState<'a> {
         for (c, u) in p.updates.into_iter().enumerate() {
             self.apply(c, u);
         }
-        if let Some((_, sums)) = self.visit.as_mut() {
-            *sums = p.visit_sums;
+        if let Some(v) = self.visit.as_mut() {
+            v.sums = p.visit_sums;
         }
         self.metric = p.metric;
         Ok(())
@@ -684,8 +917,9 @@ impl<'a> AcdcState<'a> {
         }
         self.position += 1;
         self.visit = None;
+        let needs = self.needs(&self.patched);
         for c in 0..self.chunks.len() {
-            let u = self.pass(c, reader, None)?;
+            let u = self.pass(c, reader, None, &needs)?;
             self.apply(c, u);
         }
         self.metric = self.combined(&vec![None; self.chunks.len()])?;
@@ -706,28 +940,29 @@ impl<'a> AcdcState<'a> {
     }
 
     /// One chunk's pass: `forced`'s input changed (to `forced_input`, or to its canonical form
-    /// when `None`); recomputes its node and every node reached through unpatched edges.
-    fn pass(&self, c: usize, forced: usize, forced_input: Option<Tensor>) -> Result<ChunkUpdate> {
+    /// when `None`); recomputes its node and every live node reached through unpatched edges,
+    /// each at the rows it is needed at.
+    fn pass(
+        &self,
+        c: usize,
+        forced: usize,
+        forced_input: Option<Tensor>,
+        needs: &[Need],
+    ) -> Result<ChunkUpdate> {
         let g = self.graph;
         let model = self.model;
         let nr = g.n_readers();
         let st = &self.chunks[c];
-        let batch = self.prepared[c].chunk.clean.batch;
-        let mut new_writers: HashMap<usize, Tensor> = HashMap::new();
+        let ctx = self.ctx(c);
+        let mut writers: Vec<Tensor> = st.writers.clone();
         let mut changed: Vec<usize> = Vec::new();
         let mut update = ChunkUpdate::default();
         let mut forced_input = forced_input;
-        // The writer values of this pass: recomputed ones, else the current ones.
-        let current: Vec<&Tensor> = st.writers.iter().collect();
         let reads_changed = |r: usize, changed: &[usize]| -> bool {
             let up = g.n_upstream(r);
             changed.iter().any(|&u| u < up && !self.patched[u * nr + r])
         };
-        let mut input_of = |r: usize,
-                            changed: &[usize],
-                            new_writers: &HashMap<usize, Tensor>,
-                            rows: Option<&[usize]>|
-         -> Result<Tensor> {
+        let mut input_of = |r: usize, changed: &[usize], writers: &[Tensor]| -> Result<Tensor> {
             if r == forced {
                 if let Some(t) = forced_input.take() {
                     return Ok(t);
@@ -739,12 +974,8 @@ impl<'a> AcdcState<'a> {
                     g.reader_name(r)
                 )));
             }
-            let writers: Vec<Tensor> = current
-                .iter()
-                .enumerate()
-                .map(|(u, t)| new_writers.get(&u).unwrap_or(t).clone())
-                .collect();
-            self.canonical_input(c, r, &writers, &st.sites, rows)
+            let rows = self.rows_for(c, self.reader_need(r, needs));
+            self.canonical_input(c, r, writers, &st.sites, rows)
         };
         for l in layer_of(&g, forced)..g.n_layers {
             let mut lw: Option<std::sync::Arc<LayerWeights>> = None;
@@ -758,7 +989,7 @@ impl<'a> AcdcState<'a> {
                     })
                 });
                 let dirty = readers.map(|r| r == forced || reads_changed(r, &changed));
-                if !dirty.iter().any(|&d| d) || !connected(&g, &self.patched, node) {
+                if !dirty.iter().any(|&d| d) || needs[node] == Need::None {
                     continue;
                 }
                 let lw = match &lw {
@@ -769,41 +1000,44 @@ impl<'a> AcdcState<'a> {
                         w
                     }
                 };
-                let hn = l * g.n_heads + h;
-                let mut qkv = st.proj[hn].clone();
+                let mut inputs: [Option<Tensor>; 3] = [None, None, None];
                 for letter in 0..3 {
                     if dirty[letter] {
-                        let input = input_of(readers[letter], &changed, &new_writers, None)?;
-                        let pos = st.shortformer_pos.as_ref();
-                        qkv[letter] = head_projection(model, &lw, letter, h, &input, pos)?;
-                        update.proj.push((hn, letter, qkv[letter].clone()));
+                        inputs[letter] = Some(input_of(readers[letter], &changed, &writers)?);
                     }
                 }
-                let out = head_output(model, &lw, h, [&qkv[0], &qkv[1], &qkv[2]], batch, &st.mask)?;
-                new_writers.insert(node, out);
+                let hn = l * g.n_heads + h;
+                let (new, out) = ctx.head(&lw, h, needs[node], inputs, &st.proj[hn])?;
+                for (letter, t) in new.into_iter().enumerate() {
+                    if let Some(t) = t {
+                        update.proj.push((hn, letter, t));
+                    }
+                }
+                writers[node] = out.clone();
+                update.writers.push((node, out));
                 changed.push(node);
             }
             if g.has_mlp {
                 let r = g.reader_index(Reader::Mlp { layer: l });
                 let node = g.writer_index(Writer::Mlp { layer: l });
-                if (r == forced || reads_changed(r, &changed)) && connected(&g, &self.patched, node)
-                {
+                if (r == forced || reads_changed(r, &changed)) && needs[node] != Need::None {
                     let lw = match &lw {
                         Some(w) => w.clone(),
                         None => model.layer(l)?,
                     };
-                    let input = input_of(r, &changed, &new_writers, None)?;
-                    new_writers.insert(node, mlp_output(model, &lw, &input)?);
+                    let input = input_of(r, &changed, &writers)?;
+                    let out = ctx.mlp(&lw, needs[node], &input)?;
+                    writers[node] = out.clone();
+                    update.writers.push((node, out));
                     changed.push(node);
                 }
             }
         }
         let r = g.reader_index(Reader::Logits);
         if r == forced || reads_changed(r, &changed) {
-            let input = input_of(r, &changed, &new_writers, Some(&st.logit_rows))?;
+            let input = input_of(r, &changed, &writers)?;
             update.metric = Some(self.chunk_metric(c, &input)?);
         }
-        update.writers = new_writers.into_iter().collect();
         Ok(update)
     }
 }
