@@ -695,11 +695,13 @@ fn bench_acdc(model: &Model, seqs: &[Vec<u32>], a: &BenchArgs) -> Result<()> {
     };
     let report = |what: &str, t: &eap::patching::acdc::StepTiming| {
         println!(
-            "ACDC {what:<34} {:>7.4} s per pass, {:>6.2} passes/s ({} passes, {} removed; state built in {:.2} s)",
+            "ACDC {what:<34} {:>7.4} s per pass, {:>6.2} passes/s ({} passes, {} removed; live nodes: {} at all rows, {} at the last position; state built in {:.2} s)",
             t.seconds / t.passes.max(1) as f64,
             t.passes_per_second(),
             t.passes,
             t.removed,
+            t.nodes_all_rows,
+            t.nodes_last_only,
             t.build_seconds
         );
     };

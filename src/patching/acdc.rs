@@ -610,6 +610,9 @@ pub struct StepTiming {
     pub seconds: f64,
     /// The one full pass that builds the state.
     pub build_seconds: f64,
+    /// Nodes of the starting circuit needed at the metric's rows only, and at every row.
+    pub nodes_last_only: usize,
+    pub nodes_all_rows: usize,
 }
 
 impl StepTiming {
@@ -641,6 +644,7 @@ pub fn time_steps(
     )?;
     let build_seconds = t.elapsed().as_secs_f64();
     let (build_passes, mut current) = (state.passes, state.metric());
+    let (nodes_last_only, nodes_all_rows) = state.row_restricted_nodes();
     let mut scores = Scores::zeros(graph);
     let mut log = Vec::new();
     let t = Instant::now();
@@ -661,6 +665,8 @@ pub fn time_steps(
         removed: log.iter().filter(|s| s.tried && s.removed).count(),
         seconds: t.elapsed().as_secs_f64(),
         build_seconds,
+        nodes_last_only,
+        nodes_all_rows,
     })
 }
 
