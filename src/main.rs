@@ -611,21 +611,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         );
     }
     if !a.no_eap {
-        let examples = seqs
-            .iter()
-            .map(|s| eap::tasks::Example {
-                clean: s.clone(),
-                corrupted: s.iter().map(|t| (t + 1) % cfg.d_vocab as u32).collect(),
-                target: eap::tasks::Target {
-                    answers: vec![1],
-                    wrongs: vec![2],
-                },
-            })
-            .collect();
-        let data = Dataset {
-            name: "bench".into(),
-            examples,
-        };
+        let data = bench_data(&seqs, cfg.d_vocab);
         let g = model.graph();
         // Contraction: Σ_readers 2 · n_upstream · N · d.
         let contraction: f64 = (0..g.n_readers())
@@ -657,28 +643,32 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// ACDC's unit of work, one exact patched forward, timed as ACDC runs it: from the start of
-/// the visit order, and at visit positions spread evenly over the edges, where the readers
-/// already visited keep a sparse circuit (EAP's top edges, the size of IOI's) as ACDC would
-/// leave behind.
-fn bench_acdc(model: &Model, seqs: &[Vec<u32>], a: &BenchArgs) -> Result<()> {
-    use eap::patching::acdc::{time_steps, visit_order, AcdcOptions};
-    let cfg = &model.cfg;
+/// The benchmark's examples: each sequence, corrupted by shifting every token by one.
+fn bench_data(seqs: &[Vec<u32>], d_vocab: usize) -> Dataset {
     let examples = seqs
         .iter()
         .map(|s| eap::tasks::Example {
             clean: s.clone(),
-            corrupted: s.iter().map(|t| (t + 1) % cfg.d_vocab as u32).collect(),
+            corrupted: s.iter().map(|t| (t + 1) % d_vocab as u32).collect(),
             target: eap::tasks::Target {
                 answers: vec![1],
                 wrongs: vec![2],
             },
         })
         .collect();
-    let data = Dataset {
+    Dataset {
         name: "bench".into(),
         examples,
-    };
+    }
+}
+
+/// ACDC's unit of work, one exact patched forward, timed as ACDC runs it: from the start of
+/// the visit order, and at visit positions spread evenly over the edges, where the readers
+/// already visited keep a sparse circuit (EAP's top edges, the size of IOI's) as ACDC would
+/// leave behind.
+fn bench_acdc(model: &Model, seqs: &[Vec<u32>], a: &BenchArgs) -> Result<()> {
+    use eap::patching::acdc::{time_steps, visit_order, AcdcOptions};
+    let data = bench_data(seqs, model.cfg.d_vocab);
     let runner = Runner::new(
         model,
         &data,

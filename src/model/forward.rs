@@ -232,6 +232,17 @@ impl Model {
         }
     }
 
+    /// Final norm and unembedding of residual-stream rows `[R, d]`: logits `[R, d_vocab_out]`
+    /// and the norm's statistics for the backward.
+    pub(crate) fn unembed(&self, x: &Tensor) -> Result<(Tensor, Option<NormCache>)> {
+        let (xn, ln_final) = self.apply_norm(x, &self.embed.ln_final)?;
+        let mut logits = xn.matmul(&self.embed.w_u)?;
+        if let Some(bu) = &self.embed.b_u {
+            logits = logits.broadcast_add(bu)?;
+        }
+        Ok((logits, ln_final))
+    }
+
     /// Checks token ids and length against the model.
     fn check_batch(&self, batch: &Batch) -> Result<()> {
         if batch.seq_len > self.cfg.n_ctx {
@@ -477,11 +488,7 @@ impl Model {
             .collect();
         let logit_rows = Tensor::from_vec(rows, b * positions.len(), &self.device)?;
         let xf = x.index_select(&logit_rows, 0)?;
-        let (xfn, ln_final) = self.apply_norm(&xf, &self.embed.ln_final)?;
-        let mut logits = xfn.matmul(&self.embed.w_u)?;
-        if let Some(bu) = &self.embed.b_u {
-            logits = logits.broadcast_add(bu)?;
-        }
+        let (logits, ln_final) = self.unembed(&xf)?;
         let logits = logits.reshape((b, positions.len(), cfg.d_vocab_out))?;
         let cache = opts.keep_cache.then(|| ForwardCache {
             layers: layer_caches,

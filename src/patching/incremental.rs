@@ -737,11 +737,7 @@ impl<'a> AcdcState<'a> {
 
     fn chunk_metric(&self, c: usize, logits_input: &Tensor) -> Result<f32> {
         let model = self.model;
-        let (xn, _) = model.apply_norm(logits_input, &model.embed.ln_final)?;
-        let mut logits = xn.matmul(&model.embed.w_u)?;
-        if let Some(bu) = &model.embed.b_u {
-            logits = logits.broadcast_add(bu)?;
-        }
+        let (logits, _) = model.unembed(logits_input)?;
         let p = &self.prepared[c];
         Ok(metric_value(
             self.metric_kind,
