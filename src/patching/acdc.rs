@@ -383,14 +383,7 @@ pub fn run_acdc(
         std::fs::File::create(&p.log).map_err(|e| Error::io(&p.log, e))?;
     }
     // The run under the current circuit; a resume rebuilds it from the checkpoint's mask.
-    let mut state = AcdcState::build(
-        model,
-        prepared,
-        opts.metric,
-        order.clone(),
-        patched,
-        position,
-    )?;
+    let mut state = AcdcState::build(model, prepared, opts.metric, patched, position)?;
     let build_passes = if checkpoint_metric.is_some() {
         state.passes
     } else {
@@ -634,14 +627,7 @@ pub fn time_steps(
 ) -> Result<StepTiming> {
     let graph = model.graph();
     let t = Instant::now();
-    let mut state = AcdcState::build(
-        model,
-        prepared,
-        opts.metric,
-        visit_order(&graph),
-        patched,
-        position,
-    )?;
+    let mut state = AcdcState::build(model, prepared, opts.metric, patched, position)?;
     let build_seconds = t.elapsed().as_secs_f64();
     let (build_passes, mut current) = (state.passes, state.metric());
     let (nodes_last_only, nodes_all_rows) = state.row_restricted_nodes();

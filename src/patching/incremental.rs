@@ -38,6 +38,7 @@
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::acdc::visit_order;
 use super::PreparedChunk;
 use crate::graph::{Graph, Qkv, Reader, Writer};
 use crate::model::{ops, LayerWeights, Model};
@@ -469,13 +470,13 @@ impl NodeCtx<'_> {
 }
 
 impl<'a> AcdcState<'a> {
-    /// Builds the state for `patched` with the readers before `position` of `order` decided:
-    /// one full pass per chunk, every node in its canonical form.
+    /// Builds the state for `patched` with the readers before `position` of ACDC's
+    /// [`visit_order`] decided: one full pass per chunk, every node in its canonical form.
+    /// (The state relies on that order: every reader below the visited one is undecided.)
     pub fn build(
         model: &'a Model,
         prepared: &'a [PreparedChunk],
         metric_kind: Metric,
-        order: Vec<usize>,
         patched: Vec<bool>,
         position: usize,
     ) -> Result<AcdcState<'a>> {
@@ -488,14 +489,10 @@ impl<'a> AcdcState<'a> {
                 nw * nr
             )));
         }
-        let mut position_of = vec![usize::MAX; nr];
+        let order = visit_order(&graph);
+        let mut position_of = vec![0; nr];
         for (i, &r) in order.iter().enumerate() {
             position_of[r] = i;
-        }
-        if order.len() != nr || position_of.contains(&usize::MAX) {
-            return Err(Error::invalid(
-                "the visit order must list every reader once",
-            ));
         }
         let mut chunks = Vec::with_capacity(prepared.len());
         for p in prepared {
