@@ -42,7 +42,7 @@ use super::acdc::visit_order;
 use super::PreparedChunk;
 use crate::graph::{Graph, Qkv, Reader, Writer};
 use crate::model::{ops, LayerWeights, Model};
-use crate::tasks::{metric_value, Metric};
+use crate::tasks::{metric_value, KlReference, Metric};
 use crate::{Error, Result};
 
 /// Floats per rayon task in the input sums.
@@ -199,6 +199,8 @@ struct ChunkState {
     mask: Tensor,
     /// The chunk's current mean metric.
     metric: f32,
+    /// The clean side of a KL metric.
+    kl: Option<KlReference>,
 }
 
 /// What one pass over a chunk changed.
@@ -516,6 +518,10 @@ impl<'a> AcdcState<'a> {
                 seq_len: len,
                 mask: ops::attention_mask(len, model.cfg.causal, &model.device)?,
                 metric: 0.0,
+                kl: match metric_kind {
+                    Metric::Kl => Some(KlReference::new(&p.clean_logits, model.cfg.d_vocab_out)?),
+                    _ => None,
+                },
             });
         }
         let mut state = AcdcState {
@@ -735,6 +741,9 @@ impl<'a> AcdcState<'a> {
     fn chunk_metric(&self, c: usize, logits_input: &Tensor) -> Result<f32> {
         let model = self.model;
         let (logits, _) = model.unembed(logits_input)?;
+        if let Some(kl) = &self.chunks[c].kl {
+            return kl.mean(&ops::to_vec(&logits)?);
+        }
         let p = &self.prepared[c];
         Ok(metric_value(
             self.metric_kind,

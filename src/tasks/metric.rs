@@ -158,6 +158,70 @@ fn finite(metric: Metric, value: f64, context: String) -> Result<()> {
     }
 }
 
+/// `KL(clean ‖ this)` of one row from both log-probabilities and the clean probabilities.
+fn kl_divergence(log_pc: &[f64], pc: impl Iterator<Item = f64>, log_p: &[f64]) -> f64 {
+    let mut kl = 0.0;
+    for ((&a, pc), &b) in log_pc.iter().zip(pc).zip(log_p) {
+        if pc > 0.0 {
+            kl += pc * (a - b);
+        }
+    }
+    kl.max(0.0)
+}
+
+/// The clean run's distributions, computed once for many [`Metric::Kl`] evaluations against
+/// them (ACDC compares thousands of patched runs with one clean run): two of the three
+/// exponentials per logit are the clean side's.
+#[derive(Debug, Clone)]
+pub struct KlReference {
+    vocab: usize,
+    log_p: Vec<f64>,
+    p: Vec<f64>,
+}
+
+impl KlReference {
+    /// From the clean logits, row-major `[n, vocab]`.
+    pub fn new(clean_logits: &[f32], vocab: usize) -> Result<KlReference> {
+        check(Metric::Kl, clean_logits, vocab, &[], Some(clean_logits))?;
+        use rayon::prelude::*;
+        let log_p: Vec<f64> = clean_logits
+            .par_chunks(vocab)
+            .flat_map_iter(log_softmax)
+            .collect();
+        let p = log_p.iter().map(|a| a.exp()).collect();
+        Ok(KlReference { vocab, log_p, p })
+    }
+
+    /// `metric_value(Metric::Kl, logits, …).mean` against these clean logits, to the bit.
+    pub fn mean(&self, logits: &[f32]) -> Result<f32> {
+        let v = self.vocab;
+        if logits.len() != self.log_p.len() {
+            return Err(Error::Shape {
+                op: "metric kl",
+                expected: format!("[{}, {v}] logits", self.log_p.len() / v),
+                found: format!("{} values", logits.len()),
+            });
+        }
+        check_finite(Metric::Kl, logits, v, "logit")?;
+        use rayon::prelude::*;
+        let n = logits.len() / v;
+        let values = (0..n)
+            .into_par_iter()
+            .map(|i| {
+                let rows = i * v..(i + 1) * v;
+                let lp = log_softmax(&logits[rows.clone()]);
+                let pc = self.p[rows.clone()].iter().copied();
+                let kl = kl_divergence(&self.log_p[rows], pc, &lp);
+                finite(Metric::Kl, kl, format!("(example {i})"))?;
+                Ok(kl)
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        let mean = values.iter().sum::<f64>() / n as f64;
+        finite(Metric::Kl, mean, "(mean over examples)".to_string())?;
+        Ok(mean as f32)
+    }
+}
+
 /// Checks shapes, token ids and finiteness; returns the number of examples.
 fn check(
     metric: Metric,
@@ -326,24 +390,45 @@ fn row(
             let c = &clean_logits.expect("checked")[i * vocab..(i + 1) * vocab];
             let lp = log_softmax(l);
             let lpc = log_softmax(c);
-            let mut kl = 0.0;
-            for (&a, &b) in lpc.iter().zip(&lp) {
-                let pc = a.exp();
-                if pc > 0.0 {
-                    kl += pc * (a - b);
-                }
-            }
+            let kl = kl_divergence(&lpc, lpc.iter().map(|a| a.exp()), &lp);
             if let Some(g) = grad {
                 // d/dl_j = p_j − p_clean_j
                 for ((gj, &a), &b) in g.iter_mut().zip(&lpc).zip(&lp) {
                     *gj += b.exp() - a.exp();
                 }
             }
-            kl.max(0.0)
+            kl
         }
     };
     finite(metric, value, format!("(example {i})"))?;
     Ok(value)
+}
+
+#[cfg(test)]
+mod kl_reference_tests {
+    use super::*;
+
+    #[test]
+    fn cached_clean_side_gives_the_same_bits() {
+        let vocab = 37;
+        let gen = |seed: usize| -> Vec<f32> {
+            (0..3 * vocab)
+                .map(|i| ((i * 7919 + seed * 104729) % 1000) as f32 / 97.0 - 5.0)
+                .collect()
+        };
+        let (clean, other) = (gen(1), gen(2));
+        let reference = KlReference::new(&clean, vocab).unwrap();
+        let want = metric_value(Metric::Kl, &other, vocab, &[], Some(&clean))
+            .unwrap()
+            .mean;
+        assert!(want > 0.0);
+        assert_eq!(reference.mean(&other).unwrap().to_bits(), want.to_bits());
+        assert_eq!(reference.mean(&clean).unwrap(), 0.0);
+        let mut bad = other.clone();
+        bad[5] = f32::NAN;
+        assert!(reference.mean(&bad).is_err());
+        assert!(reference.mean(&other[..vocab]).is_err());
+    }
 }
 
 #[cfg(test)]

@@ -27,5 +27,5 @@ pub use dataset::{year_tokens, AnswerSpec, Dataset, Example, PromptSpec, Record,
 pub use generate::{
     generate, generate_induction, greater_than_years, write_jsonl, Task, INDUCTION_LEN,
 };
-pub use metric::{metric_gradient, metric_value, Metric, MetricValue, Target};
+pub use metric::{metric_gradient, metric_value, KlReference, Metric, MetricValue, Target};
 pub use tokenizer::Tokenizer;
