@@ -25,6 +25,16 @@
 //! form A (the visited reader's patched sum is kept and extended by one term per try), and the
 //! decided readers use form B with their few surviving edges.
 //!
+//! # Rows
+//!
+//! The metric reads the last position of each sequence. A node whose output reaches the logits
+//! only through queries, MLPs and the logits is needed there alone and is computed on those rows
+//! (32 of 512 for GPT-2 at 32 × 16); keys and values need every position ([`Need`]). Nodes below
+//! the visit frontier, which undecided readers read through the residual stream, are kept at
+//! every row. A node's need only falls as edges are patched, and every node computes its
+//! last-position rows in a pass of their own, so those rows have the same bits whichever rows
+//! the node is needed at.
+//!
 //! # Determinism across resumes
 //!
 //! A resumed run rebuilds this state from the checkpoint's patched set with one full pass.
@@ -179,7 +189,9 @@ fn add_base(base: &Tensor, rows: Option<&[usize]>, sum: Option<Tensor>) -> Resul
 
 /// One chunk's current run.
 struct ChunkState {
-    /// Every writer's output in the current circuit, `[N, d]`.
+    /// Every writer's output in the current circuit, `[N, d]`: meaningful at the rows the
+    /// writer is needed at (last-position rows only, or none for dead nodes, which keep
+    /// placeholders).
     writers: Vec<Tensor>,
     /// Each head's current q, k and v projections, `[N, d_head]`, indexed `layer · H + head`.
     proj: Vec<[Tensor; 3]>,
