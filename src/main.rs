@@ -637,7 +637,8 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             g.n_edges()
         );
     }
-    if a.acdc_steps > 0 {
+    // `--eap-only` measures EAP's peak memory: nothing else may run after it.
+    if a.acdc_steps > 0 && !a.eap_only {
         bench_acdc(&model, &seqs, &a)?;
     }
     Ok(())
