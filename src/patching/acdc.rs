@@ -7,8 +7,10 @@
 //! Start from the full model (every edge clean) — or, for the hybrid, with every edge whose
 //! |EAP score| is small already patched. Visit the readers in reverse topological order. For
 //! each incoming edge of the reader, from the latest writer back to `input`, patch it to the
-//! baseline (corrupted) activation and run the model: a real forward pass with a
-//! [`PatchPlan`](crate::model::PatchPlan), never a linear estimate. With `Δ = M(with the edge
+//! baseline (corrupted) activation and run the model: an exact patched forward, never a linear
+//! estimate, computed incrementally by [`AcdcState`] (only the nodes the patched edge reaches
+//! are recomputed; the tests hold it to a from-scratch [`PatchPlan`](crate::model::PatchPlan)
+//! forward). With `Δ = M(with the edge
 //! patched) − M(current circuit)`:
 //!
 //! * KL divergence to the clean run (the default, as in ACDC): remove the edge when `Δ < τ`

@@ -29,7 +29,7 @@
 //!
 //! The metric reads the last position of each sequence. A node whose output reaches the logits
 //! only through queries, MLPs and the logits is needed there alone and is computed on those rows
-//! (32 of 512 for GPT-2 at 32 × 16); keys and values need every position ([`Need`]). Nodes below
+//! (32 of 512 for GPT-2 at 32 × 16); keys and values need every position (`Need`). Nodes below
 //! the visit frontier, which undecided readers read through the residual stream, are kept at
 //! every row. A node's need only falls as edges are patched, and every node computes its
 //! last-position rows in a pass of their own, so those rows have the same bits whichever rows
