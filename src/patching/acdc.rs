@@ -60,7 +60,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::incremental::{connected, AcdcState};
+use super::incremental::AcdcState;
 use super::{complement, metric_with_patch, PreparedChunk};
 use crate::eval::{roc_from_points, Roc};
 use crate::graph::{Circuit, Graph, Reader, Scores, Writer};
@@ -176,6 +176,12 @@ fn node_writer(graph: &Graph, reader: usize) -> Option<usize> {
         Reader::Mlp { layer } => Some(graph.writer_index(Writer::Mlp { layer })),
         Reader::Logits => None,
     }
+}
+
+/// Whether `writer` still has an unpatched outgoing edge.
+fn connected(graph: &Graph, patched: &[bool], writer: usize) -> bool {
+    let nr = graph.n_readers();
+    (0..nr).any(|r| graph.is_edge(writer, r) && !patched[writer * nr + r])
 }
 
 /// Where a run keeps its log and checkpoints.

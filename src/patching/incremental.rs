@@ -280,21 +280,44 @@ fn site_of(graph: &Graph, reader: usize) -> usize {
 fn residual_sites(model: &Model, writers: &[Tensor]) -> Result<Vec<Tensor>> {
     let g = model.graph();
     let mut sites = vec![writers[0].clone()];
-    let mut x = writers[0].clone();
     for l in 0..g.n_layers {
         let lw = model.layer(l)?;
-        for h in 0..g.n_heads {
-            x = (x + &writers[g.writer_index(Writer::Head { layer: l, head: h })])?;
-        }
-        x = x.broadcast_add(&lw.bo)?;
-        sites.push(x.clone());
-        if let Some(mlp) = &lw.mlp {
-            x = (x + &writers[g.writer_index(Writer::Mlp { layer: l })])?;
-            x = x.broadcast_add(&mlp.b_out)?;
-        }
-        sites.push(x.clone());
+        sites.push(after_heads(&g, &lw, l, &sites[2 * l], writers)?);
+        sites.push(after_mlp(&g, &lw, l, &sites[2 * l + 1], writers)?);
     }
     Ok(sites)
+}
+
+/// The residual stream after layer `l`'s heads (and `b_O`), from the one entering the layer.
+fn after_heads(
+    g: &Graph,
+    lw: &LayerWeights,
+    l: usize,
+    x: &Tensor,
+    writers: &[Tensor],
+) -> Result<Tensor> {
+    let mut x = x.clone();
+    for h in 0..g.n_heads {
+        x = (x + &writers[g.writer_index(Writer::Head { layer: l, head: h })])?;
+    }
+    Ok(x.broadcast_add(&lw.bo)?)
+}
+
+/// The residual stream after layer `l`'s MLP (and `b_out`); attention-only layers pass it on.
+fn after_mlp(
+    g: &Graph,
+    lw: &LayerWeights,
+    l: usize,
+    x: &Tensor,
+    writers: &[Tensor],
+) -> Result<Tensor> {
+    match &lw.mlp {
+        Some(mlp) => {
+            Ok((x + &writers[g.writer_index(Writer::Mlp { layer: l })])?
+                .broadcast_add(&mlp.b_out)?)
+        }
+        None => Ok(x.clone()),
+    }
 }
 
 /// Which rows of a node's output anything reads: none (the node is dead), only the rows the
@@ -665,7 +688,7 @@ impl<'a> AcdcState<'a> {
         let mut sites = vec![writers[0].clone()];
         for l in 0..g.n_layers {
             let lw = model.layer(l)?;
-            let mut x = sites[2 * l].clone();
+            // A layer's heads read the site entering it, so all of them come before its sum.
             for h in 0..g.n_heads {
                 let u = g.writer_index(Writer::Head { layer: l, head: h });
                 if needs[u] != Need::None {
@@ -686,11 +709,9 @@ impl<'a> AcdcState<'a> {
                     }
                     writers[u] = out;
                 }
-                x = (x + &writers[u])?;
             }
-            x = x.broadcast_add(&lw.bo)?;
-            sites.push(x.clone());
-            if let Some(mlp) = &lw.mlp {
+            sites.push(after_heads(&g, &lw, l, &sites[2 * l], &writers)?);
+            if lw.mlp.is_some() {
                 let u = g.writer_index(Writer::Mlp { layer: l });
                 if needs[u] != Need::None {
                     let r = g.reader_index(Reader::Mlp { layer: l });
@@ -698,9 +719,8 @@ impl<'a> AcdcState<'a> {
                     let input = self.canonical_input(c, r, &writers, &sites, rows)?;
                     writers[u] = self.ctx(c).mlp(&lw, needs[u], &input)?;
                 }
-                x = (x + &writers[u])?.broadcast_add(&mlp.b_out)?;
             }
-            sites.push(x.clone());
+            sites.push(after_mlp(&g, &lw, l, &sites[2 * l + 1], &writers)?);
         }
         let r = g.reader_index(Reader::Logits);
         let rows = self.chunks[c].logit_rows.clone();
@@ -1058,12 +1078,6 @@ impl<'a> AcdcState<'a> {
         }
         Ok(update)
     }
-}
-
-/// Whether `writer` still has an unpatched outgoing edge.
-pub(crate) fn connected(graph: &Graph, patched: &[bool], writer: usize) -> bool {
-    let nr = graph.n_readers();
-    (0..nr).any(|r| graph.is_edge(writer, r) && !patched[writer * nr + r])
 }
 
 #[cfg(test)]
