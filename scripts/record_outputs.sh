@@ -51,8 +51,10 @@ run() { # name, then the command's arguments
     }
 }
 
-for dir in "$fixtures"/*/; do
-    m=$(basename "$dir")
+# The fixture models that existed when this script was written (later families are compared by
+# their own parity tests).
+for m in gpt2_hf gpt2_hf_noprefix tl_attn_only_shortformer tl_relu_nonorm tl_lnpre_gelu_bidir; do
+    dir="$fixtures/$m"
     run "attr-$m-eap" attribute --model "$dir" --data "$data" --out "attr-$m-eap.json" --batch-size 2 --json
     run "attr-$m-ig" attribute --model "$dir" --data "$data" --method eap-ig --ig-steps 3 --out "attr-$m-ig.json" --json
     run "attr-$m-cc" attribute --model "$dir" --data "$data" --method clean-corrupted --out "attr-$m-cc.json" --json

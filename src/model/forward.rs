@@ -1,5 +1,6 @@
-//! The forward pass with writer caches and reader interventions, and the activation-only
-//! backward (DESIGN §2–3).
+//! The drivers over the blocks: the forward pass with writer caches and reader interventions, and
+//! the activation-only backward (DESIGN §2–3). Every head and MLP is computed by the block types
+//! of `block.rs`; this file decides which residual stream each reader reads and what is kept.
 //!
 //! Activations are `[N, d_model]` with `N = batch · positions` rows; attention works on
 //! `[batch, heads, positions, d_head]`.
@@ -7,13 +8,13 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
-use super::config::{Norm, Positions};
+use super::block::{AttentionCache, MlpCache};
+use super::config::Positions;
 use super::ops::{self, NormCache};
-use super::weights::{LayerWeights, NormWeights};
 use super::Model;
-use crate::graph::Graph;
+use crate::graph::{Graph, Qkv};
 use crate::{Error, Result};
 
 /// A batch of equal-length token sequences.
@@ -169,14 +170,8 @@ pub struct ForwardOutput {
 }
 
 struct LayerCache {
-    ln1: Option<NormCache>,
-    /// `[batch, heads, positions, d_head]`.
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    pattern: Tensor,
-    ln2: Option<NormCache>,
-    pre: Option<Tensor>,
+    attn: AttentionCache,
+    mlp: Option<MlpCache>,
 }
 
 /// Activations the backward needs, from an unpatched forward.
@@ -197,45 +192,11 @@ pub struct ReaderGrads {
     pub grads: Tensor,
 }
 
-fn norm_parts(ln: &Option<NormWeights>) -> (Option<&Tensor>, Option<&Tensor>) {
-    match ln {
-        Some(n) => (Some(&n.w), Some(&n.b)),
-        None => (None, None),
-    }
-}
-
 impl Model {
-    pub(crate) fn apply_norm(
-        &self,
-        x: &Tensor,
-        ln: &Option<NormWeights>,
-    ) -> Result<(Tensor, Option<NormCache>)> {
-        match self.cfg.norm {
-            Norm::None => Ok((x.clone(), None)),
-            Norm::LayerNorm | Norm::LayerNormPre => {
-                let (w, b) = norm_parts(ln);
-                let (y, c) = ops::layer_norm(x, w, b, self.cfg.eps, false)?;
-                Ok((y, Some(c)))
-            }
-        }
-    }
-
-    fn norm_backward(
-        &self,
-        g: &Tensor,
-        cache: &Option<NormCache>,
-        ln: &Option<NormWeights>,
-    ) -> Result<Tensor> {
-        match cache {
-            None => Ok(g.clone()),
-            Some(c) => ops::layer_norm_backward(g, c, ln.as_ref().map(|n| &n.w), false),
-        }
-    }
-
     /// Final norm and unembedding of residual-stream rows `[R, d]`: logits `[R, d_vocab_out]`
     /// and the norm's statistics for the backward.
     pub(crate) fn unembed(&self, x: &Tensor) -> Result<(Tensor, Option<NormCache>)> {
-        let (xn, ln_final) = self.apply_norm(x, &self.embed.ln_final)?;
+        let (xn, ln_final) = self.final_norm.forward(x)?;
         let mut logits = xn.matmul(&self.embed.w_u)?;
         if let Some(bu) = &self.embed.b_u {
             logits = logits.broadcast_add(bu)?;
@@ -291,13 +252,7 @@ impl Model {
         }
         let cfg = &self.cfg;
         let graph = self.graph();
-        let (b, p, d, h, dh) = (
-            batch.batch,
-            batch.seq_len,
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.d_head,
-        );
+        let (b, p, d, h) = (batch.batch, batch.seq_len, cfg.d_model, cfg.n_heads);
         let n = b * p;
         let (mut x, mut writers, first_layer) = match opts.start {
             Some(prefix) => {
@@ -359,28 +314,21 @@ impl Model {
             if opts.keep_residuals {
                 residuals.push(x.clone());
             }
-            let lw = self.layer(l)?;
+            let block = self.layer(l)?;
+            let attn = &block.attn;
             let first_reader = l * graph.readers_per_layer();
             let deltas = match opts.intervention {
                 Some(iv) => iv.deltas(first_reader..first_reader + 3 * h, &writers)?,
                 None => vec![None; 3 * h],
             };
-            let (xn, ln1) = self.apply_norm(&x, &lw.ln1)?;
-            let project = |letter: usize, w_heads: &Tensor, bias: &Tensor| -> Result<Tensor> {
-                let ds = &deltas[letter * h..(letter + 1) * h];
-                let with_pos = letter < 2 && shortformer_pos.is_some();
+            let (xn, ln1) = attn.norm.forward(&x)?;
+            let project = |letter: Qkv| -> Result<Tensor> {
+                let ds = &deltas[letter as usize * h..(letter as usize + 1) * h];
+                let pos = shortformer_pos.as_ref();
                 if ds.iter().all(Option::is_none) {
-                    let mut inp = xn.clone();
-                    if with_pos {
-                        inp = (inp + shortformer_pos.as_ref().unwrap())?;
-                    }
-                    // All heads in one GEMM: [d, h·dh] built from the per-head layout (a
-                    // 2.4 MB copy on GPT-2, cheaper than keeping both layouts resident).
-                    let w = w_heads.permute((1, 0, 2))?.reshape((d, h * dh))?;
-                    let y = inp.matmul(&w)?.broadcast_add(bias)?;
-                    return Ok(y.reshape((b, p, h, dh))?.transpose(1, 2)?.contiguous()?);
+                    return attn.project_all(letter, &xn, pos, b, p);
                 }
-                // Each head reads its own residual stream: normalise and project per head.
+                // Each head reads its own residual stream.
                 let per_head = ds
                     .iter()
                     .map(|delta| match delta {
@@ -388,27 +336,13 @@ impl Model {
                         None => Ok(x.clone()),
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let inp = Tensor::stack(&per_head, 0)?; // [h, n, d]
-                let (mut inp, _) = self.apply_norm(&inp.reshape((h * n, d))?, &lw.ln1)?;
-                if with_pos {
-                    inp = inp
-                        .reshape((h, n, d))?
-                        .broadcast_add(shortformer_pos.as_ref().unwrap())?;
-                }
-                let y = inp.reshape((h, n, d))?.matmul(w_heads)?; // [h, n, dh]
-                let y = y.broadcast_add(&bias.reshape((h, 1, dh))?)?;
-                Ok(y.reshape((h, b, p, dh))?.transpose(0, 1)?.contiguous()?)
+                attn.project_per_head(letter, &per_head, pos, b, p)
             };
-            let q = project(0, &lw.wq_heads, &lw.bq)?;
-            let k = project(1, &lw.wk_heads, &lw.bk)?;
-            let v = project(2, &lw.wv_heads, &lw.bv)?;
-            let scores =
-                (q.matmul(&k.t()?)? * (1.0 / cfg.attn_scale as f64))?.broadcast_add(&mask)?;
-            let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
-            let z = pattern.matmul(&v)?; // [b, h, p, dh]
-            let z_heads = z.transpose(0, 1)?.contiguous()?.reshape((h, n, dh))?;
-            let head_out = z_heads.matmul(&lw.wo_heads)?; // [h, n, d]
-            let attn_out = ops::sum_leading(&head_out)?.broadcast_add(&lw.bo)?;
+            let q = project(Qkv::Q)?;
+            let k = project(Qkv::K)?;
+            let v = project(Qkv::V)?;
+            let (head_out, pattern) = attn.attend(&q, &k, &v, &mask)?; // [h, n, d]
+            let attn_out = attn.output(&head_out)?;
             for hh in 0..h {
                 let out = head_out.get(hh)?;
                 sink(&out)?;
@@ -417,8 +351,8 @@ impl Model {
                 }
             }
             let x_mid = (&x + attn_out)?;
-            let (ln2, pre, x_next) = match &lw.mlp {
-                None => (None, None, x_mid),
+            let (mlp_cache, x_next) = match &block.mlp {
+                None => (None, x_mid),
                 Some(mlp) => {
                     let mlp_reader = first_reader + 3 * h;
                     let delta = match opts.intervention {
@@ -432,27 +366,19 @@ impl Model {
                         Some(dlt) => (&x_mid + dlt)?,
                         None => x_mid.clone(),
                     };
-                    let (xn2, ln2) = self.apply_norm(&inp, &lw.ln2)?;
-                    let pre = xn2.matmul(&mlp.w_in)?.broadcast_add(&mlp.b_in)?;
-                    let post = ops::activation(&pre, cfg.act, false)?;
-                    let out = post.matmul(&mlp.w_out)?;
-                    let x_next = (&x_mid + &out)?.broadcast_add(&mlp.b_out)?;
+                    let (out, cache) = mlp.forward(&inp)?;
+                    let x_next = (&x_mid + &out)?.broadcast_add(mlp.output_bias())?;
                     sink(&out)?;
                     if track_writers {
                         writers.push(out);
                     }
-                    (ln2, Some(pre), x_next)
+                    (Some(cache), x_next)
                 }
             };
             if opts.keep_cache {
                 layer_caches.push(LayerCache {
-                    ln1,
-                    q,
-                    k,
-                    v,
-                    pattern,
-                    ln2,
-                    pre,
+                    attn: attn.cache(ln1, q, k, v, pattern),
+                    mlp: mlp_cache,
                 });
             }
             x = x_next;
@@ -521,13 +447,7 @@ impl Model {
     ) -> Result<()> {
         let cfg = &self.cfg;
         let graph = self.graph();
-        let (b, p, d, h, dh) = (
-            cache.batch,
-            cache.seq_len,
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.d_head,
-        );
+        let (b, p, d, h) = (cache.batch, cache.seq_len, cfg.d_model, cfg.n_heads);
         let n = b * p;
         let n_pos = cache.logit_rows.elem_count() / b;
         if dlogits.dims() != [b, n_pos, cfg.d_vocab_out] {
@@ -543,7 +463,7 @@ impl Model {
                 .contiguous()?,
             &self.embed.w_u.contiguous()?,
         )?;
-        let dxf = self.norm_backward(&dxf, &cache.ln_final, &self.embed.ln_final)?;
+        let dxf = self.final_norm.backward(&dxf, &cache.ln_final)?;
         let mut g = Tensor::zeros((n, d), DType::F32, &self.device)?.index_add(
             &cache.logit_rows,
             &dxf,
@@ -555,68 +475,21 @@ impl Model {
             grads: g.unsqueeze(0)?,
         })?;
         for l in (0..cfg.n_layers).rev() {
-            let lw: std::sync::Arc<LayerWeights> = self.layer(l)?;
+            let block = self.layer(l)?;
             let lc = &cache.layers[l];
             let first_reader = l * graph.readers_per_layer();
-            let mut mlp_grad = None;
-            if let (Some(mlp), Some(pre)) = (&lw.mlp, &lc.pre) {
-                let d_post = g.matmul(&mlp.w_out.t()?)?;
-                let d_pre = ops::activation_backward(&d_post, pre, cfg.act, false)?;
-                let d_xn2 = d_pre.matmul(&mlp.w_in.t()?)?;
-                let gm = self.norm_backward(&d_xn2, &lc.ln2, &lw.ln2)?;
-                g = (&g + &gm)?;
-                mlp_grad = Some(gm);
-            }
-            // Attention: the residual gradient reaches every head's output unchanged.
-            let dz = g
-                .matmul(&lw.wo.t()?)?
-                .reshape((b, p, h, dh))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let d_pattern = dz.matmul(&lc.v.t()?)?;
-            let dv = lc.pattern.t()?.matmul(&dz)?;
-            // Softmax backward: dS = P ⊙ (dP − Σ_j dP ⊙ P); masked entries have P = 0.
-            let inner = (&d_pattern * &lc.pattern)?.sum_keepdim(D::Minus1)?;
-            let d_scores = ((lc.pattern.clone() * d_pattern.broadcast_sub(&inner)?)?
-                * (1.0 / cfg.attn_scale as f64))?;
-            let dq = d_scores.matmul(&lc.k)?;
-            let dk = d_scores.t()?.matmul(&lc.q)?;
-            let to_heads = |t: Tensor| -> Result<Tensor> {
-                Ok(t.transpose(0, 1)?.contiguous()?.reshape((h, n, dh))?)
-            };
-            let (dq, dk, dv) = (to_heads(dq)?, to_heads(dk)?, to_heads(dv)?);
-            let mlp_count = mlp_grad.is_some() as usize;
-            let ws = [&lw.wq_heads, &lw.wk_heads, &lw.wv_heads];
-            // The layer's reader gradients in graph order, [3h (+1), n, d]: q, k, v of every
-            // head through LN1's backward, then the MLP's gradient appended.
-            let norm = lc.ln1.as_ref().map(|c| (c, lw.ln1.as_ref().map(|n| &n.w)));
-            let fused = ops::qkv_input_grads([&dq, &dk, &dv], ws, norm, mlp_grad.as_ref())?;
-            let grads = match fused {
-                Some(g) => g,
-                None => {
-                    // Any device: per-letter batched products, then LN1's backward.
-                    let dxs = [
-                        dq.matmul(&ws[0].t()?)?,
-                        dk.matmul(&ws[1].t()?)?,
-                        dv.matmul(&ws[2].t()?)?,
-                    ];
-                    match &lc.ln1 {
-                        Some(c) => ops::layer_norm_backward_many(
-                            &dxs,
-                            c,
-                            lw.ln1.as_ref().map(|n| &n.w),
-                            mlp_grad.as_ref(),
-                        )?,
-                        None => {
-                            let mut parts = dxs.to_vec();
-                            if let Some(gm) = &mlp_grad {
-                                parts.push(gm.unsqueeze(0)?);
-                            }
-                            Tensor::cat(&parts, 0)?
-                        }
-                    }
+            let mlp_grad = match (&block.mlp, &lc.mlp) {
+                (Some(mlp), Some(mc)) => {
+                    let gm = mlp.backward(mc, &g)?;
+                    g = (&g + &gm)?;
+                    Some(gm)
                 }
+                _ => None,
             };
+            // The layer's reader gradients in graph order, [3h (+1), n, d]: q, k, v of every
+            // head, then the MLP's gradient appended.
+            let grads = block.attn.backward(&lc.attn, &g, mlp_grad.as_ref())?;
+            let mlp_count = mlp_grad.is_some() as usize;
             let g_qkv_sum = ops::sum_leading(&grads.narrow(0, 0, 3 * h)?)?;
             visit(ReaderGrads {
                 readers: first_reader..first_reader + 3 * h + mlp_count,

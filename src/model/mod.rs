@@ -1,5 +1,6 @@
-//! Transformer models: configuration, weights, the forward pass with per-writer caches and
-//! per-reader interventions, and the activation-only backward.
+//! Transformer models: configuration, weights, one block implementation ([`Block`]: the only
+//! code that computes attention heads and MLPs), and the drivers over blocks — the forward pass
+//! with per-writer caches and per-reader interventions, and the activation-only backward.
 //!
 //! * [`ModelConfig`] — shape and conventions, read from a Hugging Face GPT-2 or a TransformerLens
 //!   `config.json` ([`config`]).
@@ -11,6 +12,7 @@
 //! * [`Model::backward`] — from `dM/dlogits` to `dM/d in_v` for every reader `v` of DESIGN §2,
 //!   layer by layer, without weight gradients.
 
+mod block;
 pub mod config;
 mod forward;
 pub mod ops;
@@ -22,12 +24,15 @@ use std::sync::Arc;
 
 use candle_core::Device;
 
+pub use block::{
+    Attention, AttentionCache, Block, Mlp, MlpCache, MlpWeights, NormLayer, NormWeights,
+};
 pub use config::{Activation, ModelConfig, Norm, Positions, WeightFormat};
 pub use forward::{
     AdditiveDeltas, Batch, ForwardCache, ForwardOptions, ForwardOutput, PatchPlan, Prefix,
     ReaderGrads, ReaderIntervention, WriterSink,
 };
-pub use weights::{EmbedWeights, LayerWeights, MlpWeights, NormWeights};
+pub use weights::EmbedWeights;
 
 use crate::graph::Graph;
 use crate::{Error, Result};
@@ -38,7 +43,7 @@ use weights::{SafetensorsFile, WeightLoader};
 const DEFAULT_RESIDENT_BYTES: usize = 8 << 30;
 
 enum LayerStore {
-    Resident(Vec<Arc<LayerWeights>>),
+    Resident(Vec<Arc<Block>>),
     /// Weights stay memory-mapped in their stored dtype; each use converts one layer.
     Streamed(Box<WeightLoader>),
 }
@@ -50,6 +55,8 @@ pub struct Model {
     /// Where the model came from, for reports.
     pub name: String,
     pub(crate) embed: EmbedWeights,
+    /// The norm before the unembedding.
+    final_norm: NormLayer,
     layers: LayerStore,
 }
 
@@ -68,7 +75,7 @@ impl Model {
         name: impl Into<String>,
         cfg: ModelConfig,
         embed: EmbedWeights,
-        layers: Vec<LayerWeights>,
+        layers: Vec<Block>,
     ) -> Result<Model> {
         if layers.len() != cfg.n_layers {
             return Err(Error::invalid(format!(
@@ -79,6 +86,7 @@ impl Model {
         }
         let device = embed.w_e.device().clone();
         Ok(Model {
+            final_norm: NormLayer::new(&cfg, embed.ln_final.clone()),
             cfg,
             device,
             name: name.into(),
@@ -139,6 +147,7 @@ impl Model {
             LayerStore::Streamed(Box::new(loader))
         };
         Ok(Model {
+            final_norm: NormLayer::new(&cfg, embed.ln_final.clone()),
             cfg,
             device: device.clone(),
             name: dir.display().to_string(),
@@ -147,8 +156,8 @@ impl Model {
         })
     }
 
-    /// The weights of layer `i`, converted to f32 (a shared handle when resident).
-    pub fn layer(&self, i: usize) -> Result<Arc<LayerWeights>> {
+    /// Layer `i`, its weights converted to f32 (a shared handle when resident).
+    pub fn layer(&self, i: usize) -> Result<Arc<Block>> {
         match &self.layers {
             LayerStore::Resident(layers) => Ok(layers[i].clone()),
             LayerStore::Streamed(loader) => Ok(Arc::new(loader.layer(i)?)),

@@ -790,6 +790,43 @@ mod tests {
         }
     }
 
+    /// `matmul_nt` dispatches to the AVX-512 kernel where the CPU has it, so the portable
+    /// split-K path is called here directly: every host runs both kernels (where it can) against
+    /// a plain f64 product, at shapes with several k-blocks, a ragged last block and odd m, n.
+    #[test]
+    fn every_contraction_kernel_matches_a_plain_product() {
+        for (m, n, k) in [(6, 5, 9000), (17, 3, 4096), (1, 1, 1), (33, 19, 12_345)] {
+            let a = randn(&[m, k], 21 + k as u64);
+            let b = randn(&[n, k], 22 + k as u64);
+            let (av, bv) = (to_vec(&a).unwrap(), to_vec(&b).unwrap());
+            let want: Vec<f64> = (0..m * n)
+                .map(|ij| {
+                    let (i, j) = (ij / n, ij % n);
+                    (0..k)
+                        .map(|t| av[i * k + t] as f64 * bv[j * k + t] as f64)
+                        .sum()
+                })
+                .collect();
+            let check = |got: &[f32], kernel: &str| {
+                assert_eq!(got.len(), m * n);
+                for (g, w) in got.iter().zip(&want) {
+                    // f32 accumulation over k terms of magnitude ≤ 4.
+                    let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-4;
+                    assert!(
+                        (*g as f64 - w).abs() < tol,
+                        "{kernel} {m}x{n}x{k}: {g} vs {w}"
+                    );
+                }
+            };
+            check(&matmul_nt_split_k(&av, &bv, m, n, k), "portable split-K");
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                check(&nt_avx512::matmul_nt(&av, &bv, m, n, k), "avx512");
+            }
+            check(&to_vec(&matmul_nt(&a, &b).unwrap()).unwrap(), "dispatch");
+        }
+    }
+
     #[test]
     fn relu_gradient_at_zero_is_zero() {
         assert_eq!(act_grad_scalar(Activation::Relu, 0.0), 0.0);

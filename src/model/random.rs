@@ -5,8 +5,9 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
+use super::block::{Block, MlpWeights, NormWeights};
 use super::config::{Activation, ModelConfig, Norm, Positions, WeightFormat};
-use super::weights::{EmbedWeights, LayerWeights, MlpWeights, NormWeights};
+use super::weights::EmbedWeights;
 use super::Model;
 use crate::Result;
 
@@ -78,7 +79,7 @@ pub fn random_model(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Mod
             None => None,
         };
         let ln2 = if mlp.is_some() { norm(&mut u)? } else { None };
-        layers.push(LayerWeights::from_heads(
+        layers.push(Block::from_heads(
             cfg,
             ln1,
             u(&[h, d, dh], w)?,

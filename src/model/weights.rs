@@ -3,7 +3,7 @@
 //!
 //! Both Hugging Face GPT-2 checkpoints (`Conv1D` layout: `c_attn.weight [d, 3d]`, keys with or
 //! without the `transformer.` prefix, tied unembedding) and TransformerLens state dicts
-//! (`blocks.0.attn.W_Q [n_heads, d_model, d_head]`, …) map onto the same [`LayerWeights`].
+//! (`blocks.0.attn.W_Q [n_heads, d_model, d_head]`, …) map onto the same [`Block`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,46 +11,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Metadata, SafeTensors};
 
+use super::block::{Block, MlpWeights, NormWeights};
 use super::config::{ModelConfig, Norm, WeightFormat};
 use crate::{Error, Result};
-
-/// Gain and bias of a LayerNorm (absent for `LNPre` and for models without normalisation).
-#[derive(Debug, Clone)]
-pub struct NormWeights {
-    pub w: Tensor,
-    pub b: Tensor,
-}
-
-/// An MLP's weights: `out = act(x @ w_in + b_in) @ w_out + b_out`.
-#[derive(Debug, Clone)]
-pub struct MlpWeights {
-    pub w_in: Tensor,
-    pub b_in: Tensor,
-    pub w_out: Tensor,
-    pub b_out: Tensor,
-}
-
-/// One transformer block in the layouts the forward and backward use.
-#[derive(Debug, Clone)]
-pub struct LayerWeights {
-    pub ln1: Option<NormWeights>,
-    /// Query weights per head, `[n_heads, d_model, d_head]` (TransformerLens's `W_Q`); the
-    /// forward lays them side by side for its one-GEMM projection when no head is patched.
-    pub wq_heads: Tensor,
-    pub wk_heads: Tensor,
-    pub wv_heads: Tensor,
-    /// `[n_heads * d_head]`.
-    pub bq: Tensor,
-    pub bk: Tensor,
-    pub bv: Tensor,
-    /// `[n_heads, d_head, d_model]`.
-    pub wo_heads: Tensor,
-    /// `[n_heads * d_head, d_model]`, the same data.
-    pub wo: Tensor,
-    pub bo: Tensor,
-    pub ln2: Option<NormWeights>,
-    pub mlp: Option<MlpWeights>,
-}
 
 /// Embedding, final norm and unembedding.
 #[derive(Debug, Clone)]
@@ -63,41 +26,6 @@ pub struct EmbedWeights {
     /// `[d_model, d_vocab_out]`.
     pub w_u: Tensor,
     pub b_u: Option<Tensor>,
-}
-
-impl LayerWeights {
-    /// Builds a layer from per-head TransformerLens-layout tensors (already f32 on `device`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_heads(
-        cfg: &ModelConfig,
-        ln1: Option<NormWeights>,
-        w_q: Tensor,
-        w_k: Tensor,
-        w_v: Tensor,
-        b_q: Tensor,
-        b_k: Tensor,
-        b_v: Tensor,
-        w_o: Tensor,
-        b_o: Tensor,
-        ln2: Option<NormWeights>,
-        mlp: Option<MlpWeights>,
-    ) -> Result<LayerWeights> {
-        let (h, d, dh) = (cfg.n_heads, cfg.d_model, cfg.d_head);
-        Ok(LayerWeights {
-            ln1,
-            wq_heads: w_q.contiguous()?,
-            wk_heads: w_k.contiguous()?,
-            wv_heads: w_v.contiguous()?,
-            bq: b_q.reshape(h * dh)?,
-            bk: b_k.reshape(h * dh)?,
-            bv: b_v.reshape(h * dh)?,
-            wo: w_o.reshape((h * dh, d))?,
-            wo_heads: w_o.contiguous()?,
-            bo: b_o,
-            ln2,
-            mlp,
-        })
-    }
 }
 
 /// A memory-mapped safetensors file whose header has been parsed and checked.
@@ -329,7 +257,7 @@ impl WeightLoader {
         }
     }
 
-    pub fn layer(&self, i: usize) -> Result<LayerWeights> {
+    pub fn layer(&self, i: usize) -> Result<Block> {
         let c = &self.cfg;
         let (d, h, dh) = (c.d_model, c.n_heads, c.d_head);
         match self.format {
@@ -344,30 +272,28 @@ impl WeightLoader {
                     let heads = w.reshape((d, h, dh))?.permute((1, 0, 2))?.contiguous()?;
                     Ok(heads)
                 };
-                let wq_heads = split(0)?;
-                let wk_heads = split(1)?;
-                let wv_heads = split(2)?;
                 let wo = self.get(&p("attn.c_proj.weight"), &[d, d])?;
                 let d_mlp = c.d_mlp.expect("GPT-2 has MLPs");
-                Ok(LayerWeights {
-                    ln1: self.norm(&p("ln_1.weight"), &p("ln_1.bias"))?,
-                    wq_heads,
-                    wk_heads,
-                    wv_heads,
-                    bq: c_attn_b.narrow(0, 0, d)?.contiguous()?,
-                    bk: c_attn_b.narrow(0, d, d)?.contiguous()?,
-                    bv: c_attn_b.narrow(0, 2 * d, d)?.contiguous()?,
-                    wo_heads: wo.reshape((h, dh, d))?,
-                    wo,
-                    bo: self.get(&p("attn.c_proj.bias"), &[d])?,
-                    ln2: self.norm(&p("ln_2.weight"), &p("ln_2.bias"))?,
-                    mlp: Some(MlpWeights {
+                let bias = |k: usize| c_attn_b.narrow(0, k * d, d)?.reshape((h, dh));
+                Block::from_heads(
+                    c,
+                    self.norm(&p("ln_1.weight"), &p("ln_1.bias"))?,
+                    split(0)?,
+                    split(1)?,
+                    split(2)?,
+                    bias(0)?,
+                    bias(1)?,
+                    bias(2)?,
+                    wo.reshape((h, dh, d))?,
+                    self.get(&p("attn.c_proj.bias"), &[d])?,
+                    self.norm(&p("ln_2.weight"), &p("ln_2.bias"))?,
+                    Some(MlpWeights {
                         w_in: self.get(&p("mlp.c_fc.weight"), &[d, d_mlp])?,
                         b_in: self.get(&p("mlp.c_fc.bias"), &[d_mlp])?,
                         w_out: self.get(&p("mlp.c_proj.weight"), &[d_mlp, d])?,
                         b_out: self.get(&p("mlp.c_proj.bias"), &[d])?,
                     }),
-                })
+                )
             }
             WeightFormat::TransformerLens => {
                 let p = |s: &str| format!("blocks.{i}.{s}");
@@ -385,7 +311,7 @@ impl WeightLoader {
                 } else {
                     None
                 };
-                LayerWeights::from_heads(
+                Block::from_heads(
                     c,
                     self.norm(&p("ln1.w"), &p("ln1.b"))?,
                     self.get(&p("attn.W_Q"), &[h, d, dh])?,

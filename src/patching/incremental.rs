@@ -51,7 +51,7 @@ use rayon::prelude::*;
 use super::acdc::visit_order;
 use super::PreparedChunk;
 use crate::graph::{Graph, Qkv, Reader, Writer};
-use crate::model::{ops, LayerWeights, Model};
+use crate::model::{ops, Block, Model};
 use crate::tasks::{metric_value, KlReference, Metric};
 use crate::{Error, Result};
 
@@ -289,33 +289,19 @@ fn residual_sites(model: &Model, writers: &[Tensor]) -> Result<Vec<Tensor>> {
 }
 
 /// The residual stream after layer `l`'s heads (and `b_O`), from the one entering the layer.
-fn after_heads(
-    g: &Graph,
-    lw: &LayerWeights,
-    l: usize,
-    x: &Tensor,
-    writers: &[Tensor],
-) -> Result<Tensor> {
+fn after_heads(g: &Graph, lw: &Block, l: usize, x: &Tensor, writers: &[Tensor]) -> Result<Tensor> {
     let mut x = x.clone();
     for h in 0..g.n_heads {
         x = (x + &writers[g.writer_index(Writer::Head { layer: l, head: h })])?;
     }
-    Ok(x.broadcast_add(&lw.bo)?)
+    Ok(x.broadcast_add(lw.attn.output_bias())?)
 }
 
 /// The residual stream after layer `l`'s MLP (and `b_out`); attention-only layers pass it on.
-fn after_mlp(
-    g: &Graph,
-    lw: &LayerWeights,
-    l: usize,
-    x: &Tensor,
-    writers: &[Tensor],
-) -> Result<Tensor> {
+fn after_mlp(g: &Graph, lw: &Block, l: usize, x: &Tensor, writers: &[Tensor]) -> Result<Tensor> {
     match &lw.mlp {
-        Some(mlp) => {
-            Ok((x + &writers[g.writer_index(Writer::Mlp { layer: l })])?
-                .broadcast_add(&mlp.b_out)?)
-        }
+        Some(mlp) => Ok((x + &writers[g.writer_index(Writer::Mlp { layer: l })])?
+            .broadcast_add(mlp.output_bias())?),
         None => Ok(x.clone()),
     }
 }
@@ -373,52 +359,6 @@ fn parts(input: &Tensor, need: Need, b: usize, p: usize) -> Result<(Option<Tenso
     }
 }
 
-/// One head's projection of its (already combined) input for `letter` (0 q, 1 k, 2 v).
-fn head_projection(
-    model: &Model,
-    lw: &LayerWeights,
-    letter: usize,
-    head: usize,
-    input: &Tensor,
-    shortformer_pos: Option<&Tensor>,
-) -> Result<Tensor> {
-    let (mut xn, _) = model.apply_norm(input, &lw.ln1)?;
-    if let (Some(pos), true) = (shortformer_pos, letter < 2) {
-        xn = (xn + pos)?;
-    }
-    let dh = model.cfg.d_head;
-    let w = [&lw.wq_heads, &lw.wk_heads, &lw.wv_heads][letter].get(head)?;
-    let b = [&lw.bq, &lw.bk, &lw.bv][letter].narrow(0, head * dh, dh)?;
-    Ok(xn.matmul(&w)?.broadcast_add(&b)?)
-}
-
-/// Attention of queries `[b, m, dh]` over all keys and values `[b, p, dh]`, with the mask's
-/// rows for those queries (`[m, p]`), through `W_O[head]`: `[b·m, d]`.
-fn attend(
-    model: &Model,
-    lw: &LayerWeights,
-    head: usize,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask_rows: &Tensor,
-) -> Result<Tensor> {
-    let (b, m, dh) = q.dims3()?;
-    let scores =
-        (q.matmul(&k.t()?)? * (1.0 / model.cfg.attn_scale as f64))?.broadcast_add(mask_rows)?;
-    let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
-    let z = pattern.matmul(v)?.reshape((b * m, dh))?;
-    Ok(z.matmul(&lw.wo_heads.get(head)?)?)
-}
-
-fn mlp_output(model: &Model, lw: &LayerWeights, input: &Tensor) -> Result<Tensor> {
-    let mlp = lw.mlp.as_ref().expect("MLP reader of a layer with an MLP");
-    let (xn, _) = model.apply_norm(input, &lw.ln2)?;
-    let pre = xn.matmul(&mlp.w_in)?.broadcast_add(&mlp.b_in)?;
-    let post = ops::activation(&pre, model.cfg.act, false)?;
-    Ok(post.matmul(&mlp.w_out)?)
-}
-
 /// The node computations of one chunk, row-restricted by [`Need`].
 struct NodeCtx<'c> {
     model: &'c Model,
@@ -434,7 +374,7 @@ impl NodeCtx<'_> {
     /// rows of `need`, the key's and value's at every row; the others come from `cached`.
     fn head(
         &self,
-        lw: &LayerWeights,
+        lw: &Block,
         head: usize,
         need: Need,
         inputs: [Option<Tensor>; 3],
@@ -445,12 +385,12 @@ impl NodeCtx<'_> {
         let [q_in, k_in, v_in] = inputs;
         if let Some(input) = q_in {
             let (rest, last) = parts(&input, need, b, p)?;
-            let q_last = head_projection(self.model, lw, 0, head, &last, self.pos.map(|t| &t.2))?;
+            let q_last = lw
+                .attn
+                .project_head(Qkv::Q, head, &last, self.pos.map(|t| &t.2))?;
             let q_rest = match &rest {
-                Some(r) => Some(head_projection(
-                    self.model,
-                    lw,
-                    0,
+                Some(r) => Some(lw.attn.project_head(
+                    Qkv::Q,
                     head,
                     r,
                     self.pos.and_then(|t| t.1.as_ref()),
@@ -459,19 +399,17 @@ impl NodeCtx<'_> {
             };
             new[0] = Some(join_rows(q_rest.as_ref(), &q_last, b, p)?);
         }
-        for (letter, input) in [(1, k_in), (2, v_in)] {
+        for (letter, input) in [(Qkv::K, k_in), (Qkv::V, v_in)] {
             if let Some(input) = input {
                 let pos = self.pos.map(|t| &t.0);
-                new[letter] = Some(head_projection(self.model, lw, letter, head, &input, pos)?);
+                new[letter as usize] = Some(lw.attn.project_head(letter, head, &input, pos)?);
             }
         }
         let pick = |l: usize| new[l].as_ref().unwrap_or(&cached[l]);
         let k = pick(1).reshape((b, p, dh))?;
         let v = pick(2).reshape((b, p, dh))?;
         let (q_rest, q_last) = split_rows(pick(0), b, p)?;
-        let out_last = attend(
-            self.model,
-            lw,
+        let out_last = lw.attn.attend_head(
             head,
             &q_last.reshape((b, 1, dh))?,
             &k,
@@ -479,9 +417,7 @@ impl NodeCtx<'_> {
             &self.mask.narrow(0, p - 1, 1)?,
         )?;
         let out_rest = match (need, q_rest) {
-            (Need::All, Some(q)) => Some(attend(
-                self.model,
-                lw,
+            (Need::All, Some(q)) => Some(lw.attn.attend_head(
                 head,
                 &q.reshape((b, p - 1, dh))?,
                 &k,
@@ -494,12 +430,13 @@ impl NodeCtx<'_> {
     }
 
     /// The MLP's output `[N, d]` from its input at the rows of `need`.
-    fn mlp(&self, lw: &LayerWeights, need: Need, input: &Tensor) -> Result<Tensor> {
+    fn mlp(&self, lw: &Block, need: Need, input: &Tensor) -> Result<Tensor> {
         let (b, p) = (self.batch, self.seq_len);
+        let mlp = lw.mlp.as_ref().expect("MLP reader of a layer with an MLP");
         let (rest, last) = parts(input, need, b, p)?;
-        let out_last = mlp_output(self.model, lw, &last)?;
+        let (out_last, _) = mlp.forward(&last)?;
         let out_rest = match &rest {
-            Some(r) => Some(mlp_output(self.model, lw, r)?),
+            Some(r) => Some(mlp.forward(r)?.0),
             None => None,
         };
         join_rows(out_rest.as_ref(), &out_last, b, p)
@@ -1016,7 +953,7 @@ impl<'a> AcdcState<'a> {
             self.canonical_input(c, r, writers, &st.sites, rows)
         };
         for l in layer_of(&g, forced)..g.n_layers {
-            let mut lw: Option<std::sync::Arc<LayerWeights>> = None;
+            let mut lw: Option<std::sync::Arc<Block>> = None;
             for h in 0..g.n_heads {
                 let node = g.writer_index(Writer::Head { layer: l, head: h });
                 let readers = Qkv::ALL.map(|qkv| {

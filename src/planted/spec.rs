@@ -4,8 +4,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::model::{
-    Activation, EmbedWeights, LayerWeights, MlpWeights, Model, ModelConfig, Norm, Positions,
-    WeightFormat,
+    Activation, Block, EmbedWeights, MlpWeights, Model, ModelConfig, Norm, Positions, WeightFormat,
 };
 use crate::Result;
 
@@ -234,7 +233,7 @@ impl Spec {
                     b_out: t(&m.b_out, &[d])?,
                 }),
             };
-            layers.push(LayerWeights::from_heads(
+            layers.push(Block::from_heads(
                 &cfg,
                 None,
                 t(&cat(&|x| &x.wq), &[h, d, dh])?,
