@@ -232,6 +232,7 @@ fn a_non_finite_metric_is_an_error_and_nothing_is_scored() {
         cfg.d_vocab_out,
         cfg.n_ctx,
     ) = (1, 8, 2, 4, Some(16), 10, 10, 8);
+    cfg.n_kv_heads = cfg.n_heads;
     let model = random_model(&cfg, 1, &Device::Cpu).unwrap();
     let mut embed = model.embed_weights().clone();
     // One embedding row of NaN: any prompt using token 3 yields NaN logits.

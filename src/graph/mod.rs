@@ -70,6 +70,11 @@ pub struct Graph {
     pub n_heads: usize,
     /// False for attention-only models, which have no MLP nodes.
     pub has_mlp: bool,
+    /// Attention and MLP read the same residual stream (GPT-NeoX, EAP-IG's
+    /// `cfg.parallel_attn_mlp`): the MLP of layer L does not read layer L's heads. Left out of
+    /// serialised graphs when false, so sequential graphs serialise as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parallel_attn_mlp: bool,
 }
 
 impl Graph {
@@ -78,7 +83,15 @@ impl Graph {
             n_layers,
             n_heads,
             has_mlp,
+            parallel_attn_mlp: false,
         }
+    }
+
+    /// The same graph with parallel attention and MLP (no edge from a layer's heads to its own
+    /// MLP); meaningless, and ignored, without MLPs.
+    pub fn with_parallel_attn_mlp(mut self, parallel: bool) -> Self {
+        self.parallel_attn_mlp = parallel && self.has_mlp;
+        self
     }
 
     /// Writers per layer: the heads, plus the MLP when there is one.
@@ -165,6 +178,8 @@ impl Graph {
     pub fn n_upstream(&self, reader_index: usize) -> usize {
         match self.reader(reader_index) {
             Reader::Head { layer, .. } => 1 + layer * self.writers_per_layer(),
+            // In parallel blocks the MLP reads what the layer's heads read.
+            Reader::Mlp { layer } if self.parallel_attn_mlp => 1 + layer * self.writers_per_layer(),
             Reader::Mlp { layer } => 1 + layer * self.writers_per_layer() + self.n_heads,
             Reader::Logits => self.n_writers(),
         }

@@ -17,21 +17,47 @@
 //! The drivers in `forward.rs` (full forward, cached-prefix restarts, the activation-only
 //! backward) and ACDC's incremental state call these; none of them multiplies a weight itself.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use super::config::{Activation, ModelConfig, Norm};
-use super::ops::{self, NormCache};
+use super::ops::{self, NormCache, RotaryRows};
 use crate::graph::Qkv;
-use crate::Result;
+use crate::{Error, Result};
 
-/// Gain and bias of a LayerNorm (absent for `LNPre` and for models without normalisation).
+/// Gain and bias of a norm (absent for `LNPre` and for models without normalisation; RMSNorm
+/// has no bias).
 #[derive(Debug, Clone)]
 pub struct NormWeights {
     pub w: Tensor,
-    pub b: Tensor,
+    pub b: Option<Tensor>,
 }
 
-/// The normalisation applied to a sublayer's input (or before the unembedding).
+/// One layer's attention weights in eap's layout, whatever the checkpoint's: per-head
+/// `[heads, d_model, d_head]` projections (`x · W`), biases `[heads, d_head]` where the
+/// architecture has them, `W_O` `[n_heads, d_head, d_model]`.
+#[derive(Debug, Clone)]
+pub struct AttentionWeights {
+    /// The norm before attention (`ln1`, `input_layernorm`).
+    pub norm: Option<NormWeights>,
+    /// `[n_heads, d, dh]`.
+    pub w_q: Tensor,
+    /// `[n_kv_heads, d, dh]`.
+    pub w_k: Tensor,
+    pub w_v: Tensor,
+    /// `[n_heads, dh]`.
+    pub b_q: Option<Tensor>,
+    /// `[n_kv_heads, dh]`.
+    pub b_k: Option<Tensor>,
+    pub b_v: Option<Tensor>,
+    /// `[n_heads, dh, d]`.
+    pub w_o: Tensor,
+    /// `[d]`.
+    pub b_o: Option<Tensor>,
+    /// The norm on attention's output (Gemma-2's `post_attention_layernorm`).
+    pub post_norm: Option<NormWeights>,
+}
+
+/// The normalisation applied to a sublayer's input (or output, or before the unembedding).
 #[derive(Debug, Clone)]
 pub struct NormLayer {
     kind: Norm,
@@ -54,14 +80,16 @@ impl NormLayer {
 
     /// The normalised rows and the statistics the backward needs (`None` without a norm).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Option<NormCache>)> {
+        let w = self.gain();
         match self.kind {
             Norm::None => Ok((x.clone(), None)),
             Norm::LayerNorm | Norm::LayerNormPre => {
-                let (w, b) = match &self.weights {
-                    Some(n) => (Some(&n.w), Some(&n.b)),
-                    None => (None, None),
-                };
+                let b = self.weights.as_ref().and_then(|n| n.b.as_ref());
                 let (y, c) = ops::layer_norm(x, w, b, self.eps, false)?;
+                Ok((y, Some(c)))
+            }
+            Norm::RmsNorm => {
+                let (y, c) = ops::rms_norm(x, w, self.eps, false)?;
                 Ok((y, Some(c)))
             }
         }
@@ -81,75 +109,181 @@ impl NormLayer {
     }
 }
 
+/// Where the rows handed to a projection sit in their sequences, as the positional scheme needs
+/// it: shortformer embeddings added to the query and key inputs (`[rows, d]`), or the rotary
+/// angles of each row. Built by [`Model::row_positions`](super::Model::row_positions).
+#[derive(Debug, Clone, Default)]
+pub struct RowPositions {
+    pub added: Option<Tensor>,
+    pub rotary: Option<RotaryRows>,
+}
+
 /// What [`Attention::backward`] needs from the forward.
 pub struct AttentionCache {
     norm: Option<NormCache>,
-    /// `[batch, heads, positions, d_head]`.
+    /// `[batch, heads, positions, d_head]`, keys and values repeated per query head.
     q: Tensor,
     k: Tensor,
     v: Tensor,
     pattern: Tensor,
+    /// `tanh` of the scores over the soft-cap (soft-capped models).
+    tanh: Option<Tensor>,
+    /// The output norm's statistics (post-norm models).
+    post: Option<NormCache>,
+    rotary: Option<RotaryRows>,
 }
 
-/// The heads of one layer: `W_Q`, `W_K`, `W_V` per head (`[n_heads, d_model, d_head]`,
-/// TransformerLens's layout), their biases, and `W_O` (`[n_heads, d_head, d_model]`).
+/// The heads of one layer: `W_Q` per query head, `W_K` and `W_V` per key/value head, their
+/// biases where the architecture has them, and `W_O` (`[n_heads, d_head, d_model]`).
 #[derive(Debug, Clone)]
 pub struct Attention {
     pub norm: NormLayer,
+    post_norm: Option<NormLayer>,
+    /// `[heads, d, dh]`: query heads for q, key/value heads for k and v.
     w: [Tensor; 3],
-    /// `[n_heads · d_head]` each.
-    b: [Tensor; 3],
+    /// `[heads · d_head]` each.
+    b: [Option<Tensor>; 3],
     w_o: Tensor,
     /// `[n_heads · d_head, d_model]`: `w_o`'s data for the backward's one GEMM.
     w_o_flat: Tensor,
-    b_o: Tensor,
+    b_o: Option<Tensor>,
     n_heads: usize,
+    n_kv_heads: usize,
     d_head: usize,
     /// Attention scores are divided by this.
     scale: f32,
+    softcap: Option<f32>,
 }
 
 impl Attention {
     /// `b_O`: the bias added once to the sum of the heads. It belongs to no edge.
-    pub fn output_bias(&self) -> &Tensor {
-        &self.b_o
+    pub fn output_bias(&self) -> Option<&Tensor> {
+        self.b_o.as_ref()
+    }
+
+    /// Whether the heads' outputs pass through a norm before they join the residual stream, so
+    /// that the residual stream is not the sum of the writers (Gemma-2).
+    pub fn has_post_norm(&self) -> bool {
+        self.post_norm.is_some()
+    }
+
+    /// How many heads `letter`'s weights have: query heads, or key/value heads.
+    fn heads_of(&self, letter: Qkv) -> usize {
+        match letter {
+            Qkv::Q => self.n_heads,
+            Qkv::K | Qkv::V => self.n_kv_heads,
+        }
+    }
+
+    /// The key/value head that query head `head` reads (grouped-query attention).
+    fn weight_head(&self, letter: Qkv, head: usize) -> usize {
+        match letter {
+            Qkv::Q => head,
+            Qkv::K | Qkv::V => head / (self.n_heads / self.n_kv_heads),
+        }
+    }
+
+    /// The key/value head of every query head.
+    fn kv_index(&self) -> Result<Tensor> {
+        let idx: Vec<u32> = (0..self.n_heads)
+            .map(|h| self.weight_head(Qkv::K, h) as u32)
+            .collect();
+        Ok(Tensor::from_vec(idx, self.n_heads, self.w[0].device())?)
+    }
+
+    /// `letter`'s weights per *query* head, `[n_heads, d, dh]`: key and value heads repeated
+    /// for each query head that reads them.
+    fn per_query_head_weights(&self, letter: Qkv) -> Result<Tensor> {
+        let w = &self.w[letter as usize];
+        if self.heads_of(letter) == self.n_heads {
+            return Ok(w.clone());
+        }
+        Ok(w.index_select(&self.kv_index()?, 0)?)
+    }
+
+    /// `letter`'s bias per query head, `[n_heads · d_head]`.
+    fn per_query_head_bias(&self, letter: Qkv) -> Result<Option<Tensor>> {
+        let Some(b) = &self.b[letter as usize] else {
+            return Ok(None);
+        };
+        if self.heads_of(letter) == self.n_heads {
+            return Ok(Some(b.clone()));
+        }
+        let dh = self.d_head;
+        let heads = b.reshape((self.n_kv_heads, dh))?;
+        Ok(Some(
+            heads
+                .index_select(&self.kv_index()?, 0)?
+                .reshape(self.n_heads * dh)?,
+        ))
+    }
+
+    /// The rotary embedding of queries and keys (`y`'s rows of `d_head`; row `j` takes the
+    /// angles of input row `row_of(j)`); values are not rotated.
+    fn rotate(
+        &self,
+        letter: Qkv,
+        y: Tensor,
+        positions: &RowPositions,
+        row_of: &(dyn Fn(usize) -> usize + Sync),
+    ) -> Result<Tensor> {
+        match (&positions.rotary, letter) {
+            (Some(rot), Qkv::Q | Qkv::K) => rot.apply(&y, row_of, false),
+            _ => Ok(y),
+        }
     }
 
     /// Every head's projection for `letter` of the normalised stream `xn` (`[N, d]`, the same for
-    /// all heads) in one GEMM over `[d, h·dh]`, as `[batch, heads, positions, d_head]`.
-    /// `positions` is added to the query and key inputs (shortformer models).
+    /// all heads) in one GEMM over `[d, heads·dh]`, as `[batch, n_heads, positions, d_head]`
+    /// (key and value heads repeated per query head).
     pub fn project_all(
         &self,
         letter: Qkv,
         xn: &Tensor,
-        positions: Option<&Tensor>,
+        positions: &RowPositions,
         batch: usize,
         seq_len: usize,
     ) -> Result<Tensor> {
         let (h, dh) = (self.n_heads, self.d_head);
-        let d = xn.dim(1)?;
+        let heads = self.heads_of(letter);
+        let (n, d) = xn.dims2()?;
         let mut inp = xn.clone();
-        if let (Some(pos), true) = (positions, letter != Qkv::V) {
+        if let (Some(pos), true) = (&positions.added, letter != Qkv::V) {
             inp = (inp + pos)?;
         }
-        // All heads in one GEMM: [d, h·dh] built from the per-head layout (a 2.4 MB copy on
+        // All heads in one GEMM: [d, heads·dh] built from the per-head layout (a 2.4 MB copy on
         // GPT-2, cheaper than keeping both layouts resident).
         let w = self.w[letter as usize]
             .permute((1, 0, 2))?
-            .reshape((d, h * dh))?;
-        let y = inp.matmul(&w)?.broadcast_add(&self.b[letter as usize])?;
-        Ok(y.reshape((batch, seq_len, h, dh))?
-            .transpose(1, 2)?
-            .contiguous()?)
+            .reshape((d, heads * dh))?;
+        let mut y = inp.matmul(&w)?;
+        if let Some(b) = &self.b[letter as usize] {
+            y = y.broadcast_add(b)?;
+        }
+        if positions.rotary.is_some() && letter != Qkv::V {
+            let rows = y.reshape((n * heads, dh))?;
+            y = self
+                .rotate(letter, rows, positions, &|j| j / heads)?
+                .reshape((n, heads * dh))?;
+        }
+        let mut y = y.reshape((batch, seq_len, heads, dh))?;
+        if heads != h {
+            let g = h / heads;
+            y = y
+                .unsqueeze(3)?
+                .broadcast_as((batch, seq_len, heads, g, dh))?
+                .reshape((batch, seq_len, h, dh))?;
+        }
+        Ok(y.transpose(1, 2)?.contiguous()?)
     }
 
-    /// Each head's projection for `letter` of its own residual stream (`inputs[h]`, `[N, d]`,
-    /// not yet normalised), as `[batch, heads, positions, d_head]`.
+    /// Each query head's projection for `letter` of its own residual stream (`inputs[h]`,
+    /// `[N, d]`, not yet normalised), as `[batch, n_heads, positions, d_head]`.
     pub fn project_per_head(
         &self,
         letter: Qkv,
         inputs: &[Tensor],
-        positions: Option<&Tensor>,
+        positions: &RowPositions,
         batch: usize,
         seq_len: usize,
     ) -> Result<Tensor> {
@@ -157,59 +291,84 @@ impl Attention {
         let (n, d) = inputs[0].dims2()?;
         let inp = Tensor::stack(inputs, 0)?; // [h, n, d]
         let (mut inp, _) = self.norm.forward(&inp.reshape((h * n, d))?)?;
-        if let (Some(pos), true) = (positions, letter != Qkv::V) {
+        if let (Some(pos), true) = (&positions.added, letter != Qkv::V) {
             inp = inp.reshape((h, n, d))?.broadcast_add(pos)?;
         }
-        let y = inp.reshape((h, n, d))?.matmul(&self.w[letter as usize])?; // [h, n, dh]
-        let y = y.broadcast_add(&self.b[letter as usize].reshape((h, 1, dh))?)?;
+        let w = self.per_query_head_weights(letter)?;
+        let mut y = inp.reshape((h, n, d))?.matmul(&w)?; // [h, n, dh]
+        if let Some(b) = self.per_query_head_bias(letter)? {
+            y = y.broadcast_add(&b.reshape((h, 1, dh))?)?;
+        }
+        if positions.rotary.is_some() && letter != Qkv::V {
+            let rows = y.reshape((h * n, dh))?;
+            y = self
+                .rotate(letter, rows, positions, &|j| j % n)?
+                .reshape((h, n, dh))?;
+        }
         Ok(y.reshape((h, batch, seq_len, dh))?
             .transpose(0, 1)?
             .contiguous()?)
     }
 
-    /// Head `head`'s projection for `letter` of `input` (`[rows, d]`, not yet normalised):
-    /// `[rows, d_head]`. `positions` holds the same rows' positional embeddings.
+    /// Query head `head`'s projection for `letter` of `input` (`[rows, d]`, not yet
+    /// normalised): `[rows, d_head]`. `positions` describes the same rows.
     pub fn project_head(
         &self,
         letter: Qkv,
         head: usize,
         input: &Tensor,
-        positions: Option<&Tensor>,
+        positions: &RowPositions,
     ) -> Result<Tensor> {
         let (mut xn, _) = self.norm.forward(input)?;
-        if let (Some(pos), true) = (positions, letter != Qkv::V) {
+        if let (Some(pos), true) = (&positions.added, letter != Qkv::V) {
             xn = (xn + pos)?;
         }
         let dh = self.d_head;
-        let w = self.w[letter as usize].get(head)?;
-        let b = self.b[letter as usize].narrow(0, head * dh, dh)?;
-        Ok(xn.matmul(&w)?.broadcast_add(&b)?)
+        let wh = self.weight_head(letter, head);
+        let w = self.w[letter as usize].get(wh)?;
+        let mut y = xn.matmul(&w)?;
+        if let Some(b) = &self.b[letter as usize] {
+            y = y.broadcast_add(&b.narrow(0, wh * dh, dh)?)?;
+        }
+        self.rotate(letter, y, positions, &|j| j)
     }
 
-    /// Softmax of the scaled, masked scores of queries `[…, m, dh]` against keys `[…, p, dh]`.
-    fn pattern(&self, q: &Tensor, k: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let scores = (q.matmul(&k.t()?)? * (1.0 / self.scale as f64))?.broadcast_add(mask)?;
-        Ok(candle_nn::ops::softmax_last_dim(&scores)?)
+    /// Softmax of the scaled (soft-capped), masked scores of queries `[…, m, dh]` against keys
+    /// `[…, p, dh]`, and the soft-cap's `tanh` for the backward.
+    fn pattern(&self, q: &Tensor, k: &Tensor, mask: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let scores = (q.matmul(&k.t()?)? * (1.0 / self.scale as f64))?;
+        let (scores, tanh) = match self.softcap {
+            Some(cap) => {
+                let (s, t) = ops::softcap(&scores, cap)?;
+                (s, Some(t))
+            }
+            None => (scores, None),
+        };
+        let scores = scores.broadcast_add(mask)?;
+        Ok((candle_nn::ops::softmax_last_dim(&scores)?, tanh))
     }
 
     /// Every head's output `z_h · W_O[h]` (`[heads, N, d]`, without `b_O`) from projections
-    /// `[batch, heads, positions, d_head]`, and the pattern.
+    /// `[batch, heads, positions, d_head]`, and what the backward needs of the pattern.
     pub fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         mask: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, AttentionPattern)> {
         let (b, h, p, dh) = q.dims4()?;
-        let pattern = self.pattern(q, k, mask)?;
+        let (pattern, tanh) = self.pattern(q, k, mask)?;
         let z = pattern.matmul(v)?; // [b, h, p, dh]
         let z_heads = z.transpose(0, 1)?.contiguous()?.reshape((h, b * p, dh))?;
-        Ok((z_heads.matmul(&self.w_o)?, pattern))
+        Ok((
+            z_heads.matmul(&self.w_o)?,
+            AttentionPattern { pattern, tanh },
+        ))
     }
 
-    /// Head `head`'s output for queries `[b, m, dh]` over all keys and values `[b, p, dh]`,
-    /// with the mask's rows for those queries (`[m, p]`): `[b·m, d]`.
+    /// Query head `head`'s output for queries `[b, m, dh]` over all keys and values
+    /// `[b, p, dh]`, with the mask's rows for those queries (`[m, p]`): `[b·m, d]`.
     pub fn attend_head(
         &self,
         head: usize,
@@ -219,37 +378,51 @@ impl Attention {
         mask_rows: &Tensor,
     ) -> Result<Tensor> {
         let (b, m, dh) = q.dims3()?;
-        let pattern = self.pattern(q, k, mask_rows)?;
+        let (pattern, _) = self.pattern(q, k, mask_rows)?;
         let z = pattern.matmul(v)?.reshape((b * m, dh))?;
         Ok(z.matmul(&self.w_o.get(head)?)?)
     }
 
-    /// The attention sublayer's contribution to the residual stream: the heads' sum plus `b_O`.
-    pub fn output(&self, head_out: &Tensor) -> Result<Tensor> {
-        Ok(ops::sum_leading(head_out)?.broadcast_add(&self.b_o)?)
+    /// The attention sublayer's contribution to the residual stream: the heads' sum plus `b_O`,
+    /// through the output norm where there is one (with its statistics).
+    pub fn output(&self, head_out: &Tensor) -> Result<(Tensor, Option<NormCache>)> {
+        let mut sum = ops::sum_leading(head_out)?;
+        if let Some(b) = &self.b_o {
+            sum = sum.broadcast_add(b)?;
+        }
+        match &self.post_norm {
+            Some(n) => n.forward(&sum),
+            None => Ok((sum, None)),
+        }
     }
 
     /// Keeps what the backward needs.
+    #[allow(clippy::too_many_arguments)]
     pub fn cache(
         &self,
         norm: Option<NormCache>,
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        pattern: Tensor,
+        pattern: AttentionPattern,
+        post: Option<NormCache>,
+        positions: &RowPositions,
     ) -> AttentionCache {
         AttentionCache {
             norm,
             q,
             k,
             v,
-            pattern,
+            pattern: pattern.pattern,
+            tanh: pattern.tanh,
+            post,
+            rotary: positions.rotary.clone(),
         }
     }
 
     /// The gradients of every head's q, k and v input (`[3h (+1), N, d]`, graph order: all
-    /// queries, all keys, all values) given the gradient `g` (`[N, d]`) that reaches every
-    /// head's output; `append` (the MLP reader's gradient) fills one more slot. Each is the
+    /// queries, all keys, all values) given the gradient `g` (`[N, d]`) of the residual stream
+    /// attention writes to; `append` (the MLP reader's gradient) fills one more slot. Each is the
     /// derivative with respect to that reader's own copy of the residual stream.
     pub fn backward(
         &self,
@@ -259,7 +432,15 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, h, p, dh) = cache.q.dims4()?;
         let n = b * p;
-        // The residual gradient reaches every head's output unchanged.
+        // Without an output norm the residual gradient reaches every head's output unchanged.
+        let post;
+        let g = match &self.post_norm {
+            Some(norm) => {
+                post = norm.backward(g, &cache.post)?;
+                &post
+            }
+            None => g,
+        };
         let dz = g
             .matmul(&self.w_o_flat.t()?)?
             .reshape((b, p, h, dh))?
@@ -269,17 +450,35 @@ impl Attention {
         let dv = cache.pattern.t()?.matmul(&dz)?;
         // Softmax backward: dS = P ⊙ (dP − Σ_j dP ⊙ P); masked entries have P = 0.
         let inner = (&d_pattern * &cache.pattern)?.sum_keepdim(D::Minus1)?;
-        let d_scores = ((cache.pattern.clone() * d_pattern.broadcast_sub(&inner)?)?
-            * (1.0 / self.scale as f64))?;
+        let d_capped = (cache.pattern.clone() * d_pattern.broadcast_sub(&inner)?)?;
+        let d_scores = match &cache.tanh {
+            None => (d_capped * (1.0 / self.scale as f64))?,
+            Some(t) => (ops::softcap_backward(&d_capped, t)? * (1.0 / self.scale as f64))?,
+        };
         let dq = d_scores.matmul(&cache.k)?;
         let dk = d_scores.t()?.matmul(&cache.q)?;
         let to_heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.transpose(0, 1)?.contiguous()?.reshape((h, n, dh))?)
         };
-        let (dq, dk, dv) = (to_heads(dq)?, to_heads(dk)?, to_heads(dv)?);
-        let ws = [&self.w[0], &self.w[1], &self.w[2]];
+        let (mut dq, mut dk, dv) = (to_heads(dq)?, to_heads(dk)?, to_heads(dv)?);
+        if let Some(rot) = &cache.rotary {
+            // Rows of [h, n, dh] are (head, input row) pairs.
+            let back = |t: &Tensor| -> Result<Tensor> {
+                rot.apply(&t.reshape((h * n, dh))?, &|j| j % n, true)?
+                    .reshape((h, n, dh))
+                    .map_err(Error::from)
+            };
+            dq = back(&dq)?;
+            dk = back(&dk)?;
+        }
+        let ws = [
+            self.per_query_head_weights(Qkv::Q)?,
+            self.per_query_head_weights(Qkv::K)?,
+            self.per_query_head_weights(Qkv::V)?,
+        ];
+        let wr = [&ws[0], &ws[1], &ws[2]];
         let norm = cache.norm.as_ref().map(|c| (c, self.norm.gain()));
-        if let Some(grads) = ops::qkv_input_grads([&dq, &dk, &dv], ws, norm, append)? {
+        if let Some(grads) = ops::qkv_input_grads([&dq, &dk, &dv], wr, norm, append)? {
             return Ok(grads);
         }
         // Any device: per-letter batched products, then the norm's backward.
@@ -301,36 +500,72 @@ impl Attention {
     }
 }
 
-/// An MLP's weights: `out = act(x @ w_in + b_in) @ w_out + b_out`.
+/// The attention pattern `[batch, heads, queries, keys]` and the soft-cap's `tanh`.
+pub struct AttentionPattern {
+    pattern: Tensor,
+    tanh: Option<Tensor>,
+}
+
+/// An MLP's weights: `out = act(x @ w_in + b_in) @ w_out + b_out`, or for gated MLPs
+/// `out = (act(x @ w_gate) ⊙ (x @ w_in)) @ w_out` (SwiGLU, GeGLU). `[in, out]` layouts.
 #[derive(Debug, Clone)]
 pub struct MlpWeights {
+    /// The norm before the MLP (`ln2`, `post_attention_layernorm` in Llama,
+    /// `pre_feedforward_layernorm` in Gemma-2).
+    pub norm: Option<NormWeights>,
+    /// `[d, d_mlp]` (`up_proj` in gated MLPs).
     pub w_in: Tensor,
-    pub b_in: Tensor,
+    pub b_in: Option<Tensor>,
+    /// `[d, d_mlp]`: gated MLPs only.
+    pub w_gate: Option<Tensor>,
+    /// `[d_mlp, d]`.
     pub w_out: Tensor,
-    pub b_out: Tensor,
+    pub b_out: Option<Tensor>,
+    /// The norm on the MLP's output (Gemma-2's `post_feedforward_layernorm`).
+    pub post_norm: Option<NormWeights>,
 }
 
 /// What [`Mlp::backward`] needs from the forward.
 pub struct MlpCache {
     norm: Option<NormCache>,
+    /// The activation's input (the gate's, in gated MLPs).
     pre: Tensor,
+    /// Gated MLPs: `x · W_in`, the factor the activation multiplies.
+    up: Option<Tensor>,
+    post: Option<NormCache>,
 }
 
-/// One layer's MLP and the norm before it.
+/// One layer's MLP and the norms around it.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub norm: NormLayer,
+    post_norm: Option<NormLayer>,
     weights: MlpWeights,
     act: Activation,
 }
 
 impl Mlp {
-    pub fn new(cfg: &ModelConfig, norm: Option<NormWeights>, weights: MlpWeights) -> Mlp {
-        Mlp {
-            norm: NormLayer::new(cfg, norm),
+    pub fn new(cfg: &ModelConfig, weights: MlpWeights) -> Result<Mlp> {
+        if cfg.gated_mlp != weights.w_gate.is_some() {
+            return Err(Error::invalid(format!(
+                "the configuration says gated_mlp = {} but the MLP weights {} a gate",
+                cfg.gated_mlp,
+                if weights.w_gate.is_some() {
+                    "have"
+                } else {
+                    "lack"
+                }
+            )));
+        }
+        Ok(Mlp {
+            norm: NormLayer::new(cfg, weights.norm.clone()),
+            post_norm: weights
+                .post_norm
+                .clone()
+                .map(|w| NormLayer::new(cfg, Some(w))),
             weights,
             act: cfg.act,
-        }
+        })
     }
 
     pub fn weights(&self) -> &MlpWeights {
@@ -338,26 +573,68 @@ impl Mlp {
     }
 
     /// The output bias: a constant added to the residual stream, belonging to no edge.
-    pub fn output_bias(&self) -> &Tensor {
-        &self.weights.b_out
+    pub fn output_bias(&self) -> Option<&Tensor> {
+        self.weights.b_out.as_ref()
     }
 
-    /// The MLP's output (`[rows, d]`, without `b_out`) for its input rows (not yet normalised),
-    /// and what the backward needs.
+    /// The MLP's output (`[rows, d]`, without `b_out`, after the output norm where there is
+    /// one) for its input rows (not yet normalised), and what the backward needs.
     pub fn forward(&self, input: &Tensor) -> Result<(Tensor, MlpCache)> {
         let w = &self.weights;
         let (xn, norm) = self.norm.forward(input)?;
-        let pre = xn.matmul(&w.w_in)?.broadcast_add(&w.b_in)?;
-        let post = ops::activation(&pre, self.act, false)?;
-        Ok((post.matmul(&w.w_out)?, MlpCache { norm, pre }))
+        let mut up = xn.matmul(&w.w_in)?;
+        if let Some(b) = &w.b_in {
+            up = up.broadcast_add(b)?;
+        }
+        let (out, pre, up) = match &w.w_gate {
+            None => {
+                let post = ops::activation(&up, self.act, false)?;
+                (post.matmul(&w.w_out)?, up, None)
+            }
+            Some(w_gate) => {
+                let gate = xn.matmul(w_gate)?;
+                let hidden = ops::gated_activation(&gate, &up, self.act, false)?;
+                (hidden.matmul(&w.w_out)?, gate, Some(up))
+            }
+        };
+        let (out, post) = match &self.post_norm {
+            Some(n) => n.forward(&out)?,
+            None => (out, None),
+        };
+        Ok((
+            out,
+            MlpCache {
+                norm,
+                pre,
+                up,
+                post,
+            },
+        ))
     }
 
     /// The gradient of the MLP's input (its reader) from the gradient `g` of its output.
     pub fn backward(&self, cache: &MlpCache, g: &Tensor) -> Result<Tensor> {
         let w = &self.weights;
-        let d_post = g.matmul(&w.w_out.t()?)?;
-        let d_pre = ops::activation_backward(&d_post, &cache.pre, self.act, false)?;
-        let d_xn = d_pre.matmul(&w.w_in.t()?)?;
+        let post;
+        let g = match &self.post_norm {
+            Some(n) => {
+                post = n.backward(g, &cache.post)?;
+                &post
+            }
+            None => g,
+        };
+        let d_hidden = g.matmul(&w.w_out.t()?)?;
+        let d_xn = match (&w.w_gate, &cache.up) {
+            (Some(w_gate), Some(up)) => {
+                let (d_gate, d_up) =
+                    ops::gated_activation_backward(&d_hidden, &cache.pre, up, self.act, false)?;
+                (d_up.matmul(&w.w_in.t()?)? + d_gate.matmul(&w_gate.t()?)?)?
+            }
+            _ => {
+                let d_pre = ops::activation_backward(&d_hidden, &cache.pre, self.act, false)?;
+                d_pre.matmul(&w.w_in.t()?)?
+            }
+        };
         self.norm.backward(&d_xn, &cache.norm)
     }
 }
@@ -371,8 +648,70 @@ pub struct Block {
 }
 
 impl Block {
+    /// Builds a layer from weights in eap's layout, checking them against `cfg`.
+    pub fn new(
+        cfg: &ModelConfig,
+        attn: AttentionWeights,
+        mlp: Option<MlpWeights>,
+    ) -> Result<Block> {
+        let (h, kv, d, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head);
+        if kv == 0 || h % kv != 0 {
+            return Err(Error::invalid(format!(
+                "{h} query heads cannot be grouped over {kv} key/value heads"
+            )));
+        }
+        let check = |what: &str, t: &Tensor, want: &[usize]| -> Result<()> {
+            if t.dims() != want {
+                return Err(Error::Shape {
+                    op: "block weights",
+                    expected: format!("{what} of shape {want:?}"),
+                    found: format!("{:?}", t.dims()),
+                });
+            }
+            Ok(())
+        };
+        check("W_Q", &attn.w_q, &[h, d, dh])?;
+        check("W_K", &attn.w_k, &[kv, d, dh])?;
+        check("W_V", &attn.w_v, &[kv, d, dh])?;
+        check("W_O", &attn.w_o, &[h, dh, d])?;
+        let bias = |b: Option<Tensor>, heads: usize| -> Result<Option<Tensor>> {
+            b.map(|b| b.reshape(heads * dh))
+                .transpose()
+                .map_err(Error::from)
+        };
+        let mlp = mlp.map(|m| Mlp::new(cfg, m)).transpose()?;
+        if cfg.d_mlp.is_some() != mlp.is_some() {
+            return Err(Error::invalid(
+                "the configuration and the weights disagree on whether the model has MLPs",
+            ));
+        }
+        let to_f32 = |t: Tensor| t.to_dtype(DType::F32);
+        Ok(Block {
+            attn: Attention {
+                norm: NormLayer::new(cfg, attn.norm),
+                post_norm: attn.post_norm.map(|w| NormLayer::new(cfg, Some(w))),
+                w: [
+                    to_f32(attn.w_q.contiguous()?)?,
+                    to_f32(attn.w_k.contiguous()?)?,
+                    to_f32(attn.w_v.contiguous()?)?,
+                ],
+                b: [bias(attn.b_q, h)?, bias(attn.b_k, kv)?, bias(attn.b_v, kv)?],
+                w_o_flat: attn.w_o.reshape((h * dh, d))?,
+                w_o: attn.w_o.contiguous()?,
+                b_o: attn.b_o,
+                n_heads: h,
+                n_kv_heads: kv,
+                d_head: dh,
+                scale: cfg.attn_scale,
+                softcap: cfg.attn_softcap,
+            },
+            mlp,
+        })
+    }
+
     /// Builds a layer from per-head TransformerLens-layout tensors (already f32 on one device):
-    /// `W_Q`, `W_K`, `W_V` `[h, d, dh]`, `b_Q`, `b_K`, `b_V` `[h, dh]`, `W_O` `[h, dh, d]`, `b_O`.
+    /// `W_Q`, `W_K`, `W_V` `[h, d, dh]`, `b_Q`, `b_K`, `b_V` `[h, dh]`, `W_O` `[h, dh, d]`, `b_O`;
+    /// `mlp` with its input norm `ln2`.
     #[allow(clippy::too_many_arguments)]
     pub fn from_heads(
         cfg: &ModelConfig,
@@ -388,24 +727,18 @@ impl Block {
         ln2: Option<NormWeights>,
         mlp: Option<MlpWeights>,
     ) -> Result<Block> {
-        let (h, d, dh) = (cfg.n_heads, cfg.d_model, cfg.d_head);
-        Ok(Block {
-            attn: Attention {
-                norm: NormLayer::new(cfg, ln1),
-                w: [w_q.contiguous()?, w_k.contiguous()?, w_v.contiguous()?],
-                b: [
-                    b_q.reshape(h * dh)?,
-                    b_k.reshape(h * dh)?,
-                    b_v.reshape(h * dh)?,
-                ],
-                w_o_flat: w_o.reshape((h * dh, d))?,
-                w_o: w_o.contiguous()?,
-                b_o,
-                n_heads: h,
-                d_head: dh,
-                scale: cfg.attn_scale,
-            },
-            mlp: mlp.map(|m| Mlp::new(cfg, ln2, m)),
-        })
+        let attn = AttentionWeights {
+            norm: ln1,
+            w_q,
+            w_k,
+            w_v,
+            b_q: Some(b_q),
+            b_k: Some(b_k),
+            b_v: Some(b_v),
+            w_o,
+            b_o: Some(b_o),
+            post_norm: None,
+        };
+        Block::new(cfg, attn, mlp.map(|m| MlpWeights { norm: ln2, ..m }))
     }
 }

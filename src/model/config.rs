@@ -11,13 +11,17 @@ use serde_json::Value;
 
 use crate::{Error, Result};
 
-/// Normalisation applied before attention, before the MLP and before the unembedding.
+/// Normalisation applied before attention, before the MLP and before the unembedding (and, with
+/// [`ModelConfig::post_norms`], after attention and after the MLP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Norm {
     /// LayerNorm with gain and bias (biased variance, eps inside the square root).
     LayerNorm,
     /// LayerNorm without gain and bias (TransformerLens `LNPre`: weights folded downstream).
     LayerNormPre,
+    /// RMSNorm, `x / sqrt(mean(x²) + eps) · w` (Llama, Mistral, Qwen2). Gemma's `(1 + w)` form is
+    /// this norm with the stored gain plus one, added once when the weights are loaded.
+    RmsNorm,
     /// Identity.
     None,
 }
@@ -31,16 +35,93 @@ pub enum Activation {
     Gelu,
     /// ReLU with ReLU'(0) = 0, as PyTorch.
     Relu,
+    /// SiLU, `x · sigmoid(x)` (SwiGLU's gate).
+    Silu,
 }
 
 /// How positions enter the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Positions {
     /// Learned positional embedding added to the residual stream.
     Standard,
     /// Learned positional embedding added to the query and key inputs only (TransformerLens
     /// `shortformer`); the residual stream carries token embeddings alone.
     Shortformer,
+    /// Rotary embeddings applied to queries and keys after their projection; the residual
+    /// stream carries token embeddings alone.
+    Rotary(Rotary),
+}
+
+/// Rotary position embeddings in Hugging Face's half-split layout (`rotate_half`): dimension
+/// `i < dim/2` of a head pairs with `i + dim/2`; dimensions `dim..d_head` are left alone
+/// (partial rotary, GPT-NeoX's `rotary_pct`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rotary {
+    /// Rotated dimensions of each head (even, at most `d_head`).
+    pub dim: usize,
+    /// The frequency base (`rope_theta`, NeoX's `rotary_emb_base`).
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+impl Rotary {
+    /// The `dim/2` angular frequencies, `theta^(−2i/dim)`, with the scaling applied (Hugging
+    /// Face's `_compute_default_rope_parameters` and `_compute_llama3_parameters`, in f64).
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let base: Vec<f64> = (0..self.dim / 2)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / self.dim as f64))
+            .collect();
+        match self.scaling {
+            RopeScaling::None => base,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Rotary frequency scaling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Llama 3's `rope_type: llama3`: long wavelengths divided by `factor`, short ones kept,
+    /// a smooth blend between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Attention restricted to the most recent keys on some layers (Mistral, Gemma-2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlidingWindow {
+    /// A query at position `i` sees keys `j` with `i − window < j ≤ i`.
+    pub window: usize,
+    /// Per layer: whether that layer slides.
+    pub layers: Vec<bool>,
 }
 
 /// Where the weights came from, which decides tensor names and layouts.
@@ -50,6 +131,13 @@ pub enum WeightFormat {
     HfGpt2,
     /// A TransformerLens state dict.
     TransformerLens,
+    /// A Hugging Face Llama-family checkpoint (`llama`, `mistral`, `qwen2`, `gemma2`): separate
+    /// `q_proj`/`k_proj`/`v_proj`/`o_proj` and `gate_proj`/`up_proj`/`down_proj` in `[out, in]`
+    /// layout under `model.layers.{i}`.
+    HfLlama,
+    /// A Hugging Face GPT-NeoX checkpoint (Pythia): fused, per-head interleaved
+    /// `query_key_value` under `gpt_neox.layers.{i}`.
+    HfNeox,
     /// Built in memory (planted-circuit models).
     InMemory,
 }
@@ -59,7 +147,11 @@ pub enum WeightFormat {
 pub struct ModelConfig {
     pub n_layers: usize,
     pub d_model: usize,
+    /// Query heads: the graph has one node per query head.
     pub n_heads: usize,
+    /// Key/value heads: `n_heads` without grouped-query attention; with it, each group of
+    /// `n_heads / n_kv_heads` consecutive query heads shares one.
+    pub n_kv_heads: usize,
     pub d_head: usize,
     /// `None` for attention-only models.
     pub d_mlp: Option<usize>,
@@ -75,12 +167,70 @@ pub struct ModelConfig {
     pub attn_scale: f32,
     pub eps: f32,
     pub format: WeightFormat,
+    /// Gated MLP (SwiGLU, GeGLU): `act(x · W_gate) ⊙ (x · W_in)`, then `W_out`.
+    pub gated_mlp: bool,
+    /// Attention and MLP read the same residual stream (GPT-NeoX `use_parallel_residual`):
+    /// the MLP of layer L does not read layer L's heads.
+    pub parallel_attn_mlp: bool,
+    /// Norms on the attention and MLP outputs before they join the residual stream (Gemma-2's
+    /// `post_attention_layernorm`, `post_feedforward_layernorm`).
+    pub post_norms: bool,
+    /// Multiplies the token embedding (Gemma: `√d_model`, rounded to the weights' dtype as
+    /// Hugging Face does).
+    pub embed_scale: f32,
+    /// `cap · tanh(score / cap)` on the scaled attention scores (Gemma-2).
+    pub attn_softcap: Option<f32>,
+    /// `cap · tanh(logit / cap)` on the logits (Gemma-2).
+    pub final_softcap: Option<f32>,
+    pub sliding_window: Option<SlidingWindow>,
 }
 
 impl ModelConfig {
     /// The edge graph of this model.
     pub fn graph(&self) -> crate::graph::Graph {
         crate::graph::Graph::new(self.n_layers, self.n_heads, self.d_mlp.is_some())
+            .with_parallel_attn_mlp(self.parallel_attn_mlp && self.d_mlp.is_some())
+    }
+
+    /// A GPT-2-style configuration: every variant off (`n_kv_heads = n_heads`, plain MLP,
+    /// sequential blocks, no post-norms, soft-caps or sliding windows). Formats fill in the
+    /// shape and conventions, then switch on what their architecture has.
+    #[allow(clippy::too_many_arguments)]
+    pub fn classic(
+        n_layers: usize,
+        d_model: usize,
+        n_heads: usize,
+        d_head: usize,
+        d_mlp: Option<usize>,
+        d_vocab: usize,
+        n_ctx: usize,
+        format: WeightFormat,
+    ) -> ModelConfig {
+        ModelConfig {
+            n_layers,
+            d_model,
+            n_heads,
+            n_kv_heads: n_heads,
+            d_head,
+            d_mlp,
+            d_vocab,
+            d_vocab_out: d_vocab,
+            n_ctx,
+            norm: Norm::LayerNorm,
+            act: Activation::GeluNew,
+            positions: Positions::Standard,
+            causal: true,
+            attn_scale: (d_head as f32).sqrt(),
+            eps: 1e-5,
+            format,
+            gated_mlp: false,
+            parallel_attn_mlp: false,
+            post_norms: false,
+            embed_scale: 1.0,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_window: None,
+        }
     }
 
     /// Parameters of the model (for FLOP counts and memory planning).
@@ -173,6 +323,7 @@ impl ModelConfig {
             n_layers: f.usize("n_layer")?,
             d_model,
             n_heads,
+            n_kv_heads: n_heads,
             d_head,
             d_mlp: Some(d_mlp),
             d_vocab,
@@ -185,6 +336,13 @@ impl ModelConfig {
             attn_scale: if scale { (d_head as f32).sqrt() } else { 1.0 },
             eps: f.opt_f64("layer_norm_epsilon")?.unwrap_or(1e-5) as f32,
             format: WeightFormat::HfGpt2,
+            gated_mlp: false,
+            parallel_attn_mlp: false,
+            post_norms: false,
+            embed_scale: 1.0,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_window: None,
         })
     }
 
@@ -294,6 +452,7 @@ impl ModelConfig {
             n_layers: f.usize("n_layers")?,
             d_model,
             n_heads,
+            n_kv_heads: n_heads,
             d_head,
             d_mlp,
             d_vocab,
@@ -306,6 +465,13 @@ impl ModelConfig {
             attn_scale,
             eps: f.opt_f64("eps")?.unwrap_or(1e-5) as f32,
             format: WeightFormat::TransformerLens,
+            gated_mlp: false,
+            parallel_attn_mlp: false,
+            post_norms: false,
+            embed_scale: 1.0,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_window: None,
         })
     }
 }

@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::block::{AttentionCache, MlpCache};
+use super::block::{AttentionCache, MlpCache, RowPositions};
 use super::config::Positions;
 use super::ops::{self, NormCache};
 use super::Model;
@@ -174,10 +174,17 @@ struct LayerCache {
     mlp: Option<MlpCache>,
 }
 
+/// What the unembedding's backward needs: the final norm's statistics and, with a final
+/// soft-cap, its `tanh`.
+pub(crate) struct UnembedCache {
+    norm: Option<NormCache>,
+    tanh: Option<Tensor>,
+}
+
 /// Activations the backward needs, from an unpatched forward.
 pub struct ForwardCache {
     layers: Vec<LayerCache>,
-    ln_final: Option<NormCache>,
+    unembed: UnembedCache,
     /// Row indices (into `N`) whose logits were computed.
     logit_rows: Tensor,
     batch: usize,
@@ -193,15 +200,63 @@ pub struct ReaderGrads {
 }
 
 impl Model {
-    /// Final norm and unembedding of residual-stream rows `[R, d]`: logits `[R, d_vocab_out]`
-    /// and the norm's statistics for the backward.
-    pub(crate) fn unembed(&self, x: &Tensor) -> Result<(Tensor, Option<NormCache>)> {
-        let (xn, ln_final) = self.final_norm.forward(x)?;
+    /// Final norm and unembedding of residual-stream rows `[R, d]` (and the final soft-cap):
+    /// logits `[R, d_vocab_out]` and what the backward needs.
+    pub(crate) fn unembed(&self, x: &Tensor) -> Result<(Tensor, UnembedCache)> {
+        let (xn, norm) = self.final_norm.forward(x)?;
         let mut logits = xn.matmul(&self.embed.w_u)?;
         if let Some(bu) = &self.embed.b_u {
             logits = logits.broadcast_add(bu)?;
         }
-        Ok((logits, ln_final))
+        let tanh = match self.cfg.final_softcap {
+            Some(cap) => {
+                let (capped, t) = ops::softcap(&logits, cap)?;
+                logits = capped;
+                Some(t)
+            }
+            None => None,
+        };
+        Ok((logits, UnembedCache { norm, tanh }))
+    }
+
+    /// Each row's position within its sequence for `batch` sequences of `seq_len` tokens.
+    pub fn batch_positions(batch: usize, seq_len: usize) -> Vec<usize> {
+        (0..batch * seq_len).map(|r| r % seq_len).collect()
+    }
+
+    /// What the attention of rows at `positions` needs to know of where they are: shortformer
+    /// embeddings for the query and key inputs, or rotary angles (DESIGN §4).
+    pub fn row_positions(&self, positions: &[usize]) -> Result<RowPositions> {
+        match self.cfg.positions {
+            Positions::Standard => Ok(RowPositions::default()),
+            Positions::Shortformer => {
+                let w_pos = self.embed.w_pos.as_ref().ok_or_else(|| {
+                    Error::invalid("a shortformer model needs positional embeddings")
+                })?;
+                let idx: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+                let idx = Tensor::from_vec(idx, positions.len(), &self.device)?;
+                Ok(RowPositions {
+                    added: Some(w_pos.index_select(&idx, 0)?),
+                    rotary: None,
+                })
+            }
+            Positions::Rotary(r) => Ok(RowPositions {
+                added: None,
+                rotary: Some(ops::RotaryRows::new(&r.inv_freq(), positions)),
+            }),
+        }
+    }
+
+    /// The additive attention mask of layer `layer` for `p` positions: causal (unless the model
+    /// is bidirectional) and, on sliding layers, limited to the window.
+    pub fn attention_mask(&self, layer: usize, p: usize) -> Result<Tensor> {
+        let window = self
+            .cfg
+            .sliding_window
+            .as_ref()
+            .filter(|s| s.layers.get(layer).copied().unwrap_or(false))
+            .map(|s| s.window);
+        ops::attention_mask(p, self.cfg.causal, window, &self.device)
     }
 
     /// Checks token ids and length against the model.
@@ -226,20 +281,24 @@ impl Model {
 
     /// Token (and, for standard positions, positional) embedding: the `input` writer, `[N, d]`.
     pub fn embed(&self, batch: &Batch) -> Result<Tensor> {
-        let tok = self.embed.w_e.embedding(&batch.tokens.flatten_all()?)?;
-        match self.cfg.positions {
-            Positions::Standard => Ok(tok.add(&self.positions(batch)?)?),
-            Positions::Shortformer => Ok(tok),
+        let mut tok = self.embed.w_e.embedding(&batch.tokens.flatten_all()?)?;
+        if self.cfg.embed_scale != 1.0 {
+            tok = (tok * self.cfg.embed_scale as f64)?;
         }
-    }
-
-    /// `W_pos[0..P]` repeated for each sequence, `[N, d]`.
-    pub(crate) fn positions(&self, batch: &Batch) -> Result<Tensor> {
-        let pos = self.embed.w_pos.narrow(0, 0, batch.seq_len)?;
-        Ok(pos
-            .unsqueeze(0)?
-            .broadcast_as((batch.batch, batch.seq_len, self.cfg.d_model))?
-            .reshape((batch.n_rows(), self.cfg.d_model))?)
+        match (self.cfg.positions, &self.embed.w_pos) {
+            (Positions::Standard, Some(w_pos)) => {
+                let pos = w_pos.narrow(0, 0, batch.seq_len)?;
+                let pos = pos
+                    .unsqueeze(0)?
+                    .broadcast_as((batch.batch, batch.seq_len, self.cfg.d_model))?
+                    .reshape((batch.n_rows(), self.cfg.d_model))?;
+                Ok(tok.add(&pos)?)
+            }
+            (Positions::Standard, None) => Err(Error::invalid(
+                "a model with learned positions has no positional embedding",
+            )),
+            (Positions::Shortformer | Positions::Rotary(_), _) => Ok(tok),
+        }
     }
 
     /// Runs the model on one batch (DESIGN §3).
@@ -304,11 +363,8 @@ impl Model {
         if first_layer == 0 {
             sink(&x)?;
         }
-        let shortformer_pos = match cfg.positions {
-            Positions::Shortformer => Some(self.positions(batch)?),
-            Positions::Standard => None,
-        };
-        let mask = ops::attention_mask(p, cfg.causal, &self.device)?;
+        let positions = self.row_positions(&Self::batch_positions(b, p))?;
+        let mut masks: Vec<Option<Tensor>> = vec![None; 2];
         let mut layer_caches = Vec::new();
         for l in first_layer..cfg.n_layers {
             if opts.keep_residuals {
@@ -321,10 +377,23 @@ impl Model {
                 Some(iv) => iv.deltas(first_reader..first_reader + 3 * h, &writers)?,
                 None => vec![None; 3 * h],
             };
+            // Two masks at most: the global one and the sliding one.
+            let sliding = cfg
+                .sliding_window
+                .as_ref()
+                .is_some_and(|s| s.layers.get(l).copied().unwrap_or(false));
+            let mask = match &masks[sliding as usize] {
+                Some(m) => m.clone(),
+                None => {
+                    let m = self.attention_mask(l, p)?;
+                    masks[sliding as usize] = Some(m.clone());
+                    m
+                }
+            };
             let (xn, ln1) = attn.norm.forward(&x)?;
             let project = |letter: Qkv| -> Result<Tensor> {
                 let ds = &deltas[letter as usize * h..(letter as usize + 1) * h];
-                let pos = shortformer_pos.as_ref();
+                let pos = &positions;
                 if ds.iter().all(Option::is_none) {
                     return attn.project_all(letter, &xn, pos, b, p);
                 }
@@ -342,7 +411,7 @@ impl Model {
             let k = project(Qkv::K)?;
             let v = project(Qkv::V)?;
             let (head_out, pattern) = attn.attend(&q, &k, &v, &mask)?; // [h, n, d]
-            let attn_out = attn.output(&head_out)?;
+            let (attn_out, post) = attn.output(&head_out)?;
             for hh in 0..h {
                 let out = head_out.get(hh)?;
                 sink(&out)?;
@@ -351,6 +420,8 @@ impl Model {
                 }
             }
             let x_mid = (&x + attn_out)?;
+            // Parallel blocks: the MLP reads the stream entering the layer.
+            let mlp_site = if cfg.parallel_attn_mlp { &x } else { &x_mid };
             let (mlp_cache, x_next) = match &block.mlp {
                 None => (None, x_mid),
                 Some(mlp) => {
@@ -363,11 +434,14 @@ impl Model {
                         None => None,
                     };
                     let inp = match &delta {
-                        Some(dlt) => (&x_mid + dlt)?,
-                        None => x_mid.clone(),
+                        Some(dlt) => (mlp_site + dlt)?,
+                        None => mlp_site.clone(),
                     };
                     let (out, cache) = mlp.forward(&inp)?;
-                    let x_next = (&x_mid + &out)?.broadcast_add(mlp.output_bias())?;
+                    let mut x_next = (&x_mid + &out)?;
+                    if let Some(bias) = mlp.output_bias() {
+                        x_next = x_next.broadcast_add(bias)?;
+                    }
                     sink(&out)?;
                     if track_writers {
                         writers.push(out);
@@ -377,7 +451,7 @@ impl Model {
             };
             if opts.keep_cache {
                 layer_caches.push(LayerCache {
-                    attn: attn.cache(ln1, q, k, v, pattern),
+                    attn: attn.cache(ln1, q, k, v, pattern, post, &positions),
                     mlp: mlp_cache,
                 });
             }
@@ -414,11 +488,11 @@ impl Model {
             .collect();
         let logit_rows = Tensor::from_vec(rows, b * positions.len(), &self.device)?;
         let xf = x.index_select(&logit_rows, 0)?;
-        let (logits, ln_final) = self.unembed(&xf)?;
+        let (logits, unembed) = self.unembed(&xf)?;
         let logits = logits.reshape((b, positions.len(), cfg.d_vocab_out))?;
         let cache = opts.keep_cache.then(|| ForwardCache {
             layers: layer_caches,
-            ln_final,
+            unembed,
             logit_rows,
             batch: b,
             seq_len: p,
@@ -457,13 +531,14 @@ impl Model {
                 found: format!("{:?}", dlogits.dims()),
             });
         }
-        let dxf = ops::matmul_nt(
-            &dlogits
-                .reshape((b * n_pos, cfg.d_vocab_out))?
-                .contiguous()?,
-            &self.embed.w_u.contiguous()?,
-        )?;
-        let dxf = self.final_norm.backward(&dxf, &cache.ln_final)?;
+        let mut dlogits = dlogits
+            .reshape((b * n_pos, cfg.d_vocab_out))?
+            .contiguous()?;
+        if let Some(t) = &cache.unembed.tanh {
+            dlogits = ops::softcap_backward(&dlogits, t)?;
+        }
+        let dxf = ops::matmul_nt(&dlogits, &self.embed.w_u.contiguous()?)?;
+        let dxf = self.final_norm.backward(&dxf, &cache.unembed.norm)?;
         let mut g = Tensor::zeros((n, d), DType::F32, &self.device)?.index_add(
             &cache.logit_rows,
             &dxf,
@@ -478,17 +553,26 @@ impl Model {
             let block = self.layer(l)?;
             let lc = &cache.layers[l];
             let first_reader = l * graph.readers_per_layer();
-            let mlp_grad = match (&block.mlp, &lc.mlp) {
+            // Sequential blocks: attention's output reaches the MLP too, so the gradient at
+            // attention's output adds the MLP reader's. Parallel blocks: both read the stream
+            // entering the layer, and both see the gradient leaving it.
+            let (mlp_grad, g_attn) = match (&block.mlp, &lc.mlp) {
                 (Some(mlp), Some(mc)) => {
                     let gm = mlp.backward(mc, &g)?;
-                    g = (&g + &gm)?;
-                    Some(gm)
+                    if cfg.parallel_attn_mlp {
+                        let g_attn = g.clone();
+                        g = (&g + &gm)?;
+                        (Some(gm), g_attn)
+                    } else {
+                        g = (&g + &gm)?;
+                        (Some(gm), g.clone())
+                    }
                 }
-                _ => None,
+                _ => (None, g.clone()),
             };
             // The layer's reader gradients in graph order, [3h (+1), n, d]: q, k, v of every
             // head, then the MLP's gradient appended.
-            let grads = block.attn.backward(&lc.attn, &g, mlp_grad.as_ref())?;
+            let grads = block.attn.backward(&lc.attn, &g_attn, mlp_grad.as_ref())?;
             let mlp_count = mlp_grad.is_some() as usize;
             let g_qkv_sum = ops::sum_leading(&grads.narrow(0, 0, 3 * h)?)?;
             visit(ReaderGrads {

@@ -25,7 +25,8 @@ use std::sync::Arc;
 use candle_core::Device;
 
 pub use block::{
-    Attention, AttentionCache, Block, Mlp, MlpCache, MlpWeights, NormLayer, NormWeights,
+    Attention, AttentionCache, AttentionWeights, Block, Mlp, MlpCache, MlpWeights, NormLayer,
+    NormWeights, RowPositions,
 };
 pub use config::{Activation, ModelConfig, Norm, Positions, WeightFormat};
 pub use forward::{

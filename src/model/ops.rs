@@ -41,13 +41,16 @@ pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
 }
 
-/// Statistics a LayerNorm keeps for its backward: the normalised input and 1/σ per row.
+/// Statistics a LayerNorm or RMSNorm keeps for its backward: the normalised input and 1/σ per
+/// row.
 #[derive(Debug, Clone)]
 pub struct NormCache {
-    /// `(x − mean) / σ`, same shape as the input.
+    /// `(x − mean) / σ` (LayerNorm) or `x / rms` (RMSNorm), same shape as the input.
     pub xhat: Tensor,
     /// `[rows, 1]`.
     pub inv_std: Tensor,
+    /// LayerNorm subtracts the mean (and its backward the mean gradient); RMSNorm does not.
+    pub centered: bool,
 }
 
 /// LayerNorm over the last dimension, returning the output and the statistics for the
@@ -100,6 +103,7 @@ pub fn layer_norm(
                 NormCache {
                     xhat: Tensor::from_vec(xhat, shape, dev)?,
                     inv_std: Tensor::from_vec(inv, (rows, 1), dev)?,
+                    centered: true,
                 },
             ));
         }
@@ -119,6 +123,75 @@ pub fn layer_norm(
         NormCache {
             xhat: xhat.reshape(x.shape())?,
             inv_std,
+            centered: true,
+        },
+    ))
+}
+
+/// RMSNorm over the last dimension as Hugging Face computes it, `x / sqrt(mean(x²) + eps) · w`
+/// (statistics in f64), with the statistics for the backward.
+pub fn rms_norm(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    eps: f32,
+    force_composite: bool,
+) -> Result<(Tensor, NormCache)> {
+    let d = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / d;
+    if !force_composite {
+        let wv = w.map(to_vec).transpose()?;
+        let fast = cpu_slice(x, |xs| {
+            let mut y = vec![0f32; xs.len()];
+            let mut xhat = vec![0f32; xs.len()];
+            let mut inv = vec![0f32; rows];
+            y.par_chunks_mut(d * ROWS_PER_TASK)
+                .zip(xhat.par_chunks_mut(d * ROWS_PER_TASK))
+                .zip(inv.par_chunks_mut(ROWS_PER_TASK))
+                .zip(xs.par_chunks(d * ROWS_PER_TASK))
+                .for_each(|(((y, xh), inv), xs)| {
+                    for (r, xr) in xs.chunks(d).enumerate() {
+                        let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+                        let is = (1.0 / (ms + eps as f64).sqrt()) as f32;
+                        inv[r] = is;
+                        let (yr, xhr) = (&mut y[r * d..(r + 1) * d], &mut xh[r * d..(r + 1) * d]);
+                        for i in 0..d {
+                            let n = xr[i] * is;
+                            xhr[i] = n;
+                            yr[i] = match &wv {
+                                Some(w) => n * w[i],
+                                None => n,
+                            };
+                        }
+                    }
+                });
+            (y, xhat, inv)
+        });
+        if let Some((y, xhat, inv)) = fast {
+            let shape = x.shape().clone();
+            let dev = x.device();
+            return Ok((
+                Tensor::from_vec(y, shape.clone(), dev)?,
+                NormCache {
+                    xhat: Tensor::from_vec(xhat, shape, dev)?,
+                    inv_std: Tensor::from_vec(inv, (rows, 1), dev)?,
+                    centered: false,
+                },
+            ));
+        }
+    }
+    let x2 = x.reshape((rows, d))?;
+    let inv_std = (x2.sqr()?.mean_keepdim(1)? + eps as f64)?.sqrt()?.recip()?;
+    let xhat = x2.broadcast_mul(&inv_std)?;
+    let y = match w {
+        Some(w) => xhat.broadcast_mul(w)?,
+        None => xhat.clone(),
+    };
+    Ok((
+        y.reshape(x.shape())?,
+        NormCache {
+            xhat: xhat.reshape(x.shape())?,
+            inv_std,
+            centered: false,
         },
     ))
 }
@@ -152,7 +225,15 @@ pub fn layer_norm_backward(
                                 let row = (first_row + r) % rows;
                                 let xr = &xhat[row * d..(row + 1) * d];
                                 let or = &mut o[r * d..(r + 1) * d];
-                                ln_backward_row(gr, xr, wv.as_deref(), inv[row], &mut gw, or);
+                                ln_backward_row(
+                                    gr,
+                                    xr,
+                                    wv.as_deref(),
+                                    inv[row],
+                                    cache.centered,
+                                    &mut gw,
+                                    or,
+                                );
                             }
                         });
                     out
@@ -170,23 +251,27 @@ pub fn layer_norm_backward(
         None => g.clone(),
     };
     let xhat = cache.xhat.reshape((rows, d))?;
-    let m1 = gw.mean_keepdim(D::Minus1)?;
     let m2 = gw.broadcast_mul(&xhat)?.mean_keepdim(D::Minus1)?;
-    let dx = gw
-        .broadcast_sub(&m1)?
-        .sub(&xhat.broadcast_mul(&m2)?.broadcast_as(gw.shape())?)?
+    let centered = match cache.centered {
+        true => gw.broadcast_sub(&gw.mean_keepdim(D::Minus1)?)?,
+        false => gw,
+    };
+    let dx = centered
+        .sub(&xhat.broadcast_mul(&m2)?.broadcast_as(centered.shape())?)?
         .broadcast_mul(&cache.inv_std)?;
     Ok(dx)
 }
 
-/// One row of the LayerNorm backward: `out = (1/σ) · (g·w − mean(g·w) − x̂ · mean(g·w·x̂))`.
-/// `out` may alias nothing; `gw` is scratch of the row's length.
+/// One row of the LayerNorm backward: `out = (1/σ) · (g·w − mean(g·w) − x̂ · mean(g·w·x̂))`;
+/// without `centered` (RMSNorm) the `mean(g·w)` term is absent. `out` may alias nothing; `gw`
+/// is scratch of the row's length.
 #[inline]
 fn ln_backward_row(
     g: &[f32],
     xhat: &[f32],
     w: Option<&[f32]>,
     inv_std: f32,
+    centered: bool,
     gw: &mut [f32],
     out: &mut [f32],
 ) {
@@ -199,7 +284,7 @@ fn ln_backward_row(
             .for_each(|((o, g), w)| *o = g * w),
         None => gw.copy_from_slice(g),
     }
-    let m1 = lane_sum(gw) / d;
+    let m1 = if centered { lane_sum(gw) / d } else { 0.0 };
     let m2 = lane_dot(gw, xhat) / d;
     for ((o, g), x) in out.iter_mut().zip(gw.iter()).zip(xhat) {
         *o = inv_std * (g - m1 - x * m2);
@@ -284,6 +369,7 @@ pub fn qkv_input_grads(
         ),
         None => (None, None, None),
     };
+    let centered = norm.is_none_or(|(c, _)| c.centered);
     let d_data: Vec<Vec<f32>> = d_heads.iter().map(|t| to_vec(t)).collect::<Result<_>>()?;
     let w_data: Vec<Vec<f32>> = w_heads.iter().map(|t| to_vec(t)).collect::<Result<_>>()?;
     let slot = rows * d;
@@ -311,6 +397,7 @@ pub fn qkv_input_grads(
                         &xhat[r * d..(r + 1) * d],
                         wv.as_deref(),
                         inv[r],
+                        centered,
                         &mut gw,
                         row,
                     );
@@ -547,6 +634,7 @@ fn act_scalar(act: Activation, x: f32) -> f32 {
         }
         Activation::Gelu => 0.5 * x * (1.0 + libm::erf(x as f64 / std::f64::consts::SQRT_2) as f32),
         Activation::Relu => x.max(0.0),
+        Activation::Silu => x / (1.0 + (-x).exp()),
     }
 }
 
@@ -570,6 +658,10 @@ fn act_grad_scalar(act: Activation, x: f32) -> f32 {
             } else {
                 0.0
             }
+        }
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-x).exp());
+            s * (1.0 + x * (1.0 - s))
         }
     }
 }
@@ -603,7 +695,173 @@ pub fn activation(x: &Tensor, act: Activation, force_composite: bool) -> Result<
         Activation::GeluNew => x.gelu()?,
         Activation::Gelu => x.gelu_erf()?,
         Activation::Relu => x.relu()?,
+        Activation::Silu => x.silu()?,
     })
+}
+
+/// A gated MLP's hidden layer, `act(gate) ⊙ up` (SwiGLU, GeGLU), in one pass.
+pub fn gated_activation(
+    gate: &Tensor,
+    up: &Tensor,
+    act: Activation,
+    force_composite: bool,
+) -> Result<Tensor> {
+    if !force_composite {
+        let fast = cpu_slice(gate, |gs| {
+            cpu_slice(up, |us| {
+                let mut out = vec![0f32; gs.len()];
+                out.par_chunks_mut(4096)
+                    .zip(gs.par_chunks(4096).zip(us.par_chunks(4096)))
+                    .for_each(|(o, (g, u))| {
+                        for i in 0..o.len() {
+                            o[i] = act_scalar(act, g[i]) * u[i];
+                        }
+                    });
+                out
+            })
+        });
+        if let Some(Some(out)) = fast {
+            return Ok(Tensor::from_vec(out, gate.shape().clone(), gate.device())?);
+        }
+    }
+    Ok((activation(gate, act, true)? * up)?)
+}
+
+/// Backward of [`gated_activation`] for the hidden gradient `g`: `(d_gate, d_up)` with
+/// `d_up = g ⊙ act(gate)` and `d_gate = g ⊙ up ⊙ act'(gate)`.
+pub fn gated_activation_backward(
+    g: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    act: Activation,
+    force_composite: bool,
+) -> Result<(Tensor, Tensor)> {
+    if !force_composite {
+        let fast = cpu_slice(g, |gs| {
+            cpu_slice(gate, |ps| {
+                cpu_slice(up, |us| {
+                    let mut dg = vec![0f32; gs.len()];
+                    let mut du = vec![0f32; gs.len()];
+                    dg.par_chunks_mut(4096)
+                        .zip(du.par_chunks_mut(4096))
+                        .enumerate()
+                        .for_each(|(c, (dg, du))| {
+                            let off = c * 4096;
+                            for i in 0..dg.len() {
+                                let (g, p, u) = (gs[off + i], ps[off + i], us[off + i]);
+                                du[i] = g * act_scalar(act, p);
+                                dg[i] = g * u * act_grad_scalar(act, p);
+                            }
+                        });
+                    (dg, du)
+                })
+            })
+        });
+        if let Some(Some(Some((dg, du)))) = fast {
+            let (shape, dev) = (g.shape().clone(), g.device());
+            return Ok((
+                Tensor::from_vec(dg, shape.clone(), dev)?,
+                Tensor::from_vec(du, shape, dev)?,
+            ));
+        }
+    }
+    let d_up = (g * activation(gate, act, true)?)?;
+    let d_gate = activation_backward(&(g * up)?, gate, act, true)?;
+    Ok((d_gate, d_up))
+}
+
+/// `cap · tanh(x / cap)` (Gemma-2's soft-capping), and the `tanh` values its backward needs.
+pub fn softcap(x: &Tensor, cap: f32) -> Result<(Tensor, Tensor)> {
+    let t = (x / cap as f64)?.tanh()?;
+    Ok(((&t * cap as f64)?, t))
+}
+
+/// Backward of [`softcap`]: `g ⊙ (1 − tanh²)`.
+pub fn softcap_backward(g: &Tensor, tanh: &Tensor) -> Result<Tensor> {
+    Ok((g * (1.0 - tanh.sqr()?)?)?)
+}
+
+/// The cosines and sines of rotary embeddings for a set of rows: `[rows, dim/2]` each.
+#[derive(Debug, Clone)]
+pub struct RotaryRows {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl RotaryRows {
+    /// The angles `position · inv_freq[i]` (computed in f64) of each row's position.
+    pub fn new(inv_freq: &[f64], positions: &[usize]) -> RotaryRows {
+        let half = inv_freq.len();
+        let (mut cos, mut sin) = (Vec::with_capacity(positions.len() * half), Vec::new());
+        sin.reserve(positions.len() * half);
+        for &p in positions {
+            for &f in inv_freq {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        RotaryRows { cos, sin, half }
+    }
+
+    pub fn n_rows(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+
+    /// Rotates the first `2·half` dimensions of every `[…, dh]` row of `x` in Hugging Face's
+    /// half-split layout: `y = x ⊙ cos + rotate_half(x) ⊙ sin`, row `j` of `x` taking the angles
+    /// of row `row_of(j)`. With `inverse`, the transpose (the backward): `x ⊙ cos −
+    /// rotate_half(x ⊙ sin)`.
+    pub fn apply(
+        &self,
+        x: &Tensor,
+        row_of: &(dyn Fn(usize) -> usize + Sync),
+        inverse: bool,
+    ) -> Result<Tensor> {
+        let dh = x.dim(D::Minus1)?;
+        let half = self.half;
+        let rot = |xs: &[f32], out: &mut [f32], j: usize| {
+            let r = row_of(j);
+            let (c, s) = (
+                &self.cos[r * half..(r + 1) * half],
+                &self.sin[r * half..(r + 1) * half],
+            );
+            out.copy_from_slice(xs);
+            for i in 0..half {
+                let (a, b) = (xs[i], xs[i + half]);
+                let sn = if inverse { -s[i] } else { s[i] };
+                out[i] = a * c[i] - b * sn;
+                out[i + half] = b * c[i] + a * sn;
+            }
+        };
+        let contiguous = x.contiguous()?;
+        let fast = cpu_slice(&contiguous, |xs| {
+            let mut out = vec![0f32; xs.len()];
+            out.par_chunks_mut(dh * ROWS_PER_TASK)
+                .zip(xs.par_chunks(dh * ROWS_PER_TASK))
+                .enumerate()
+                .for_each(|(task, (o, xs))| {
+                    for (k, (or, xr)) in o.chunks_mut(dh).zip(xs.chunks(dh)).enumerate() {
+                        rot(xr, or, task * ROWS_PER_TASK + k);
+                    }
+                });
+            out
+        });
+        let out = match fast {
+            Some(v) => v,
+            // Any device: the same per-row arithmetic on a host copy.
+            None => {
+                let xs = to_vec(&contiguous)?;
+                let mut out = vec![0f32; xs.len()];
+                for (j, (or, xr)) in out.chunks_mut(dh).zip(xs.chunks(dh)).enumerate() {
+                    rot(xr, or, j);
+                }
+                out
+            }
+        };
+        Ok(Tensor::from_vec(out, x.shape().clone(), x.device())?)
+    }
 }
 
 /// `g ⊙ act'(pre)`.
@@ -648,6 +906,11 @@ pub fn activation_backward(
             let pdf = ((pre.sqr()? * -0.5)?.exp()? / (2.0 * std::f64::consts::PI).sqrt())?;
             (cdf + pre.mul(&pdf)?)?
         }
+        Activation::Silu => {
+            let s = candle_nn::ops::sigmoid(pre)?;
+            let one_minus = (1.0 - &s)?;
+            (&s * ((pre * one_minus)? + 1.0)?)?
+        }
     };
     Ok(g.mul(&d)?)
 }
@@ -678,11 +941,19 @@ pub fn sum_leading(t: &Tensor) -> Result<Tensor> {
 }
 
 /// Additive attention mask `[p, p]`: 0 where key ≤ query (or everywhere when bidirectional),
-/// −∞ elsewhere.
-pub fn attention_mask(p: usize, causal: bool, device: &Device) -> Result<Tensor> {
+/// −∞ elsewhere; with a sliding `window`, also −∞ where key ≤ query − window.
+pub fn attention_mask(
+    p: usize,
+    causal: bool,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let mask: Vec<f32> = (0..p * p)
         .map(|i| {
-            if causal && i % p > i / p {
+            let (query, key) = (i / p, i % p);
+            let future = causal && key > query;
+            let too_old = window.is_some_and(|w| key + w <= query);
+            if future || too_old {
                 f32::NEG_INFINITY
             } else {
                 0.0

@@ -17,6 +17,7 @@ pub fn gpt2_small_config() -> ModelConfig {
         n_layers: 12,
         d_model: 768,
         n_heads: 12,
+        n_kv_heads: 12,
         d_head: 64,
         d_mlp: Some(3072),
         d_vocab: 50257,
@@ -29,6 +30,13 @@ pub fn gpt2_small_config() -> ModelConfig {
         attn_scale: 8.0,
         eps: 1e-5,
         format: WeightFormat::InMemory,
+        gated_mlp: false,
+        parallel_attn_mlp: false,
+        post_norms: false,
+        embed_scale: 1.0,
+        attn_softcap: None,
+        final_softcap: None,
+        sliding_window: None,
     }
 }
 
@@ -61,7 +69,7 @@ pub fn random_model(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Mod
         Ok(match cfg.norm {
             Norm::LayerNorm => Some(NormWeights {
                 w: (u(&[d], 0.2)? + 1.0)?,
-                b: u(&[d], 0.05)?,
+                b: Some(u(&[d], 0.05)?),
             }),
             _ => None,
         })
@@ -71,10 +79,13 @@ pub fn random_model(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Mod
         let ln1 = norm(&mut u)?;
         let mlp = match cfg.d_mlp {
             Some(m) => Some(MlpWeights {
+                norm: None,
+                w_gate: None,
+                post_norm: None,
                 w_in: u(&[d, m], w)?,
-                b_in: u(&[m], 0.02)?,
+                b_in: Some(u(&[m], 0.02)?),
                 w_out: u(&[m, d], w)?,
-                b_out: u(&[d], 0.02)?,
+                b_out: Some(u(&[d], 0.02)?),
             }),
             None => None,
         };
@@ -96,7 +107,7 @@ pub fn random_model(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Mod
     }
     let w_e = u(&[cfg.d_vocab, d], w)?;
     let embed = EmbedWeights {
-        w_pos: u(&[cfg.n_ctx, d], 0.01)?,
+        w_pos: Some(u(&[cfg.n_ctx, d], 0.01)?),
         ln_final: norm(&mut u)?,
         w_u: u(&[d, cfg.d_vocab_out], w)?,
         b_u: None,

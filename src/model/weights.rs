@@ -20,8 +20,8 @@ use crate::{Error, Result};
 pub struct EmbedWeights {
     /// `[d_vocab, d_model]`.
     pub w_e: Tensor,
-    /// `[n_ctx, d_model]`.
-    pub w_pos: Tensor,
+    /// `[n_ctx, d_model]`; `None` where positions enter through rotary embeddings.
+    pub w_pos: Option<Tensor>,
     pub ln_final: Option<NormWeights>,
     /// `[d_model, d_vocab_out]`.
     pub w_u: Tensor,
@@ -219,7 +219,11 @@ impl WeightLoader {
         match self.cfg.norm {
             Norm::LayerNorm => Ok(Some(NormWeights {
                 w: self.get(w, &[d])?,
-                b: self.get(b, &[d])?,
+                b: Some(self.get(b, &[d])?),
+            })),
+            Norm::RmsNorm => Ok(Some(NormWeights {
+                w: self.get(w, &[d])?,
+                b: None,
             })),
             Norm::LayerNormPre | Norm::None => Ok(None),
         }
@@ -236,7 +240,7 @@ impl WeightLoader {
                 let w_u = w_e.t()?.contiguous()?;
                 Ok(EmbedWeights {
                     w_e,
-                    w_pos: self.get("wpe.weight", &[c.n_ctx, d])?,
+                    w_pos: Some(self.get("wpe.weight", &[c.n_ctx, d])?),
                     ln_final: self.norm("ln_f.weight", "ln_f.bias")?,
                     w_u,
                     b_u: None,
@@ -244,7 +248,7 @@ impl WeightLoader {
             }
             WeightFormat::TransformerLens => Ok(EmbedWeights {
                 w_e: self.get("embed.W_E", &[v, d])?,
-                w_pos: self.get("pos_embed.W_pos", &[c.n_ctx, d])?,
+                w_pos: Some(self.get("pos_embed.W_pos", &[c.n_ctx, d])?),
                 ln_final: self.norm("ln_final.w", "ln_final.b")?,
                 w_u: self.get("unembed.W_U", &[d, c.d_vocab_out])?,
                 b_u: if self.file.contains("unembed.b_U") {
@@ -253,6 +257,9 @@ impl WeightLoader {
                     None
                 },
             }),
+            WeightFormat::HfLlama | WeightFormat::HfNeox => Err(Error::invalid(
+                "Llama-family and GPT-NeoX checkpoints are not loaded yet",
+            )),
             WeightFormat::InMemory => unreachable!("in-memory models are not loaded from files"),
         }
     }
@@ -288,10 +295,13 @@ impl WeightLoader {
                     self.get(&p("attn.c_proj.bias"), &[d])?,
                     self.norm(&p("ln_2.weight"), &p("ln_2.bias"))?,
                     Some(MlpWeights {
+                        norm: None,
+                        w_gate: None,
+                        post_norm: None,
                         w_in: self.get(&p("mlp.c_fc.weight"), &[d, d_mlp])?,
-                        b_in: self.get(&p("mlp.c_fc.bias"), &[d_mlp])?,
+                        b_in: Some(self.get(&p("mlp.c_fc.bias"), &[d_mlp])?),
                         w_out: self.get(&p("mlp.c_proj.weight"), &[d_mlp, d])?,
-                        b_out: self.get(&p("mlp.c_proj.bias"), &[d])?,
+                        b_out: Some(self.get(&p("mlp.c_proj.bias"), &[d])?),
                     }),
                 )
             }
@@ -299,10 +309,13 @@ impl WeightLoader {
                 let p = |s: &str| format!("blocks.{i}.{s}");
                 let mlp = match c.d_mlp {
                     Some(m) => Some(MlpWeights {
+                        norm: None,
+                        w_gate: None,
+                        post_norm: None,
                         w_in: self.get(&p("mlp.W_in"), &[d, m])?,
-                        b_in: self.get(&p("mlp.b_in"), &[m])?,
+                        b_in: Some(self.get(&p("mlp.b_in"), &[m])?),
                         w_out: self.get(&p("mlp.W_out"), &[m, d])?,
-                        b_out: self.get(&p("mlp.b_out"), &[d])?,
+                        b_out: Some(self.get(&p("mlp.b_out"), &[d])?),
                     }),
                     None => None,
                 };
@@ -326,6 +339,9 @@ impl WeightLoader {
                     mlp,
                 )
             }
+            WeightFormat::HfLlama | WeightFormat::HfNeox => Err(Error::invalid(
+                "Llama-family and GPT-NeoX checkpoints are not loaded yet",
+            )),
             WeightFormat::InMemory => unreachable!("in-memory models are not loaded from files"),
         }
     }

@@ -51,7 +51,7 @@ use rayon::prelude::*;
 use super::acdc::visit_order;
 use super::PreparedChunk;
 use crate::graph::{Graph, Qkv, Reader, Writer};
-use crate::model::{ops, Block, Model};
+use crate::model::{ops, Block, Model, RowPositions};
 use crate::tasks::{metric_value, KlReference, Metric};
 use crate::{Error, Result};
 
@@ -203,12 +203,13 @@ struct ChunkState {
     base_sites: Vec<Tensor>,
     /// Rows whose logits the metric reads.
     logit_rows: Vec<usize>,
-    /// Positional embeddings added to the q/k inputs (shortformer models): every row, the
-    /// rows before the last position, the last position's rows.
-    shortformer_pos: Option<(Tensor, Option<Tensor>, Tensor)>,
+    /// Where the rows sit in their sequences (shortformer embeddings, rotary angles): every
+    /// row, the rows before the last position, the last position's rows.
+    positions: (RowPositions, Option<RowPositions>, RowPositions),
     batch: usize,
     seq_len: usize,
-    mask: Tensor,
+    /// Each layer's attention mask.
+    masks: Vec<Tensor>,
     /// The chunk's current mean metric.
     metric: f32,
     /// The clean side of a KL metric.
@@ -294,14 +295,22 @@ fn after_heads(g: &Graph, lw: &Block, l: usize, x: &Tensor, writers: &[Tensor]) 
     for h in 0..g.n_heads {
         x = (x + &writers[g.writer_index(Writer::Head { layer: l, head: h })])?;
     }
-    Ok(x.broadcast_add(lw.attn.output_bias())?)
+    match lw.attn.output_bias() {
+        Some(b) => Ok(x.broadcast_add(b)?),
+        None => Ok(x),
+    }
 }
 
 /// The residual stream after layer `l`'s MLP (and `b_out`); attention-only layers pass it on.
 fn after_mlp(g: &Graph, lw: &Block, l: usize, x: &Tensor, writers: &[Tensor]) -> Result<Tensor> {
     match &lw.mlp {
-        Some(mlp) => Ok((x + &writers[g.writer_index(Writer::Mlp { layer: l })])?
-            .broadcast_add(mlp.output_bias())?),
+        Some(mlp) => {
+            let x = (x + &writers[g.writer_index(Writer::Mlp { layer: l })])?;
+            match mlp.output_bias() {
+                Some(b) => Ok(x.broadcast_add(b)?),
+                None => Ok(x),
+            }
+        }
         None => Ok(x.clone()),
     }
 }
@@ -364,8 +373,8 @@ struct NodeCtx<'c> {
     model: &'c Model,
     batch: usize,
     seq_len: usize,
-    mask: &'c Tensor,
-    pos: Option<&'c (Tensor, Option<Tensor>, Tensor)>,
+    masks: &'c [Tensor],
+    pos: &'c (RowPositions, Option<RowPositions>, RowPositions),
 }
 
 impl NodeCtx<'_> {
@@ -375,6 +384,7 @@ impl NodeCtx<'_> {
     fn head(
         &self,
         lw: &Block,
+        layer: usize,
         head: usize,
         need: Need,
         inputs: [Option<Tensor>; 3],
@@ -385,15 +395,13 @@ impl NodeCtx<'_> {
         let [q_in, k_in, v_in] = inputs;
         if let Some(input) = q_in {
             let (rest, last) = parts(&input, need, b, p)?;
-            let q_last = lw
-                .attn
-                .project_head(Qkv::Q, head, &last, self.pos.map(|t| &t.2))?;
+            let q_last = lw.attn.project_head(Qkv::Q, head, &last, &self.pos.2)?;
             let q_rest = match &rest {
                 Some(r) => Some(lw.attn.project_head(
                     Qkv::Q,
                     head,
                     r,
-                    self.pos.and_then(|t| t.1.as_ref()),
+                    self.pos.1.as_ref().expect("rows before the last position"),
                 )?),
                 None => None,
             };
@@ -401,7 +409,7 @@ impl NodeCtx<'_> {
         }
         for (letter, input) in [(Qkv::K, k_in), (Qkv::V, v_in)] {
             if let Some(input) = input {
-                let pos = self.pos.map(|t| &t.0);
+                let pos = &self.pos.0;
                 new[letter as usize] = Some(lw.attn.project_head(letter, head, &input, pos)?);
             }
         }
@@ -414,7 +422,7 @@ impl NodeCtx<'_> {
             &q_last.reshape((b, 1, dh))?,
             &k,
             &v,
-            &self.mask.narrow(0, p - 1, 1)?,
+            &self.masks[layer].narrow(0, p - 1, 1)?,
         )?;
         let out_rest = match (need, q_rest) {
             (Need::All, Some(q)) => Some(lw.attn.attend_head(
@@ -422,7 +430,7 @@ impl NodeCtx<'_> {
                 &q.reshape((b, p - 1, dh))?,
                 &k,
                 &v,
-                &self.mask.narrow(0, 0, p - 1)?,
+                &self.masks[layer].narrow(0, 0, p - 1)?,
             )?),
             _ => None,
         };
@@ -471,24 +479,26 @@ impl<'a> AcdcState<'a> {
         let mut chunks = Vec::with_capacity(prepared.len());
         for p in prepared {
             let (b, len) = (p.chunk.clean.batch, p.chunk.clean.seq_len);
-            let shortformer_pos = match model.cfg.positions {
-                crate::model::Positions::Shortformer => {
-                    let full = model.positions(&p.chunk.clean)?;
-                    let (rest, last) = split_rows(&full, b, len)?;
-                    Some((full, rest, last))
-                }
-                crate::model::Positions::Standard => None,
-            };
+            // Row sets in the layouts of `split_rows`: all rows, the earlier rows, the last.
+            let all = Model::batch_positions(b, len);
+            let rest: Vec<usize> = (0..b * (len - 1)).map(|r| r % (len - 1).max(1)).collect();
+            let positions = (
+                model.row_positions(&all)?,
+                (len > 1).then(|| model.row_positions(&rest)).transpose()?,
+                model.row_positions(&vec![len - 1; b])?,
+            );
             chunks.push(ChunkState {
                 writers: p.clean_writers.clone(),
                 proj: Vec::new(),
                 sites: Vec::new(),
                 base_sites: residual_sites(model, &p.baseline)?,
                 logit_rows: (0..b).map(|i| i * len + len - 1).collect(),
-                shortformer_pos,
+                positions,
                 batch: b,
                 seq_len: len,
-                mask: ops::attention_mask(len, model.cfg.causal, &model.device)?,
+                masks: (0..model.cfg.n_layers)
+                    .map(|l| model.attention_mask(l, len))
+                    .collect::<Result<_>>()?,
                 metric: 0.0,
                 kl: match metric_kind {
                     Metric::Kl => Some(KlReference::new(&p.clean_logits, model.cfg.d_vocab_out)?),
@@ -555,8 +565,8 @@ impl<'a> AcdcState<'a> {
             model: self.model,
             batch: st.batch,
             seq_len: st.seq_len,
-            mask: &st.mask,
-            pos: st.shortformer_pos.as_ref(),
+            masks: &st.masks,
+            pos: &st.positions,
         }
     }
 
@@ -640,7 +650,7 @@ impl<'a> AcdcState<'a> {
                         inputs[letter] = Some(self.canonical_input(c, r, &writers, &sites, rows)?);
                     }
                     let hn = l * g.n_heads + h;
-                    let (new, out) = self.ctx(c).head(&lw, h, needs[u], inputs, &proj[hn])?;
+                    let (new, out) = self.ctx(c).head(&lw, l, h, needs[u], inputs, &proj[hn])?;
                     for (letter, t) in new.into_iter().enumerate() {
                         proj[hn][letter] = t.expect("every letter computed");
                     }
@@ -982,7 +992,7 @@ impl<'a> AcdcState<'a> {
                     }
                 }
                 let hn = l * g.n_heads + h;
-                let (new, out) = ctx.head(&lw, h, needs[node], inputs, &st.proj[hn])?;
+                let (new, out) = ctx.head(&lw, l, h, needs[node], inputs, &st.proj[hn])?;
                 for (letter, t) in new.into_iter().enumerate() {
                     if let Some(t) = t {
                         update.proj.push((hn, letter, t));

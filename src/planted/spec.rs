@@ -183,6 +183,7 @@ impl Spec {
             n_layers: self.layers.len(),
             d_model: self.d,
             n_heads: self.n_heads,
+            n_kv_heads: self.n_heads,
             d_head: self.dh,
             d_mlp: self.d_mlp,
             d_vocab: self.vocab,
@@ -195,6 +196,13 @@ impl Spec {
             attn_scale: 1.0,
             eps: 1e-5,
             format: WeightFormat::InMemory,
+            gated_mlp: false,
+            parallel_attn_mlp: false,
+            post_norms: false,
+            embed_scale: 1.0,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_window: None,
         }
     }
 
@@ -207,7 +215,7 @@ impl Spec {
         let has_bias = self.b_u.iter().any(|&b| b != 0.0);
         let embed = EmbedWeights {
             w_e: t(&self.w_e, &[self.vocab, d])?,
-            w_pos: t(&self.w_pos, &[self.n_ctx, d])?,
+            w_pos: Some(t(&self.w_pos, &[self.n_ctx, d])?),
             ln_final: None,
             w_u: t(&self.w_u, &[d, self.vocab])?,
             b_u: if has_bias {
@@ -227,10 +235,13 @@ impl Spec {
             let mlp = match &l.mlp {
                 None => None,
                 Some(m) => Some(MlpWeights {
+                    norm: None,
+                    w_gate: None,
+                    post_norm: None,
                     w_in: t(&m.w_in, &[d, m.m])?,
-                    b_in: t(&m.b_in, &[m.m])?,
+                    b_in: Some(t(&m.b_in, &[m.m])?),
                     w_out: t(&m.w_out, &[m.m, d])?,
-                    b_out: t(&m.b_out, &[d])?,
+                    b_out: Some(t(&m.b_out, &[d])?),
                 }),
             };
             layers.push(Block::from_heads(
