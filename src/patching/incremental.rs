@@ -35,6 +35,14 @@
 //! last-position rows in a pass of their own, so those rows have the same bits whichever rows
 //! the node is needed at.
 //!
+//! # Models whose residual stream is not a sum of writers
+//!
+//! All of the above rests on the residual stream being the biases plus the sum of the writers'
+//! outputs. Gemma-2 normalises the sum of a layer's heads before adding it (its head writers are
+//! taken before that norm, as EAP-IG and MIB take them), so neither form holds there; for such
+//! models every pass is a patched forward from the clean run's cached prefix at the visited
+//! reader's layer (`replay`), exact by construction and slower.
+//!
 //! # Determinism across resumes
 //!
 //! A resumed run rebuilds this state from the checkpoint's patched set with one full pass.
@@ -49,7 +57,7 @@ use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::acdc::visit_order;
-use super::PreparedChunk;
+use super::{metric_with_patch, PreparedChunk};
 use crate::graph::{Graph, Qkv, Reader, Writer};
 use crate::model::{ops, Block, Model, RowPositions};
 use crate::tasks::{metric_value, KlReference, Metric};
@@ -259,6 +267,10 @@ pub struct AcdcState<'a> {
     pending: Option<Pending>,
     /// Metric evaluations so far, one per chunk per evaluation (the build counts one).
     pub passes: usize,
+    /// The residual stream is not the sum of the writers (norms on the heads' sum: Gemma-2), so
+    /// reader inputs cannot be assembled from writer outputs: every pass is a patched forward
+    /// from the cached clean prefix ([`metric_with_patch`]), exact by construction.
+    replay: bool,
 }
 
 fn layer_of(graph: &Graph, reader: usize) -> usize {
@@ -271,6 +283,8 @@ fn layer_of(graph: &Graph, reader: usize) -> usize {
 fn site_of(graph: &Graph, reader: usize) -> usize {
     match graph.reader(reader) {
         Reader::Head { layer, .. } => 2 * layer,
+        // Parallel blocks: the MLP reads the stream entering its layer.
+        Reader::Mlp { layer } if graph.parallel_attn_mlp => 2 * layer,
         Reader::Mlp { layer } => 2 * layer + 1,
         Reader::Logits => 2 * graph.n_layers,
     }
@@ -476,8 +490,12 @@ impl<'a> AcdcState<'a> {
         for (i, &r) in order.iter().enumerate() {
             position_of[r] = i;
         }
+        let replay = (0..model.cfg.n_layers)
+            .map(|l| model.layer(l).map(|b| b.attn.has_post_norm()))
+            .collect::<Result<Vec<_>>>()?
+            .contains(&true);
         let mut chunks = Vec::with_capacity(prepared.len());
-        for p in prepared {
+        for p in prepared.iter().filter(|_| !replay) {
             let (b, len) = (p.chunk.clean.batch, p.chunk.clean.seq_len);
             // Row sets in the layouts of `split_rows`: all rows, the earlier rows, the last.
             let all = Model::batch_positions(b, len);
@@ -520,13 +538,18 @@ impl<'a> AcdcState<'a> {
             visit: None,
             pending: None,
             passes: 0,
+            replay,
         };
+        state.passes += prepared.len();
+        if replay {
+            state.metric = metric_with_patch(model, prepared, metric_kind, &state.patched)?;
+            return Ok(state);
+        }
         let needs = state.needs(&state.patched);
         for c in 0..prepared.len() {
             state.build_chunk(c, &needs)?;
         }
         state.metric = state.combined(&vec![None; prepared.len()])?;
-        state.passes += prepared.len();
         Ok(state)
     }
 
@@ -550,6 +573,9 @@ impl<'a> AcdcState<'a> {
     /// How many nodes the current circuit needs at the metric's rows only (computed on those
     /// rows alone), and how many it needs at every row.
     pub fn row_restricted_nodes(&self) -> (usize, usize) {
+        if self.replay {
+            return (0, self.graph.n_writers() - 1);
+        }
         let needs = self.needs(&self.patched);
         let count = |n: Need| needs[1..].iter().filter(|&&x| x == n).count();
         (count(Need::Last), count(Need::All))
@@ -813,6 +839,30 @@ impl<'a> AcdcState<'a> {
     /// [`reject`](Self::reject).
     pub fn try_edge(&mut self, writer: usize, reader: usize) -> Result<f32> {
         let i = self.check_edge(writer, reader)?;
+        if self.replay {
+            self.patched[i] = true;
+            return match metric_with_patch(
+                self.model,
+                self.prepared,
+                self.metric_kind,
+                &self.patched,
+            ) {
+                Ok(metric) => {
+                    self.pending = Some(Pending {
+                        index: i,
+                        updates: Vec::new(),
+                        visit_sums: Vec::new(),
+                        metric,
+                    });
+                    self.passes += self.prepared.len();
+                    Ok(metric)
+                }
+                Err(e) => {
+                    self.patched[i] = false;
+                    Err(e)
+                }
+            };
+        }
         // The rows the visited reader's node needs do not depend on the reader's own edges.
         let need = self.reader_need(reader, &self.needs(&self.patched));
         self.visit_sums(reader, need)?;
@@ -902,6 +952,11 @@ impl<'a> AcdcState<'a> {
         }
         self.position += 1;
         self.visit = None;
+        if self.replay {
+            self.metric =
+                metric_with_patch(self.model, self.prepared, self.metric_kind, &self.patched)?;
+            return Ok(self.metric);
+        }
         let needs = self.needs(&self.patched);
         for c in 0..self.chunks.len() {
             let u = self.pass(c, reader, None, &needs)?;
