@@ -487,11 +487,11 @@ def reference(arch, p, inputs, seed):
     scores = torch.einsum("wbpd,rbpd->wr", C - A, G) * mask
     scores_zero = torch.einsum("wbpd,rbpd->wr", -A, G) * mask
 
-    # Central finite differences on a random direction per reader (float64).
+    # Central finite differences on three random directions per reader (float64).
     gen = torch.Generator().manual_seed(seed + 7)
     eps_fd, worst = 1e-5, 0.0
     with torch.no_grad():
-        for r in rs:
+        for r in [r for r in rs for _ in range(3)]:
             u = torch.randn(B, P, arch["d"], generator=gen, dtype=F64)
             mp = metric(forward(arch, p, tokens, perturb={r: eps_fd * u})[0], answer, wrong)
             mm = metric(forward(arch, p, tokens, perturb={r: -eps_fd * u})[0], answer, wrong)
