@@ -24,8 +24,9 @@
 //! (its `from_model` always adds MLP nodes), so whether the model has MLPs is read from our own
 //! `cfg.attn_only` when present, and otherwise from whether any `m{L}` node or edge appears.
 //! Attention-only files therefore simply omit MLP names; EAP-IG still loads them (its MLP
-//! edges stay at zero). `parallel_attn_mlp: true` graphs (GPT-J, NeoX) have a different edge
-//! set and are refused.
+//! edges stay at zero). `parallel_attn_mlp: true` (GPT-NeoX, Pythia) is EAP-IG's flag for
+//! parallel attention and MLP: the MLP of layer L does not read layer L's heads, so those edges
+//! do not exist.
 //!
 //! ## What is stored and what is derived
 //!
@@ -132,7 +133,7 @@ impl CircuitFile {
         let mut cfg = Map::new();
         cfg.insert("n_layers".into(), g.n_layers.into());
         cfg.insert("n_heads".into(), g.n_heads.into());
-        cfg.insert("parallel_attn_mlp".into(), false.into());
+        cfg.insert("parallel_attn_mlp".into(), g.parallel_attn_mlp.into());
         cfg.insert("d_model".into(), d_model.into());
         cfg.insert("attn_only".into(), (!g.has_mlp).into());
 
@@ -229,12 +230,7 @@ impl CircuitFile {
             }
         };
         let (n_layers, n_heads) = (count("n_layers")?, count("n_heads")?);
-        if optional_bool("parallel_attn_mlp")? == Some(true) {
-            return Err(err(
-                "`cfg.parallel_attn_mlp` is true: graphs with parallel attention and MLP are not supported"
-                    .into(),
-            ));
-        }
+        let parallel = optional_bool("parallel_attn_mlp")?.unwrap_or(false);
         let d_model = match cfg.get("d_model") {
             None | Some(Value::Null) => None,
             Some(v) => Some(
@@ -256,7 +252,7 @@ impl CircuitFile {
                 "`cfg` describes {n_layers} layers of {n_heads} heads, too large a graph"
             )));
         }
-        let graph = Graph::new(n_layers, n_heads, has_mlp);
+        let graph = Graph::new(n_layers, n_heads, has_mlp).with_parallel_attn_mlp(parallel);
 
         for (name, node) in nodes {
             if name != "logits" {
@@ -423,7 +419,8 @@ mod tests {
     #[test]
     fn round_trips_through_a_file() {
         let dir = tempfile::tempdir().unwrap();
-        for graph in [Graph::new(2, 3, true), Graph::new(3, 2, false)] {
+        let parallel = Graph::new(2, 3, true).with_parallel_attn_mlp(true);
+        for graph in [Graph::new(2, 3, true), Graph::new(3, 2, false), parallel] {
             let file = sample(graph);
             let path = dir.path().join("circuit.json");
             file.write(&path).unwrap();
@@ -546,10 +543,10 @@ mod tests {
         assert!(e.contains("in_graph"), "{e}");
         let e = error_of(base(json!({"input->logits": {"in_graph": true}})));
         assert!(e.contains("no `score`"), "{e}");
-        let e = error_of(
-            json!({"cfg": {"n_layers": 1, "n_heads": 1, "parallel_attn_mlp": true}, "edges": {}}),
-        );
-        assert!(e.contains("parallel"), "{e}");
+        // Parallel attention and MLP: the layer's heads do not feed its own MLP.
+        let e = error_of(json!({"cfg": {"n_layers": 1, "n_heads": 1, "parallel_attn_mlp": true},
+            "edges": {"a0.h0->m0": {"score": 1.0, "in_graph": true}}}));
+        assert!(e.contains("a0.h0->m0"), "{e}");
         let e = error_of(json!({"cfg": {"n_layers": "12", "n_heads": 1}, "edges": {}}));
         assert!(e.contains("cfg.n_layers"), "{e}");
         let e = error_of(json!({"cfg": {"n_layers": 1000000, "n_heads": 1000000}, "edges": {}}));

@@ -557,6 +557,12 @@ impl<'a> AcdcState<'a> {
         self.metric
     }
 
+    /// Whether every pass is a patched forward from the cached prefix (models whose residual
+    /// stream is not the sum of the writers) rather than an incremental one.
+    pub fn replays(&self) -> bool {
+        self.replay
+    }
+
     pub fn patched(&self) -> &[bool] {
         &self.patched
     }
