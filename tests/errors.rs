@@ -359,12 +359,12 @@ fn with_field(fixture: &str, field: &str, value: Value) -> String {
 
 #[test]
 fn unknown_model_type() {
-    let msg = with_field("gpt2_hf", "model_type", "llama".into());
+    let msg = with_field("gpt2_hf", "model_type", "bert".into());
     assert_names(
         &msg,
         &[
             "config.json",
-            "unsupported model_type = \"llama\"",
+            "unsupported model_type = \"bert\"",
             "supported: \"gpt2\"",
         ],
     );
@@ -567,8 +567,15 @@ fn sharded_checkpoint() {
         "{\"weight_map\": {}}",
     )
     .unwrap();
+    // Sharded checkpoints load (tests/loading.rs); an index naming no tensors is malformed.
     let msg = load_err(dir.path());
-    assert_names(&msg, &["sharded checkpoints are not supported"]);
+    assert_names(
+        &msg,
+        &[
+            "model.safetensors.index.json",
+            "`weight_map` names no tensors",
+        ],
+    );
 }
 
 #[test]

@@ -5,5 +5,6 @@ mod attribution;
 mod cli;
 mod errors;
 mod formats;
+mod loading;
 mod model;
 mod util;

@@ -2,10 +2,12 @@
 //! code that computes attention heads and MLPs), and the drivers over blocks — the forward pass
 //! with per-writer caches and per-reader interventions, and the activation-only backward.
 //!
-//! * [`ModelConfig`] — shape and conventions, read from a Hugging Face GPT-2 or a TransformerLens
+//! * [`ModelConfig`] — shape and conventions, read from a Hugging Face (`gpt2`, `llama`,
+//!   `mistral`, `qwen2`, `gemma`, `gemma2`, `olmo`, `gpt_neox`) or a TransformerLens
 //!   `config.json` ([`config`]).
 //! * [`Model`] — embedding, blocks and unembedding; [`Model::load`] opens a directory or a hub id
-//!   from the local Hugging Face cache ([`weights`] reads the safetensors).
+//!   from the local Hugging Face cache ([`weights`] reads the safetensors, single or sharded,
+//!   and checks that every stored tensor is one the configuration explains).
 //! * [`Model::forward`] — one batch of equal-length prompts; returns logits at the requested
 //!   positions only, optionally every writer's output and the cache the backward needs, and
 //!   applies a [`ReaderIntervention`] (exact edge patching, additive deltas) to reader inputs.
@@ -37,7 +39,7 @@ pub use weights::EmbedWeights;
 
 use crate::graph::Graph;
 use crate::{Error, Result};
-use weights::{SafetensorsFile, WeightLoader};
+use weights::{Checkpoint, WeightLoader};
 
 /// Layers are kept resident as f32 when they fit in this many bytes; larger models are read
 /// from the memory-mapped file and converted one layer at a time (`EAP_RESIDENT_BYTES`).
@@ -111,25 +113,8 @@ impl Model {
                 message: "no config.json in the model directory".into(),
             });
         }
-        let cfg = ModelConfig::from_file(&config_path)?;
-        let weights_path = dir.join("model.safetensors");
-        if !weights_path.exists() {
-            let hint = if dir.join("pytorch_model.bin").exists() {
-                "only pytorch_model.bin is present; convert it with `python -c \"import torch; \
-                 from safetensors.torch import save_file; sd = torch.load('pytorch_model.bin'); \
-                 save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')\"`"
-            } else if dir.join("model.safetensors.index.json").exists() {
-                "sharded checkpoints are not supported yet; merge the shards into model.safetensors"
-            } else {
-                "expected model.safetensors beside config.json"
-            };
-            return Err(Error::Config {
-                path: weights_path,
-                message: hint.into(),
-            });
-        }
-        let file = SafetensorsFile::open(&weights_path)?;
-        let loader = WeightLoader::new(file, &cfg, device)?;
+        let (cfg, layout) = ModelConfig::read(&config_path)?;
+        let loader = WeightLoader::new(Checkpoint::discover(dir)?, &cfg, layout, device)?;
         let embed = loader.embed()?;
         let budget = std::env::var("EAP_RESIDENT_BYTES")
             .ok()
@@ -139,12 +124,14 @@ impl Model {
             let layers = (0..cfg.n_layers)
                 .map(|i| loader.layer(i).map(Arc::new))
                 .collect::<Result<Vec<_>>>()?;
+            loader.check_all_used()?;
             LayerStore::Resident(layers)
         } else {
             // Check every layer's tensors up front so a malformed file fails at load time.
             for i in 0..cfg.n_layers {
                 loader.layer(i)?;
             }
+            loader.check_all_used()?;
             LayerStore::Streamed(Box::new(loader))
         };
         Ok(Model {

@@ -1,18 +1,28 @@
 //! Weights: memory-mapped safetensors files read in their stored dtype (f32, f16, bf16) and
 //! converted to f32 one tensor at a time, laid out the way the forward pass wants them.
 //!
-//! Both Hugging Face GPT-2 checkpoints (`Conv1D` layout: `c_attn.weight [d, 3d]`, keys with or
-//! without the `transformer.` prefix, tied unembedding) and TransformerLens state dicts
-//! (`blocks.0.attn.W_Q [n_heads, d_model, d_head]`, …) map onto the same [`Block`].
+//! * [`SafetensorsFile`] — one memory-mapped file with a checked header.
+//! * [`Checkpoint`] — the files of one model: `model.safetensors`, or the shards that
+//!   `model.safetensors.index.json` names, each mapped once; tensors are looked up across them.
+//! * [`WeightLoader`] — knows a format's tensor names and layouts and builds [`Block`]s:
+//!   Hugging Face GPT-2 (`Conv1D` layout: `c_attn.weight [d, 3d]`, keys with or without the
+//!   `transformer.` prefix, tied unembedding), TransformerLens state dicts
+//!   (`blocks.0.attn.W_Q [n_heads, d_model, d_head]`, …), Hugging Face Llama-family checkpoints
+//!   (`model.layers.{i}.self_attn.q_proj.weight [n_heads·d_head, d]`, `[out, in]` Linear
+//!   layout) and GPT-NeoX (`gpt_neox.layers.{i}.attention.query_key_value`, interleaved per
+//!   head). It also checks that every tensor of the files is one the configuration explains,
+//!   so a config that does not match its weights (an extra layer, a norm or bias it does not
+//!   announce) fails at load time instead of computing a different model.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Metadata, SafeTensors};
 
-use super::block::{Block, MlpWeights, NormWeights};
-use super::config::{ModelConfig, Norm, WeightFormat};
+use super::block::{AttentionWeights, Block, MlpWeights, NormWeights};
+use super::config::{CheckpointLayout, ModelConfig, Norm, WeightFormat};
 use crate::{Error, Result};
 
 /// Embedding, final norm and unembedding.
@@ -176,59 +186,365 @@ fn describe_header_error(bytes: &[u8], e: safetensors::SafeTensorError) -> Strin
     }
 }
 
+/// The safetensors files of one checkpoint — a single `model.safetensors`, or the shards a
+/// `model.safetensors.index.json` names — each memory-mapped once, and the file each tensor
+/// lives in.
+pub struct Checkpoint {
+    files: Vec<SafetensorsFile>,
+    /// Tensor name → index into `files`.
+    location: HashMap<String, usize>,
+    /// Named in errors about a tensor no file holds: the single file, or the index.
+    path: PathBuf,
+}
+
+impl Checkpoint {
+    /// The weight files of a model directory: `model.safetensors`, else the shards that
+    /// `model.safetensors.index.json` names.
+    pub fn discover(dir: &Path) -> Result<Checkpoint> {
+        let single = dir.join("model.safetensors");
+        if single.exists() {
+            return Checkpoint::open(&single);
+        }
+        let index = dir.join("model.safetensors.index.json");
+        if index.exists() {
+            return Checkpoint::sharded(&index);
+        }
+        let hint = if dir.join("pytorch_model.bin").exists() {
+            "only pytorch_model.bin is present; convert it with `python -c \"import torch; \
+             from safetensors.torch import save_file; sd = torch.load('pytorch_model.bin'); \
+             save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors')\"`"
+        } else if dir.join("pytorch_model.bin.index.json").exists() {
+            "only PyTorch shards (pytorch_model.bin.index.json) are present; convert them with \
+             transformers: `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, \
+             safe_serialization=True)`"
+        } else {
+            "expected model.safetensors beside config.json (or a sharded checkpoint: \
+             model.safetensors.index.json and the shards it names)"
+        };
+        Err(Error::Config {
+            path: single,
+            message: hint.into(),
+        })
+    }
+
+    /// One file.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let file = SafetensorsFile::open(path)?;
+        let location = file.names().into_iter().map(|n| (n, 0)).collect();
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            files: vec![file],
+            location,
+        })
+    }
+
+    /// The shards a `model.safetensors.index.json` names (its `weight_map`: tensor name →
+    /// shard file, relative to the index's directory). Each shard is opened once; a tensor a
+    /// shard holds but the index does not list is still found (transformers reads whole
+    /// shards too).
+    pub fn sharded(index: &Path) -> Result<Checkpoint> {
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Parse {
+            path: index.to_path_buf(),
+            line: Some(e.line()),
+            message: e.to_string(),
+        })?;
+        let bad = |message: String| Error::Parse {
+            path: index.to_path_buf(),
+            line: None,
+            message,
+        };
+        let map = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| {
+                bad(
+                    "expected an object with a `weight_map` object (tensor name → shard file)"
+                        .into(),
+                )
+            })?;
+        if map.is_empty() {
+            return Err(bad("`weight_map` names no tensors".into()));
+        }
+        let dir = index.parent().unwrap_or(Path::new("."));
+        // Shard file names in sorted order, so that lookups do not depend on the JSON's order.
+        let mut shards: Vec<&str> = Vec::new();
+        for (tensor, shard) in map {
+            let shard = shard.as_str().ok_or_else(|| {
+                bad(format!(
+                    "`weight_map` entry `{tensor}` must be a shard file name, found {shard}"
+                ))
+            })?;
+            let plain = Path::new(shard)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if shard.is_empty() || !plain {
+                return Err(bad(format!(
+                    "`weight_map` entry `{tensor}` names shard {shard:?}, which is not a file \
+                     name inside the model directory"
+                )));
+            }
+            shards.push(shard);
+        }
+        shards.sort_unstable();
+        shards.dedup();
+        let index_name = index.file_name().map_or_else(
+            || index.display().to_string(),
+            |n| n.to_string_lossy().into(),
+        );
+        let mut files = Vec::with_capacity(shards.len());
+        for shard in &shards {
+            let path = dir.join(shard);
+            if !path.is_file() {
+                let placed: Vec<&String> = map
+                    .iter()
+                    .filter(|(_, s)| s.as_str() == Some(shard))
+                    .map(|(t, _)| t)
+                    .collect();
+                return Err(Error::Config {
+                    path,
+                    message: format!(
+                        "no such shard, but {index_name} places {} tensor(s) in it (e.g. `{}`)",
+                        placed.len(),
+                        placed[0]
+                    ),
+                });
+            }
+            files.push(SafetensorsFile::open(&path)?);
+        }
+        let mut location = HashMap::new();
+        for (i, file) in files.iter().enumerate() {
+            for name in file.names() {
+                location.entry(name).or_insert(i);
+            }
+        }
+        for (tensor, shard) in map {
+            let i = shards
+                .binary_search(&shard.as_str().expect("checked above"))
+                .expect("every shard is listed");
+            if !files[i].contains(tensor) {
+                return Err(Error::Config {
+                    path: files[i].path().to_path_buf(),
+                    message: format!(
+                        "tensor `{tensor}` is missing, although {index_name} places it in this \
+                         shard"
+                    ),
+                });
+            }
+            location.insert(tensor.clone(), i);
+        }
+        Ok(Checkpoint {
+            files,
+            location,
+            path: index.to_path_buf(),
+        })
+    }
+
+    /// The single file, or the index of a sharded checkpoint.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// Every tensor name in the checkpoint's files.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.location.keys().map(String::as_str)
+    }
+
+    /// The file holding tensor `name`.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.location.get(name).map(|&i| self.files[i].path())
+    }
+
+    /// Loads tensor `name` from the file holding it, checks its shape and converts it to f32
+    /// on `device`.
+    pub fn load(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        match self.location.get(name) {
+            Some(&i) => self.files[i].load(name, shape, device),
+            None => Err(Error::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            }),
+        }
+    }
+}
+
+/// Buffers that checkpoints saved by older transformers or TransformerLens carry beside the
+/// parameters (causal masks, rotary frequency tables): derived from the configuration, never
+/// read.
+const BUFFERS: [&str; 7] = [
+    "rotary_emb.inv_freq",
+    "attention.bias",
+    "attention.masked_bias",
+    "attn.bias",
+    "attn.masked_bias",
+    "attn.IGNORE",
+    "attn.mask",
+];
+
+fn is_buffer(name: &str) -> bool {
+    BUFFERS.iter().any(|b| {
+        name.strip_suffix(b)
+            .is_some_and(|rest| rest.is_empty() || rest.ends_with('.'))
+    })
+}
+
+/// The layer index in a tensor name such as `model.layers.5.mlp.up_proj.weight`,
+/// `transformer.h.5.ln_1.weight` or `blocks.5.attn.W_Q`.
+fn layer_of(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts
+        .windows(2)
+        .find(|w| matches!(w[0], "layers" | "h" | "blocks"))
+        .and_then(|w| w[1].parse().ok())
+}
+
 /// Knows the tensor names and layouts of one checkpoint format and loads layers from it.
 pub struct WeightLoader {
-    file: SafetensorsFile,
+    ckpt: Checkpoint,
     format: WeightFormat,
     /// `transformer.` when a HF checkpoint was saved from `GPT2LMHeadModel`.
     prefix: String,
     cfg: ModelConfig,
+    layout: CheckpointLayout,
     device: Device,
+    /// The tensor names read so far, until [`check_all_used`](Self::check_all_used) ends the
+    /// bookkeeping (streamed models re-read layers afterwards).
+    used: Mutex<Option<HashSet<String>>>,
 }
 
 impl WeightLoader {
-    pub fn new(file: SafetensorsFile, cfg: &ModelConfig, device: &Device) -> Result<WeightLoader> {
+    pub fn new(
+        ckpt: Checkpoint,
+        cfg: &ModelConfig,
+        layout: CheckpointLayout,
+        device: &Device,
+    ) -> Result<WeightLoader> {
         // Decided from every name, not from `transformer.wte.weight` alone, so a file missing
         // that tensor is reported as missing `transformer.wte.weight`, not `wte.weight`.
         let prefix = match cfg.format {
-            WeightFormat::HfGpt2 if file.names().iter().any(|n| n.starts_with("transformer.")) => {
+            WeightFormat::HfGpt2 if ckpt.names().any(|n| n.starts_with("transformer.")) => {
                 "transformer.".to_string()
             }
             _ => String::new(),
         };
         Ok(WeightLoader {
-            file,
+            ckpt,
             format: cfg.format,
             prefix,
             cfg: cfg.clone(),
+            layout,
             device: device.clone(),
+            used: Mutex::new(Some(HashSet::new())),
         })
     }
 
     pub fn path(&self) -> &Path {
-        self.file.path()
+        self.ckpt.path()
+    }
+
+    /// Counts tensor `full_name` (without the prefix) as explained by the configuration
+    /// without reading it (a tied `lm_head.weight`, which transformers ignores too).
+    fn mark(&self, full_name: &str) {
+        if let Some(used) = self.used.lock().expect("not poisoned").as_mut() {
+            used.insert(full_name.to_string());
+        }
     }
 
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.file
-            .load(&format!("{}{name}", self.prefix), shape, &self.device)
+        let full = format!("{}{name}", self.prefix);
+        self.mark(&full);
+        self.ckpt.load(&full, shape, &self.device)
+    }
+
+    fn get_opt(&self, on: bool, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        on.then(|| self.get(name, shape)).transpose()
+    }
+
+    /// A Hugging Face `Linear` weight (`[out, in]`) as `[in, out]`, for `x · W`.
+    fn linear_t(&self, name: &str, out: usize, inp: usize) -> Result<Tensor> {
+        Ok(self.get(name, &[out, inp])?.t()?.contiguous()?)
+    }
+
+    /// A Hugging Face projection onto `heads` heads (`[heads·d_head, d]`) as eap's per-head
+    /// `[heads, d, d_head]`.
+    fn heads_in(&self, name: &str, heads: usize) -> Result<Tensor> {
+        let (d, dh) = (self.cfg.d_model, self.cfg.d_head);
+        Ok(self
+            .get(name, &[heads * dh, d])?
+            .reshape((heads, dh, d))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    }
+
+    /// A Hugging Face output projection (`[d, n_heads·d_head]`) as eap's `[n_heads, d_head, d]`.
+    fn heads_out(&self, name: &str) -> Result<Tensor> {
+        let (d, h, dh) = (self.cfg.d_model, self.cfg.n_heads, self.cfg.d_head);
+        Ok(self
+            .get(name, &[d, h * dh])?
+            .t()?
+            .contiguous()?
+            .reshape((h, dh, d))?)
+    }
+
+    /// A per-head bias (`[heads·d_head]`) as `[heads, d_head]`, when the layout has one.
+    fn head_bias(&self, on: bool, name: &str, heads: usize) -> Result<Option<Tensor>> {
+        let dh = self.cfg.d_head;
+        self.get_opt(on, name, &[heads * dh])?
+            .map(|b| b.reshape((heads, dh)))
+            .transpose()
+            .map_err(Error::from)
     }
 
     fn norm(&self, w: &str, b: &str) -> Result<Option<NormWeights>> {
         let d = self.cfg.d_model;
+        // Gemma's RMSNorm multiplies by (1 + w): the offset is added once, here.
+        let gain = |name: &str| -> Result<Tensor> {
+            let w = self.get(name, &[d])?;
+            let offset = self.layout.norm_gain_offset;
+            if offset == 0.0 {
+                Ok(w)
+            } else {
+                Ok((w + offset as f64)?)
+            }
+        };
         match self.cfg.norm {
             Norm::LayerNorm => Ok(Some(NormWeights {
-                w: self.get(w, &[d])?,
+                w: gain(w)?,
                 b: Some(self.get(b, &[d])?),
             })),
             Norm::RmsNorm => Ok(Some(NormWeights {
-                w: self.get(w, &[d])?,
+                w: gain(w)?,
                 b: None,
             })),
             Norm::LayerNormPre | Norm::None => Ok(None),
         }
     }
 
+    /// A Hugging Face norm module `stem` (`{stem}.weight`, and `{stem}.bias` for LayerNorm).
+    fn hf_norm(&self, stem: &str) -> Result<Option<NormWeights>> {
+        self.norm(&format!("{stem}.weight"), &format!("{stem}.bias"))
+    }
+
+    /// The unembedding `[d, d_vocab]` from a Hugging Face head stored as `[d_vocab, d]`
+    /// (`names`: the head's names, the first one present wins), or the embedding's transpose
+    /// when tied.
+    fn hf_unembed(&self, w_e: &Tensor, names: &[&str]) -> Result<Tensor> {
+        if self.layout.tied_embeddings {
+            for name in names {
+                self.mark(name);
+            }
+            return Ok(w_e.t()?.contiguous()?);
+        }
+        let name = names
+            .iter()
+            .find(|n| self.ckpt.contains(n))
+            .unwrap_or(&names[0]);
+        self.linear_t(name, self.cfg.d_vocab_out, self.cfg.d_model)
+    }
     pub fn embed(&self) -> Result<EmbedWeights> {
         let c = &self.cfg;
         let (d, v) = (c.d_model, c.d_vocab);
@@ -237,6 +553,7 @@ impl WeightLoader {
                 let w_e = self.get("wte.weight", &[v, d])?;
                 // GPT-2 ties the unembedding to the embedding; a separate lm_head, if saved, is
                 // the same matrix.
+                self.mark("lm_head.weight");
                 let w_u = w_e.t()?.contiguous()?;
                 Ok(EmbedWeights {
                     w_e,
@@ -251,15 +568,34 @@ impl WeightLoader {
                 w_pos: Some(self.get("pos_embed.W_pos", &[c.n_ctx, d])?),
                 ln_final: self.norm("ln_final.w", "ln_final.b")?,
                 w_u: self.get("unembed.W_U", &[d, c.d_vocab_out])?,
-                b_u: if self.file.contains("unembed.b_U") {
+                b_u: if self.ckpt.contains("unembed.b_U") {
                     Some(self.get("unembed.b_U", &[c.d_vocab_out])?)
                 } else {
                     None
                 },
             }),
-            WeightFormat::HfLlama | WeightFormat::HfNeox => Err(Error::invalid(
-                "Llama-family and GPT-NeoX checkpoints are not loaded yet",
-            )),
+            WeightFormat::HfLlama => {
+                let w_e = self.get("model.embed_tokens.weight", &[v, d])?;
+                Ok(EmbedWeights {
+                    w_u: self.hf_unembed(&w_e, &["lm_head.weight"])?,
+                    w_e,
+                    w_pos: None,
+                    ln_final: self.hf_norm("model.norm")?,
+                    b_u: None,
+                })
+            }
+            WeightFormat::HfNeox => {
+                let w_e = self.get("gpt_neox.embed_in.weight", &[v, d])?;
+                Ok(EmbedWeights {
+                    // The hub's name; checkpoints written under the name transformers 5 uses
+                    // internally are read too.
+                    w_u: self.hf_unembed(&w_e, &["embed_out.weight", "lm_head.weight"])?,
+                    w_e,
+                    w_pos: None,
+                    ln_final: self.hf_norm("gpt_neox.final_layer_norm")?,
+                    b_u: None,
+                })
+            }
             WeightFormat::InMemory => unreachable!("in-memory models are not loaded from files"),
         }
     }
@@ -339,16 +675,156 @@ impl WeightLoader {
                     mlp,
                 )
             }
-            WeightFormat::HfLlama | WeightFormat::HfNeox => Err(Error::invalid(
-                "Llama-family and GPT-NeoX checkpoints are not loaded yet",
-            )),
+            WeightFormat::HfLlama => {
+                let p = |s: &str| format!("model.layers.{i}.self_attn.{s}");
+                let n = |s: &str| format!("model.layers.{i}.{s}");
+                let (kv, l) = (c.n_kv_heads, &self.layout);
+                let m = c.d_mlp.expect("Llama-family models have MLPs");
+                // Gemma-2 normalises each sublayer's output too: `post_attention_layernorm` is
+                // then attention's output norm and `pre_feedforward_layernorm` the MLP's input
+                // norm; elsewhere `post_attention_layernorm` is the MLP's input norm.
+                let post = c.post_norms;
+                let attn = AttentionWeights {
+                    norm: self.hf_norm(&n("input_layernorm"))?,
+                    w_q: self.heads_in(&p("q_proj.weight"), h)?,
+                    w_k: self.heads_in(&p("k_proj.weight"), kv)?,
+                    w_v: self.heads_in(&p("v_proj.weight"), kv)?,
+                    b_q: self.head_bias(l.qkv_bias, &p("q_proj.bias"), h)?,
+                    b_k: self.head_bias(l.qkv_bias, &p("k_proj.bias"), kv)?,
+                    b_v: self.head_bias(l.qkv_bias, &p("v_proj.bias"), kv)?,
+                    w_o: self.heads_out(&p("o_proj.weight"))?,
+                    b_o: self.get_opt(l.o_bias, &p("o_proj.bias"), &[d])?,
+                    post_norm: match post {
+                        true => self.hf_norm(&n("post_attention_layernorm"))?,
+                        false => None,
+                    },
+                };
+                let mlp = MlpWeights {
+                    norm: self.hf_norm(&n(match post {
+                        true => "pre_feedforward_layernorm",
+                        false => "post_attention_layernorm",
+                    }))?,
+                    w_in: self.linear_t(&n("mlp.up_proj.weight"), m, d)?,
+                    b_in: None,
+                    w_gate: Some(self.linear_t(&n("mlp.gate_proj.weight"), m, d)?),
+                    w_out: self.linear_t(&n("mlp.down_proj.weight"), d, m)?,
+                    b_out: None,
+                    post_norm: match post {
+                        true => self.hf_norm(&n("post_feedforward_layernorm"))?,
+                        false => None,
+                    },
+                };
+                Block::new(c, attn, Some(mlp))
+            }
+            WeightFormat::HfNeox => {
+                let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
+                let l = &self.layout;
+                let m = c.d_mlp.expect("GPT-NeoX has MLPs");
+                // modeling_gpt_neox.py views the fused output as [.., h, 3·dh] and chunks the
+                // last axis: head H's query, key and value are rows H·3·dh + j·dh + e (j = 0,
+                // 1, 2) of the [3d, d] weight.
+                let qkv = self
+                    .get(&p("attention.query_key_value.weight"), &[3 * d, d])?
+                    .reshape((h, 3, dh, d))?;
+                let w = |j: usize| -> Result<Tensor> {
+                    Ok(qkv
+                        .narrow(1, j, 1)?
+                        .squeeze(1)?
+                        .transpose(1, 2)?
+                        .contiguous()?)
+                };
+                let qkv_b = self
+                    .get_opt(l.qkv_bias, &p("attention.query_key_value.bias"), &[3 * d])?
+                    .map(|b| b.reshape((h, 3, dh)))
+                    .transpose()?;
+                let b = |j: usize| -> Result<Option<Tensor>> {
+                    qkv_b
+                        .as_ref()
+                        .map(|b| b.narrow(1, j, 1)?.squeeze(1)?.contiguous())
+                        .transpose()
+                        .map_err(Error::from)
+                };
+                let attn = AttentionWeights {
+                    norm: self.hf_norm(&p("input_layernorm"))?,
+                    w_q: w(0)?,
+                    w_k: w(1)?,
+                    w_v: w(2)?,
+                    b_q: b(0)?,
+                    b_k: b(1)?,
+                    b_v: b(2)?,
+                    w_o: self.heads_out(&p("attention.dense.weight"))?,
+                    b_o: self.get_opt(l.o_bias, &p("attention.dense.bias"), &[d])?,
+                    post_norm: None,
+                };
+                let mlp = MlpWeights {
+                    // With the parallel residual the MLP applies this norm to the stream
+                    // entering the layer; sequentially, to the stream after attention.
+                    norm: self.hf_norm(&p("post_attention_layernorm"))?,
+                    w_in: self.linear_t(&p("mlp.dense_h_to_4h.weight"), m, d)?,
+                    b_in: self.get_opt(l.mlp_bias, &p("mlp.dense_h_to_4h.bias"), &[m])?,
+                    w_gate: None,
+                    w_out: self.linear_t(&p("mlp.dense_4h_to_h.weight"), d, m)?,
+                    b_out: self.get_opt(l.mlp_bias, &p("mlp.dense_4h_to_h.bias"), &[d])?,
+                    post_norm: None,
+                };
+                Block::new(c, attn, Some(mlp))
+            }
             WeightFormat::InMemory => unreachable!("in-memory models are not loaded from files"),
         }
     }
 
-    /// Unused tensor names are harmless (buffers such as `attn.bias` or `IGNORE`); this lists
-    /// them for `--verbose` diagnostics.
-    pub fn tensor_names(&self) -> HashMap<String, ()> {
-        self.file.names().into_iter().map(|n| (n, ())).collect()
+    /// Checks that every tensor in the checkpoint is one the configuration explains (read by
+    /// [`embed`](Self::embed) or [`layer`](Self::layer), a tied head, or a known buffer), and
+    /// ends the bookkeeping. Call it once every layer has been loaded.
+    pub fn check_all_used(&self) -> Result<()> {
+        let Some(used) = self.used.lock().expect("not poisoned").take() else {
+            return Ok(());
+        };
+        let mut unused: Vec<&str> = self
+            .ckpt
+            .names()
+            .filter(|n| !used.contains(*n) && !is_buffer(n))
+            .collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        unused.sort_unstable();
+        let first = unused[0];
+        let layers = self.cfg.n_layers;
+        let why = match layer_of(first) {
+            Some(l) if l >= layers => format!(
+                "it belongs to layer {l}, but the configuration has {layers} layer{}",
+                if layers == 1 { "" } else { "s" }
+            ),
+            _ => "the configuration has no place for it (a norm, bias or projection it does \
+                  not announce, or another architecture's weights)"
+                .into(),
+        };
+        let more = match unused.len() {
+            1 => String::new(),
+            n => {
+                let shown: Vec<String> = unused[1..n.min(4)]
+                    .iter()
+                    .map(|t| format!("`{t}`"))
+                    .collect();
+                format!(
+                    "; {} more unused: {}{}",
+                    n - 1,
+                    shown.join(", "),
+                    if n > 4 { ", …" } else { "" }
+                )
+            }
+        };
+        Err(Error::Config {
+            path: self
+                .ckpt
+                .file_of(first)
+                .unwrap_or(self.ckpt.path())
+                .to_path_buf(),
+            message: format!(
+                "tensor `{first}` is not used by the model config.json describes: {why}{more}; \
+                 the configuration does not match the weights"
+            ),
+        })
     }
 }
