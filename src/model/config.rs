@@ -277,8 +277,8 @@ pub struct ModelConfig {
     /// Norms on the attention and MLP outputs before they join the residual stream (Gemma-2's
     /// `post_attention_layernorm`, `post_feedforward_layernorm`).
     pub post_norms: bool,
-    /// Multiplies the token embedding (Gemma: `√d_model`, rounded to the weights' dtype as
-    /// Hugging Face does).
+    /// Multiplies the token embedding (Gemma: `√d_model` in f32, what transformers uses when it
+    /// computes in float32; in bf16 it rounds the factor to bf16, e.g. 5.65625 for d = 32).
     pub embed_scale: f32,
     /// `cap · tanh(score / cap)` on the scaled attention scores (Gemma-2).
     pub attn_softcap: Option<f32>,
