@@ -448,7 +448,7 @@ fn cli_sweep_and_hybrid() {
 }
 
 /// The incremental state on every fixture architecture (GPT-2, attention-only shortformer,
-/// no-norm ReLU, LNPre/GELU/bidirectional), from a hybrid-style start with a third of the edges
+/// no-norm ReLU, LNPre/GELU/bidirectional, and the Llama family), from a hybrid-style start with a third of the edges
 /// patched and over two chunks: every tentative patch equals a from-scratch patched forward,
 /// and the state at every reader boundary is bit for bit the one a resume rebuilds.
 #[test]
@@ -544,8 +544,9 @@ fn incremental_state_matches_full_forwards_on_every_fixture() {
                 );
             }
             assert!(tried > 20, "{name}: {tried} tries");
+            // Models whose residual stream is not a sum of writers replay whole passes.
             assert!(
-                last_only > 0,
+                last_only > 0 || state.replays(),
                 "{name}: no node was computed at the last position only"
             );
         }

@@ -90,7 +90,11 @@ fn reader_gradients_match_pytorch_on_every_fixture() {
 #[test]
 fn patched_forward_from_a_cached_prefix_equals_the_full_forward() {
     use eap::model::{PatchPlan, Prefix};
-    for name in ["gpt2_hf", "tl_attn_only_shortformer", "tl_lnpre_gelu_bidir"] {
+    let families = FAMILY_FIXTURES.iter().copied();
+    for name in ["gpt2_hf", "tl_attn_only_shortformer", "tl_lnpre_gelu_bidir"]
+        .into_iter()
+        .chain(families)
+    {
         let model = load(name);
         let refs = reference(name);
         let clean = Batch::new(&tokens(&refs["tokens"]), &Device::Cpu).unwrap();

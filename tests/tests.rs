@@ -4,6 +4,7 @@ mod acdc;
 mod attribution;
 mod cli;
 mod errors;
+mod families;
 mod formats;
 mod loading;
 mod model;

@@ -5,12 +5,29 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
-pub const MODEL_FIXTURES: [&str; 5] = [
+/// Every fixture model: the GPT-2 / TransformerLens ones (`scripts/make_fixtures.py`), then the
+/// Llama-family ones (`scripts/make_family_fixtures.py`).
+pub const MODEL_FIXTURES: [&str; 10] = [
     "gpt2_hf",
     "gpt2_hf_noprefix",
     "tl_attn_only_shortformer",
     "tl_relu_nonorm",
     "tl_lnpre_gelu_bidir",
+    "llama_gqa",
+    "mistral_sharded",
+    "qwen2_bias",
+    "neox_parallel",
+    "gemma2_full",
+];
+
+/// The Llama-family fixtures: rotary, grouped-query attention, gated MLPs, biases, sharding,
+/// parallel blocks, Gemma-2's post-norms and soft-caps.
+pub const FAMILY_FIXTURES: [&str; 5] = [
+    "llama_gqa",
+    "mistral_sharded",
+    "qwen2_bias",
+    "neox_parallel",
+    "gemma2_full",
 ];
 
 pub fn fixture_dir(name: &str) -> PathBuf {
