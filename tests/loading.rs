@@ -16,15 +16,6 @@ use tempfile::TempDir;
 
 use crate::util::*;
 
-/// The Llama-family fixtures.
-const FAMILY_FIXTURES: [&str; 5] = [
-    "llama_gqa",
-    "mistral_sharded",
-    "qwen2_bias",
-    "neox_parallel",
-    "gemma2_full",
-];
-
 fn load(name: &str) -> Model {
     Model::load_dir(&fixture_dir(name), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
