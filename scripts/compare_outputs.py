@@ -84,8 +84,8 @@ def main():
         del args[i:i + 2]
     before, after = Path(args[0]), Path(args[1])
     diffs = []
-    files = sorted(p.relative_to(before) for p in before.rglob("*") if p.is_file())
-    other = sorted(p.relative_to(after) for p in after.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(before) for p in before.rglob("*") if p.is_file() and p.name != "DONE")
+    other = sorted(p.relative_to(after) for p in after.rglob("*") if p.is_file() and p.name != "DONE")
     for missing in sorted(set(files) ^ set(other)):
         diffs.append(f"{missing}: only in one recording")
     compared = 0
@@ -103,7 +103,12 @@ def main():
             for i, (x, y) in enumerate(zip(la, lb)):
                 compare(json.loads(x), json.loads(y), f"{rel}:{i + 1}", rtol, diffs)
         else:
-            compare_text(a, b, str(rel), rtol, diffs)
+            try:  # `--json` output is JSON on stdout
+                ja, jb = json.loads(a), json.loads(b)
+            except ValueError:
+                compare_text(a, b, str(rel), rtol, diffs)
+            else:
+                compare(ja, jb, str(rel), rtol, diffs)
     for d in diffs[:200]:
         print(d)
     print(f"{compared} files compared, {len(diffs)} differences")

@@ -18,9 +18,11 @@ out=$(realpath "$out")
 fixtures="$root/tests/fixtures/models"
 
 # Token-id datasets that fit every fixture (ids below 50, the smallest output vocabulary):
-# 5 examples of 7 tokens, one of 5 tokens (two chunks of different lengths).
+# 5 examples of 7 tokens, one of 5 tokens (two chunks of different lengths); data-equal.jsonl
+# holds the first five (mean-positional ablation needs equal lengths).
 data="$out/data.jsonl"
-python3 - "$data" <<'EOF'
+equal="$out/data-equal.jsonl"
+python3 - "$data" "$equal" <<'EOF'
 import json, sys
 rows = []
 for i in range(6):
@@ -33,6 +35,9 @@ for i in range(6):
                  "answer": (i * 5 + 2) % 50, "wrong": (i * 5 + 9) % 50})
 with open(sys.argv[1], "w") as f:
     for r in rows:
+        f.write(json.dumps(r) + "\n")
+with open(sys.argv[2], "w") as f:
+    for r in rows[:5]:
         f.write(json.dumps(r) + "\n")
 EOF
 
@@ -58,7 +63,8 @@ done
 m=gpt2_hf
 run "circuit-$m" circuit --scores "attr-$m-eap.json" --top-n 30 --out "circuit-$m.json" --dot "circuit-$m.dot"
 run "evaluate-$m" evaluate --model "$fixtures/$m" --data "$data" --circuit "circuit-$m.json" --json
-run "evaluate-$m-meanpos" evaluate --model "$fixtures/$m" --data "$data" --circuit "circuit-$m.json" --ablation mean-positional --json || true
+run "evaluate-$m-meanpos" evaluate --model "$fixtures/$m" --data "$equal" --circuit "circuit-$m.json" --ablation mean-positional --json
+run "attr-$m-meanpos" attribute --model "$fixtures/$m" --data "$equal" --ablation mean-positional --out "attr-$m-meanpos.json" --json
 
 for p in induction greater-than weighted-vote; do
     run "acdc-planted-$p" acdc --planted "$p" --threshold 0.5 --metric logit-diff --out "acdc-planted-$p.json" --no-progress
