@@ -15,11 +15,9 @@ use crate::eval::{
 };
 use crate::graph::{Circuit, CircuitFile, Scores};
 use crate::model::Model;
-use crate::patching::{
-    complement, exact_edge_scores, metric_with_patch, prepare, Ablation, PreparedChunk, Runner,
-    DEFAULT_MEMORY_BUDGET,
-};
+use crate::patching::{complement, exact_edge_scores, metric_with_patch};
 use crate::report::{circuit_svg, faithfulness_svg, roc_svg, scatter_svg, Report, Section};
+use crate::runs::{prepare, Ablation, PreparedChunk, Runner, DEFAULT_MEMORY_BUDGET};
 use crate::tasks::{Dataset, Metric};
 use crate::{Error, Result};
 
@@ -197,31 +195,25 @@ pub fn discover(
             .hybrid_keep
             .unwrap_or((3 * top_n).max(n_edges / 5))
             .clamp(1, n_edges);
-        let hybrid_mask = crate::patching::acdc::prune_mask(&eap_scores, Some(keep), None)?;
-        let scale = crate::patching::acdc::metric_scale(model, &prepared, opts.metric)?;
+        let scale = crate::acdc::metric_scale(model, &prepared, opts.metric)?;
         let tau = opts.acdc_threshold * scale;
-        for (name, initial) in [
-            ("ACDC".to_string(), None),
-            (format!("EAP→ACDC (top {keep})"), Some(hybrid_mask)),
+        let acdc = crate::acdc::AcdcOptions {
+            threshold: tau,
+            metric: opts.metric,
+            initial_patched: None,
+            progress: false,
+        };
+        let hybrid = crate::acdc::hybrid(&eap_scores, Some(keep), None, acdc.clone())?;
+        for (name, base) in [
+            ("ACDC".to_string(), acdc),
+            (format!("EAP→ACDC (top {keep})"), hybrid),
         ] {
             let mut thresholds: Vec<f32> = opts.acdc_thresholds.iter().map(|f| f * scale).collect();
             if !thresholds.contains(&tau) {
                 thresholds.push(tau);
             }
-            let base = crate::patching::acdc::AcdcOptions {
-                threshold: tau,
-                metric: opts.metric,
-                initial_patched: initial,
-                progress: false,
-            };
             let t = Instant::now();
-            let sweep = crate::patching::acdc::threshold_sweep(
-                model,
-                &prepared,
-                &base,
-                &thresholds,
-                truth,
-            )?;
+            let sweep = crate::acdc::threshold_sweep(model, &prepared, &base, &thresholds, truth)?;
             // The scale's two forwards per chunk are charged to each ACDC method.
             let seconds = t.elapsed().as_secs_f64();
             let passes = sweep.forward_passes + 2 * n_chunks;

@@ -16,6 +16,7 @@
 //! * [`planted`] — models whose circuits are known by construction, with their tasks.
 //! * [`discover`] — the main job: methods side by side against a ground truth.
 
+pub mod acdc;
 pub mod attribution;
 pub mod discover;
 pub mod error;
@@ -26,6 +27,7 @@ pub mod model;
 pub mod patching;
 pub mod planted;
 pub mod report;
+pub mod runs;
 pub mod tasks;
 
 pub use error::{Error, Result};

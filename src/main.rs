@@ -14,7 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use eap::attribution::{attribute, AttributionOptions, Method};
 use eap::graph::{to_dot, Circuit, CircuitFile};
 use eap::model::{Batch, ForwardOptions, Model};
-use eap::patching::{faithfulness_of, Ablation, Runner};
+use eap::patching::faithfulness_of;
+use eap::runs::{Ablation, Runner};
 use eap::tasks::{generate, write_jsonl, Dataset, Metric, Task, Tokenizer};
 
 #[derive(Parser)]
@@ -668,23 +669,24 @@ fn bench_data(seqs: &[Vec<u32>], d_vocab: usize) -> Dataset {
 /// already visited keep a sparse circuit (EAP's top edges, the size of IOI's) as ACDC would
 /// leave behind.
 fn bench_acdc(model: &Model, seqs: &[Vec<u32>], a: &BenchArgs) -> Result<()> {
-    use eap::patching::acdc::{time_steps, visit_order, AcdcOptions};
+    use eap::acdc::{time_steps, AcdcOptions};
+    use eap::graph::visit_order;
     let data = bench_data(seqs, model.cfg.d_vocab);
     let runner = Runner::new(
         model,
         &data,
         Ablation::Corrupted,
         a.batch,
-        eap::patching::DEFAULT_MEMORY_BUDGET,
+        eap::runs::DEFAULT_MEMORY_BUDGET,
     )?;
-    let prepared = eap::patching::prepare(&runner)?;
+    let prepared = eap::runs::prepare(&runner)?;
     let g = model.graph();
     let opts = AcdcOptions {
         threshold: a.acdc_threshold,
         metric: Metric::Kl,
         ..Default::default()
     };
-    let report = |what: &str, t: &eap::patching::acdc::StepTiming| {
+    let report = |what: &str, t: &eap::acdc::StepTiming| {
         println!(
             "ACDC {what:<34} {:>7.4} s per pass, {:>6.2} passes/s ({} passes, {} removed; live nodes: {} at all rows, {} at the last position; state built in {:.2} s)",
             t.seconds / t.passes.max(1) as f64,
@@ -941,7 +943,7 @@ fn load_job(a: &JobArgs) -> Result<Job> {
 const EXIT_AFTER_ENV: &str = "EAP_ACDC_EXIT_AFTER";
 
 fn cmd_acdc(a: AcdcArgs) -> Result<()> {
-    use eap::patching::acdc::{prune_mask, rates, run_acdc, threshold_sweep, AcdcOptions, Persist};
+    use eap::acdc::{hybrid, rates, run_acdc, threshold_sweep, AcdcOptions, Persist};
     let Job {
         model,
         data,
@@ -954,12 +956,18 @@ fn cmd_acdc(a: AcdcArgs) -> Result<()> {
         &data,
         a.ablation,
         a.batch_size,
-        eap::patching::DEFAULT_MEMORY_BUDGET,
+        eap::runs::DEFAULT_MEMORY_BUDGET,
     )?;
-    let prepared = eap::patching::prepare(&runner)?;
+    let prepared = eap::runs::prepare(&runner)?;
     let graph = model.graph();
-    let initial_patched = match a.prune_with.as_deref() {
-        None => None,
+    let mut base = AcdcOptions {
+        threshold: a.threshold.unwrap_or(0.0),
+        metric: a.metric,
+        initial_patched: None,
+        progress: !a.no_progress,
+    };
+    match a.prune_with.as_deref() {
+        None => {}
         Some("eap") => {
             let att = attribute(
                 &model,
@@ -969,27 +977,20 @@ fn cmd_acdc(a: AcdcArgs) -> Result<()> {
                     metric: task_metric,
                     ablation: a.ablation,
                     batch_size: a.batch_size,
-                    memory_budget: eap::patching::DEFAULT_MEMORY_BUDGET,
+                    memory_budget: eap::runs::DEFAULT_MEMORY_BUDGET,
                     progress: false,
                 },
             )?;
-            let mask = prune_mask(&att.scores, a.keep, a.eap_threshold)?;
-            let survivors = graph.n_edges() - mask.iter().filter(|&&m| m).count();
+            base = hybrid(&att.scores, a.keep, a.eap_threshold, base)?;
             println!(
-                "EAP ({task_metric}) pre-pruning: {survivors} of {} edges survive for ACDC ({:.2} s)",
+                "EAP ({task_metric}) pre-pruning: {} of {} edges survive for ACDC ({:.2} s)",
+                base.start_edges(&graph),
                 graph.n_edges(),
                 att.seconds
             );
-            Some(mask)
         }
         Some(other) => bail!("--prune-with `{other}`: only `eap` is supported"),
-    };
-    let base = AcdcOptions {
-        threshold: a.threshold.unwrap_or(0.0),
-        metric: a.metric,
-        initial_patched,
-        progress: !a.no_progress,
-    };
+    }
     if let Some(thresholds) = &a.thresholds {
         let sweep = threshold_sweep(&model, &prepared, &base, thresholds, truth.as_ref())?;
         println!(
@@ -1027,10 +1028,7 @@ fn cmd_acdc(a: AcdcArgs) -> Result<()> {
                 "roc": sweep.roc.as_ref().map(|r| serde_json::json!({"points": r.points, "auc_trapezoid": r.auc_trapezoid, "auc_pessimistic": r.auc_staircase})),
                 "forward_passes": sweep.forward_passes, "seconds": sweep.seconds,
             });
-            eap::patching::acdc::write_atomic(
-                out,
-                serde_json::to_string_pretty(&summary)?.as_bytes(),
-            )?;
+            eap::fsutil::write_atomic(out, serde_json::to_string_pretty(&summary)?.as_bytes())?;
             println!("wrote {}", out.display());
         }
         return Ok(());

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use eap::attribution::{attribute, AttributionOptions, Method};
 use eap::model::{AdditiveDeltas, Batch, ForwardOptions, Model};
-use eap::patching::{patched_metric, Ablation, Runner, DEFAULT_MEMORY_BUDGET};
+use eap::patching::patched_metric;
+use eap::runs::{Ablation, Runner, DEFAULT_MEMORY_BUDGET};
 use eap::tasks::{metric_value, Dataset, Example, Metric, Target};
 
 use crate::util::*;

@@ -25,7 +25,7 @@ use std::cell::{Cell, RefCell};
 
 use crate::model::ops::cpu_slice;
 use crate::model::{ForwardOptions, ForwardOutput, Model, WriterSink};
-use crate::patching::{logits_rows, Ablation, Chunk, Runner, DEFAULT_MEMORY_BUDGET};
+use crate::runs::{logits_rows, Ablation, Chunk, Runner, DEFAULT_MEMORY_BUDGET};
 use crate::tasks::{metric_gradient, metric_value, Dataset, Metric};
 use crate::{Error, Result};
 

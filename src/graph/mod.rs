@@ -315,6 +315,24 @@ fn parse_head(name: &str) -> Option<(usize, usize)> {
     Some((layer.parse().ok()?, head.parse().ok()?))
 }
 
+/// Readers in ACDC's visiting order ([`crate::acdc`]): the logits, then per layer from the last
+/// the MLP and the q, k and v inputs of the heads from the last head down; the order
+/// ArthurConmy/Automatic-Circuit-Discovery's `setup_from_model` fills its graph in.
+pub fn visit_order(graph: &Graph) -> Vec<usize> {
+    let mut order = vec![graph.reader_index(Reader::Logits)];
+    for layer in (0..graph.n_layers).rev() {
+        if graph.has_mlp {
+            order.push(graph.reader_index(Reader::Mlp { layer }));
+        }
+        for qkv in Qkv::ALL {
+            for head in (0..graph.n_heads).rev() {
+                order.push(graph.reader_index(Reader::Head { layer, head, qkv }));
+            }
+        }
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,10 +48,9 @@
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::acdc::visit_order;
-use super::PreparedChunk;
-use crate::graph::{Graph, Qkv, Reader, Writer};
+use crate::graph::{visit_order, Graph, Qkv, Reader, Writer};
 use crate::model::{ops, LayerWeights, Model};
+use crate::runs::PreparedChunk;
 use crate::tasks::{metric_value, KlReference, Metric};
 use crate::{Error, Result};
 
