@@ -5,5 +5,6 @@ mod attribution;
 mod cli;
 mod errors;
 mod formats;
+mod layout;
 mod model;
 mod util;

@@ -222,7 +222,13 @@ pub fn run_acdc(
         None => vec![false; nw * nr],
     };
     let order = visit_order(&graph);
-    let fp = fingerprint(&graph, opts, prepared);
+    let fp = fingerprint(
+        &graph,
+        opts.threshold,
+        opts.metric,
+        opts.initial_patched.as_ref(),
+        prepared,
+    );
     let start = Instant::now();
 
     // State: fresh or from a checkpoint.

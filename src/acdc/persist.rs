@@ -10,12 +10,13 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{AcdcOptions, AcdcStep};
 use crate::fsutil::write_atomic;
 use crate::graph::Graph;
 use crate::runs::PreparedChunk;
+use crate::tasks::Metric;
 use crate::{Error, Result};
 
 /// Where a run keeps its log and checkpoints.
@@ -95,14 +96,17 @@ pub(super) fn parse_mask(s: &str, len: usize) -> Result<Vec<bool>> {
         .collect()
 }
 
+/// What a run is started with, as its checkpoints record it: a resume must match it.
 pub(super) fn fingerprint(
     graph: &Graph,
-    opts: &AcdcOptions,
+    threshold: f32,
+    metric: Metric,
+    initial_patched: Option<&Vec<bool>>,
     prepared: &[PreparedChunk],
 ) -> serde_json::Value {
     // FNV-1a over the indices of the initially patched edges.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    if let Some(mask) = &opts.initial_patched {
+    if let Some(mask) = initial_patched {
         for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
             for b in (i as u64).to_le_bytes() {
                 hash ^= b as u64;
@@ -113,16 +117,16 @@ pub(super) fn fingerprint(
     let n_examples: usize = prepared.iter().map(|p| p.chunk.indices.len()).sum();
     serde_json::json!({
         "graph": graph,
-        "threshold": opts.threshold,
-        "metric": opts.metric.to_string(),
+        "threshold": threshold,
+        "metric": metric.to_string(),
         "n_examples": n_examples,
-        "initial_patched": opts.initial_patched.as_ref().map(|m| m.iter().filter(|&&b| b).count()),
+        "initial_patched": initial_patched.map(|m| m.iter().filter(|&&b| b).count()),
         "initial_patched_hash": format!("{hash:016x}"),
     })
 }
 
 /// Reads the first `n` complete lines of the step log and cuts the file back to them.
-pub(super) fn restore_log(path: &Path, n: usize) -> Result<Vec<AcdcStep>> {
+pub(super) fn restore_log<Step: DeserializeOwned>(path: &Path, n: usize) -> Result<Vec<Step>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut steps = Vec::with_capacity(n);
     let mut bytes = 0u64;
