@@ -29,6 +29,14 @@ pub enum Error {
     },
 
     // ---- models ----
+    /// A model that could not be loaded, and why.
+    #[error("loading model `{spec}`")]
+    LoadModel {
+        spec: String,
+        #[source]
+        source: Box<Error>,
+    },
+
     /// A model configuration is inconsistent or names an unknown architecture.
     #[error("{}: {message}", path.display())]
     Config { path: PathBuf, message: String },
@@ -98,6 +106,69 @@ pub enum Error {
         detail: String,
     },
 
+    /// A circuit, scores or ground truth made for another model's graph.
+    #[error("{what} is for a graph of {found}, expected {expected}")]
+    GraphMismatch {
+        /// What was checked: "the circuit", "the ground truth", "ROC scores"…
+        what: String,
+        expected: GraphShape,
+        found: GraphShape,
+    },
+
+    /// A `[n_writers, n_readers]` edge mask of the wrong length.
+    #[error("{what} has {found} entries, expected {expected} (n_writers x n_readers)")]
+    MaskLength {
+        what: &'static str,
+        expected: usize,
+        found: usize,
+    },
+
+    /// A circuit or selection that holds no edge where one is needed.
+    #[error("{what} has no edges")]
+    NoEdges { what: String },
+
+    /// A selection of a circuit from scores that leaves no edge.
+    #[error("the selection left no edges (after pruning)")]
+    EmptySelection,
+
+    /// A selection of edges given in none, or in more than one, of its ways.
+    #[error("{what}: give exactly one of {choices}")]
+    SelectionChoice {
+        what: &'static str,
+        choices: &'static str,
+    },
+
+    // ---- methods ----
+    /// A count a method needs at least one of (integration steps, examples).
+    #[error("{what} must be at least 1, found 0")]
+    ZeroCount { what: &'static str },
+
+    /// A method that interpolates between the clean and the corrupted run, asked to run with
+    /// another ablation.
+    #[error("{method} interpolates between clean and corrupted runs: it needs corrupted ablation, not {ablation}")]
+    NeedsCorrupted {
+        method: &'static str,
+        ablation: String,
+    },
+
+    /// ACDC's incremental state used out of order: a step with no reader left to visit, an
+    /// accept or reject with no tentative patch.
+    #[error("ACDC state: {0}")]
+    AcdcState(&'static str),
+
+    /// An ACDC checkpoint or step log that cannot be resumed from.
+    #[error("{}: {message}", path.display())]
+    Checkpoint { path: PathBuf, message: String },
+
+    // ---- jobs ----
+    /// A job without examples: neither a dataset file nor a task to generate.
+    #[error("no examples: give a dataset file or a task to generate")]
+    NoExamples,
+
+    /// A dataset or task given for a planted model, which generates its own.
+    #[error("planted models generate their own task; a dataset or a task needs a model")]
+    PlantedWithData,
+
     /// Anything else the caller asked for that cannot be done, with the reason.
     #[error("{0}")]
     Invalid(String),
@@ -106,6 +177,26 @@ pub enum Error {
     /// An error from the tensor engine.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// The shape of a graph, as [`Error::GraphMismatch`] reports it (mirrors
+/// [`crate::graph::Graph`], so that this module stays below every other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphShape {
+    pub layers: usize,
+    pub heads: usize,
+    pub mlp: bool,
+}
+
+impl std::fmt::Display for GraphShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mlp = if self.mlp {
+            "with MLPs"
+        } else {
+            "attention only"
+        };
+        write!(f, "{} layers x {} heads, {mlp}", self.layers, self.heads)
+    }
 }
 
 /// The result type of the library.

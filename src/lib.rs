@@ -18,11 +18,13 @@
 
 pub mod acdc;
 pub mod attribution;
+pub mod bench;
 pub mod discover;
 pub mod error;
 pub mod eval;
 pub mod fsutil;
 pub mod graph;
+pub mod job;
 pub mod model;
 pub mod patching;
 pub mod planted;

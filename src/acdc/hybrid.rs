@@ -7,6 +7,13 @@ use crate::graph::{Circuit, Scores};
 use crate::patching::complement;
 use crate::{Error, Result};
 
+/// What pre-prunes the graph for the hybrid (`eap acdc --prune-with`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PruneWith {
+    /// EAP with the task's metric.
+    Eap,
+}
+
 /// The hybrid's starting mask: every real edge outside EAP's top `keep` by |score| (or with
 /// |score| below `threshold`) is patched from the start.
 pub fn prune_mask(
@@ -14,14 +21,16 @@ pub fn prune_mask(
     keep: Option<usize>,
     threshold: Option<f32>,
 ) -> Result<Vec<bool>> {
-    let kept =
-        match (keep, threshold) {
-            (Some(n), None) => Circuit::top_n(scores, n),
-            (None, Some(t)) => Circuit::threshold(scores, t),
-            _ => return Err(Error::invalid(
-                "EAP pruning needs exactly one of a number of edges to keep or a score threshold",
-            )),
-        };
+    let kept = match (keep, threshold) {
+        (Some(n), None) => Circuit::top_n(scores, n),
+        (None, Some(t)) => Circuit::threshold(scores, t),
+        _ => {
+            return Err(Error::SelectionChoice {
+                what: "EAP pruning",
+                choices: "a number of edges to keep or a score threshold",
+            })
+        }
+    };
     Ok(complement(&kept))
 }
 

@@ -64,16 +64,16 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-pub use hybrid::{hybrid, prune_mask};
+pub use hybrid::{hybrid, prune_mask, PruneWith};
 pub use incremental::AcdcState;
 pub use persist::{Checkpoint, Persist};
 pub use sweep::{log_thresholds, metric_scale, rates, threshold_sweep, Sweep, SweepPoint};
 pub use timing::{time_steps, StepTiming};
 
-use crate::graph::{visit_order, Circuit, Graph, Reader, Scores, Writer};
+use crate::graph::{visit_order, Circuit, CircuitFile, Graph, Reader, Scores, Writer};
 use crate::model::Model;
-use crate::runs::PreparedChunk;
-use crate::tasks::Metric;
+use crate::runs::{Ablation, PreparedChunk};
+use crate::tasks::{Dataset, Metric};
 use crate::{Error, Result};
 use persist::{fingerprint, mask_string, parse_mask, restore_log};
 
@@ -172,6 +172,50 @@ impl AcdcResult {
             "passes_per_second": self.passes_per_second(),
             "score_convention": "ACDC effect size: M(edge patched) - M(current circuit) when the edge was tried; 0 for untried edges",
         })
+    }
+}
+
+impl AcdcResult {
+    /// The circuit file of the run: its circuit and scores, [`AcdcResult::meta`] plus the
+    /// model, the task and the ablation.
+    pub fn file(&self, model: &Model, data: &Dataset, ablation: Ablation) -> Result<CircuitFile> {
+        let mut meta = self.meta();
+        meta["model"] = serde_json::json!(model.name);
+        meta["d_model"] = serde_json::json!(model.cfg.d_model);
+        meta["task"] = serde_json::json!(data.name);
+        meta["n_examples"] = serde_json::json!(data.examples.len());
+        meta["ablation"] = serde_json::json!(ablation.to_string());
+        CircuitFile::new(self.scores.clone(), self.circuit.clone(), meta)
+    }
+
+    /// What the run kept and what it cost, and its rates against `truth`, as `eap acdc`
+    /// prints them.
+    pub fn report(&self, truth: Option<&Circuit>) -> Result<String> {
+        let tried = self.steps.iter().filter(|s| s.tried).count();
+        let mut out = format!(
+            "ACDC ({}, τ = {}): kept {} of {} edges; {} tried; metric {:.5} -> {:.5}\n",
+            self.metric_kind,
+            self.threshold,
+            self.circuit.n_edges(),
+            self.circuit.graph.n_edges(),
+            tried,
+            self.initial_metric,
+            self.metric
+        );
+        out += &format!(
+            "{} forward passes in {:.2} s ({:.0} passes/s)\n",
+            self.forward_passes,
+            self.seconds,
+            self.passes_per_second()
+        );
+        if let Some(t) = truth {
+            let (fpr, tpr) = rates(&self.circuit, t)?;
+            out += &format!(
+                "against the ground truth ({} edges): TPR {tpr:.3}, FPR {fpr:.4}\n",
+                t.n_edges()
+            );
+        }
+        Ok(out)
     }
 }
 

@@ -9,10 +9,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::{run_acdc, AcdcOptions, AcdcResult};
-use crate::eval::{roc_from_points, Roc};
+use crate::eval::{roc_from_points, FaithfulnessBaseline, Roc};
 use crate::graph::Circuit;
 use crate::model::Model;
-use crate::patching::metric_with_patch;
 use crate::runs::PreparedChunk;
 use crate::tasks::Metric;
 use crate::{Error, Result};
@@ -39,6 +38,52 @@ pub struct Sweep {
     pub roc: Option<Roc>,
     pub forward_passes: usize,
     pub seconds: f64,
+}
+
+impl Sweep {
+    /// One line per threshold, the passes, and the sweep's ROC areas, as `eap acdc` prints
+    /// them.
+    pub fn report(&self) -> String {
+        let mut out = format!(
+            "{:>10} {:>7} {:>7} {:>7} {:>12} {:>8} {:>9}\n",
+            "τ", "edges", "FPR", "TPR", "metric", "passes", "time"
+        );
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
+        for p in &self.points {
+            out += &format!(
+                "{:>10} {:>7} {:>7} {:>7} {:>12.5} {:>8} {:>8.2}s\n",
+                p.threshold,
+                p.edges,
+                opt(p.fpr),
+                opt(p.tpr),
+                p.metric,
+                p.forward_passes,
+                p.seconds
+            );
+        }
+        out += &format!(
+            "{} forward passes in {:.2} s ({:.0} passes/s)\n",
+            self.forward_passes,
+            self.seconds,
+            self.forward_passes as f64 / self.seconds.max(1e-9)
+        );
+        if let Some(roc) = &self.roc {
+            out += &format!(
+                "ROC AUC over the sweep: {:.4} (trapezoid), {:.4} (ACDC pessimistic)\n",
+                roc.auc_trapezoid, roc.auc_staircase
+            );
+        }
+        out
+    }
+
+    /// The sweep's summary file: its points, ROC and cost.
+    pub fn summary(&self, metric: Metric) -> serde_json::Value {
+        serde_json::json!({
+            "method": "acdc-sweep", "metric": metric.to_string(), "points": self.points,
+            "roc": self.roc.as_ref().map(|r| serde_json::json!({"points": r.points, "auc_trapezoid": r.auc_trapezoid, "auc_pessimistic": r.auc_staircase})),
+            "forward_passes": self.forward_passes, "seconds": self.seconds,
+        })
+    }
 }
 
 /// `(FPR, TPR)` of a circuit against a ground truth over the real edges.
@@ -139,13 +184,5 @@ pub fn log_thresholds(lo: f32, hi: f32, n: usize) -> Vec<f32> {
 /// in (two forward passes per chunk). ACDC's τ is absolute; `discover` and the tests pick
 /// τ as a fraction of this so one setting suits logit differences and probabilities alike.
 pub fn metric_scale(model: &Model, prepared: &[PreparedChunk], metric: Metric) -> Result<f32> {
-    let g = model.graph();
-    let full = metric_with_patch(
-        model,
-        prepared,
-        metric,
-        &vec![false; g.n_writers() * g.n_readers()],
-    )?;
-    let empty = metric_with_patch(model, prepared, metric, &g.real_edge_mask())?;
-    Ok((full - empty).abs())
+    Ok(FaithfulnessBaseline::new(model, prepared, metric)?.scale())
 }

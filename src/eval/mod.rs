@@ -2,15 +2,22 @@
 //! MIB faithfulness curves with their CPR and CMD areas, and the correlation between two
 //! score lists (attribution against exact patching).
 //!
-//! Everything here is plain arithmetic on slices, so it applies to any scores file and any
-//! ground truth; [`roc_from_graph`] is the one bridge from [`Scores`] and [`Circuit`]. The
-//! pictures of these values live in [`crate::report`].
+//! Apart from [`FaithfulnessBaseline`], everything here is plain arithmetic on slices, so it
+//! applies to any scores file and any ground truth; [`roc_from_graph`] is the one bridge from
+//! [`Scores`] and [`Circuit`]. The pictures of these values live in [`crate::report`].
 //!
 //! * [`roc`] → [`Roc`]: points `(FPR, TPR)` and two areas (trapezoid, ACDC's pessimistic one);
 //!   [`roc_from_points`]: the same from one `(FPR, TPR)` point per circuit (ACDC's sweep).
 //! * [`faithfulness`], [`FaithfulnessCurve`], [`default_fractions`]: MIB's normalised metric
 //!   and the CPR/CMD areas over the fraction of edges kept.
+//! * [`FaithfulnessBaseline`] → [`Faithfulness`]: the faithfulness of circuits on a model, with
+//!   `M(full)` and `M(∅)` run once for all of them (the one part of this module that runs the
+//!   model, through [`crate::patching`]).
 //! * [`correlation`] → [`Correlation`]: Pearson, R², Spearman.
+
+mod faithfulness;
+
+pub use faithfulness::{Faithfulness, FaithfulnessBaseline};
 
 use crate::graph::{Circuit, Scores};
 use crate::{bail, Result};

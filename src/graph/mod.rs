@@ -12,6 +12,7 @@
 //! Because writers are ordered by when they are written and readers by when they read, the
 //! writers feeding a reader are always a prefix of the writer list: [`Graph::n_upstream`].
 
+use crate::error::GraphShape;
 use crate::{Error, Result};
 
 pub mod dot;
@@ -20,6 +21,7 @@ pub mod select;
 
 pub use dot::{parse_dot, parse_dot_edges, to_dot};
 pub use json::CircuitFile;
+pub use select::Selection;
 
 /// Which of a head's three inputs a reader is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,6 +81,28 @@ impl Graph {
             n_heads,
             has_mlp,
         }
+    }
+
+    /// Layers, heads and MLPs, as errors report them.
+    pub fn shape(&self) -> GraphShape {
+        GraphShape {
+            layers: self.n_layers,
+            heads: self.n_heads,
+            mlp: self.has_mlp,
+        }
+    }
+
+    /// Checks that `found`, the graph of `what` (a circuit, scores, a ground truth), is this
+    /// graph: the one check every consumer of a circuit file runs.
+    pub fn expect(&self, found: &Graph, what: impl Into<String>) -> Result<()> {
+        if found == self {
+            return Ok(());
+        }
+        Err(Error::GraphMismatch {
+            what: what.into(),
+            expected: self.shape(),
+            found: found.shape(),
+        })
     }
 
     /// Writers per layer: the heads, plus the MLP when there is one.

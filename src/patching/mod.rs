@@ -24,27 +24,15 @@ pub fn patched_metric(runner: &Runner, metric: Metric, patched: &[bool]) -> Resu
 }
 
 fn check_mask(graph: &Graph, mask: &[bool]) -> Result<()> {
-    if mask.len() != graph.n_writers() * graph.n_readers() {
-        return Err(Error::Shape {
-            op: "patch mask",
-            expected: format!("{} x {} entries", graph.n_writers(), graph.n_readers()),
-            found: format!("{} entries", mask.len()),
+    let expected = graph.n_writers() * graph.n_readers();
+    if mask.len() != expected {
+        return Err(Error::MaskLength {
+            what: "the patch mask",
+            expected,
+            found: mask.len(),
         });
     }
     Ok(())
-}
-
-/// The three metric values faithfulness needs, and the ratio.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Faithfulness {
-    /// M(C): only the circuit's edges carry clean activations.
-    pub circuit: f32,
-    /// M(∅): every edge ablated.
-    pub empty: f32,
-    /// M(full): nothing ablated.
-    pub full: f32,
-    /// `(M(C) − M(∅)) / (M(full) − M(∅))`.
-    pub faithfulness: f64,
 }
 
 /// Mask of edges to patch so that only `circuit`'s edges stay clean.
@@ -54,31 +42,6 @@ pub fn complement(circuit: &Circuit) -> Vec<bool> {
         .zip(&circuit.edges)
         .map(|(&r, &c)| r && !c)
         .collect()
-}
-
-/// Faithfulness of a circuit: every edge outside it is patched.
-pub fn faithfulness_of(runner: &Runner, metric: Metric, circuit: &Circuit) -> Result<Faithfulness> {
-    let graph = runner.model.graph();
-    if circuit.graph != graph {
-        return Err(Error::invalid(format!(
-            "circuit is for a graph of {} layers and {} heads, the model has {} and {}",
-            circuit.graph.n_layers, circuit.graph.n_heads, graph.n_layers, graph.n_heads
-        )));
-    }
-    let full = patched_metric(
-        runner,
-        metric,
-        &vec![false; graph.n_writers() * graph.n_readers()],
-    )?;
-    let empty = patched_metric(runner, metric, &graph.real_edge_mask())?;
-    let value = patched_metric(runner, metric, &complement(circuit))?;
-    let faithfulness = crate::eval::faithfulness(value as f64, empty as f64, full as f64)?;
-    Ok(Faithfulness {
-        circuit: value,
-        empty,
-        full,
-        faithfulness,
-    })
 }
 
 /// The metric over prepared chunks with the edges in `patched` ablated: one forward per chunk.

@@ -20,11 +20,14 @@ use crate::model::{Batch, ForwardOptions, Model};
 use crate::tasks::{Dataset, Target};
 use crate::{Error, Result};
 
-/// What an ablated edge carries instead of the clean activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What an ablated edge carries instead of the clean activation. On the command line
+/// (clap's [`ValueEnum`](clap::ValueEnum)) as its [`Display`](std::fmt::Display) spells it;
+/// `patching` is accepted for `corrupted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Ablation {
     /// The writer's output on the corrupted prompt (resample ablation, the default).
     #[default]
+    #[value(alias = "patching")]
     Corrupted,
     /// Zero. Compiled models' circuits are often visible only to zero ablation.
     Zero,
@@ -32,21 +35,6 @@ pub enum Ablation {
     Mean,
     /// The writer's output averaged over examples, per position (needs equal lengths).
     MeanPositional,
-}
-
-impl std::str::FromStr for Ablation {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "corrupted" | "patching" => Ok(Ablation::Corrupted),
-            "zero" => Ok(Ablation::Zero),
-            "mean" => Ok(Ablation::Mean),
-            "mean-positional" => Ok(Ablation::MeanPositional),
-            other => Err(Error::invalid(format!(
-                "unknown ablation `{other}`: expected corrupted, zero, mean or mean-positional"
-            ))),
-        }
-    }
 }
 
 impl std::fmt::Display for Ablation {
