@@ -139,9 +139,9 @@ pub enum Error {
     },
 
     // ---- methods ----
-    /// A count a method needs at least one of (integration steps, examples).
-    #[error("{what} must be at least 1, found 0")]
-    ZeroCount { what: &'static str },
+    /// EAP-IG asked for with no integration step.
+    #[error("EAP-IG needs at least one integration step, found 0")]
+    NoIntegrationSteps,
 
     /// A method that interpolates between the clean and the corrupted run, asked to run with
     /// another ablation.

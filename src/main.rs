@@ -63,7 +63,7 @@ fn main() -> ExitCode {
 fn hint(err: &eap::Error) -> Option<&'static str> {
     use eap::Error as E;
     Some(match err {
-        E::ZeroCount { .. } => "set --ig-steps to 1 or more",
+        E::NoIntegrationSteps => "set --ig-steps to 1 or more",
         E::NeedsCorrupted { .. } => "use --ablation corrupted, or --method eap",
         E::NoExamples => "give --data FILE.jsonl or --task NAME",
         E::PlantedWithData => "--data and --task need --model; drop them for a planted model",

@@ -255,11 +255,11 @@ pub fn run_acdc(
     let initial: Vec<bool> = match &opts.initial_patched {
         Some(m) => {
             if m.len() != nw * nr {
-                return Err(Error::invalid(format!(
-                    "initial patch mask has {} entries, expected {}",
-                    m.len(),
-                    nw * nr
-                )));
+                return Err(Error::MaskLength {
+                    what: "the initial patch mask",
+                    expected: nw * nr,
+                    found: m.len(),
+                });
             }
             m.iter().zip(&real).map(|(&a, &b)| a && b).collect()
         }
@@ -290,17 +290,21 @@ pub fn run_acdc(
     };
     if let (Some(ck), Some(p)) = (resumed, persist) {
         if ck.fingerprint != fp {
-            return Err(Error::invalid(format!(
-                "{} was written by a different ACDC run ({}); this run is {}",
-                p.checkpoint.display(),
-                ck.fingerprint,
-                fp
-            )));
+            return Err(Error::Checkpoint {
+                path: p.checkpoint.clone(),
+                message: format!(
+                    "written by a different ACDC run ({}); this run is {fp}",
+                    ck.fingerprint
+                ),
+            });
         }
-        patched = parse_mask(&ck.patched, nw * nr)?;
+        patched = parse_mask(&p.checkpoint, &ck.patched, nw * nr)?;
         for &(i, v) in &ck.scores {
             if i >= nw * nr {
-                return Err(Error::invalid("checkpoint score index out of range"));
+                return Err(Error::Checkpoint {
+                    path: p.checkpoint.clone(),
+                    message: format!("score index {i} is out of range"),
+                });
             }
             scores.values[i] = v;
         }
@@ -458,7 +462,7 @@ pub fn visit_reader(
     let nr = graph.n_readers();
     let r = state
         .visiting()
-        .ok_or_else(|| Error::invalid("every reader is decided"))?;
+        .ok_or(Error::AcdcState("every reader is decided"))?;
     let remove_when = |delta: f32| -> bool {
         if opts.metric == Metric::Kl {
             delta < opts.threshold

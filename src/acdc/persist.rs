@@ -65,8 +65,9 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn read(path: &Path) -> Result<Checkpoint> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| {
-            Error::invalid(format!("{}: not an ACDC checkpoint ({e})", path.display()))
+        serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("not an ACDC checkpoint ({e})"),
         })
     }
 
@@ -80,10 +81,15 @@ pub(super) fn mask_string(mask: &[bool]) -> String {
     mask.iter().map(|&b| if b { '1' } else { '0' }).collect()
 }
 
-pub(super) fn parse_mask(s: &str, len: usize) -> Result<Vec<bool>> {
+/// The patched mask of the checkpoint at `path`.
+pub(super) fn parse_mask(path: &Path, s: &str, len: usize) -> Result<Vec<bool>> {
+    let bad = |message: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
     if s.len() != len {
-        return Err(Error::invalid(format!(
-            "checkpoint mask has {} entries, expected {len}",
+        return Err(bad(format!(
+            "the mask has {} entries, expected {len}",
             s.len()
         )));
     }
@@ -91,7 +97,7 @@ pub(super) fn parse_mask(s: &str, len: usize) -> Result<Vec<bool>> {
         .map(|c| match c {
             '0' => Ok(false),
             '1' => Ok(true),
-            other => Err(Error::invalid(format!("checkpoint mask holds `{other}`"))),
+            other => Err(bad(format!("the mask holds `{other}`"))),
         })
         .collect()
 }
@@ -138,15 +144,17 @@ pub(super) fn restore_log<Step: DeserializeOwned>(path: &Path, n: usize) -> Resu
             .read_line(&mut line)
             .map_err(|e| Error::io(path, e))?;
         if read == 0 || !line.ends_with('\n') {
-            return Err(Error::invalid(format!(
-                "{}: the step log has fewer than the checkpoint's {n} steps",
-                path.display()
-            )));
+            return Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("the step log has fewer than the checkpoint's {n} steps"),
+            });
         }
         bytes += read as u64;
         steps.push(
-            serde_json::from_str(line.trim_end())
-                .map_err(|e| Error::invalid(format!("{}: bad step line ({e})", path.display())))?,
+            serde_json::from_str(line.trim_end()).map_err(|e| Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("bad step line ({e})"),
+            })?,
         );
     }
     let f = std::fs::OpenOptions::new()

@@ -88,11 +88,7 @@ impl Sweep {
 
 /// `(FPR, TPR)` of a circuit against a ground truth over the real edges.
 pub fn rates(circuit: &Circuit, truth: &Circuit) -> Result<(f64, f64)> {
-    if circuit.graph != truth.graph {
-        return Err(Error::invalid(
-            "circuit and ground truth are for different graphs",
-        ));
-    }
+    circuit.graph.expect(&truth.graph, "the ground truth")?;
     let g = circuit.graph;
     let (mut tp, mut fp, mut p, mut n) = (0usize, 0usize, 0usize, 0usize);
     for (w, r) in g.edges() {

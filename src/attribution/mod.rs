@@ -51,9 +51,7 @@ impl Method {
     pub fn new(kind: MethodKind, ig_steps: usize) -> Result<Method> {
         match kind {
             MethodKind::Eap => Ok(Method::Eap),
-            MethodKind::EapIg if ig_steps == 0 => Err(Error::ZeroCount {
-                what: "EAP-IG's integration steps",
-            }),
+            MethodKind::EapIg if ig_steps == 0 => Err(Error::NoIntegrationSteps),
             MethodKind::EapIg => Ok(Method::EapIg { steps: ig_steps }),
             MethodKind::CleanCorrupted => Ok(Method::CleanCorrupted),
         }

@@ -108,18 +108,7 @@ pub fn roc(scores: &[f32], truth: &[bool]) -> Result<Roc> {
 /// [`roc`] over the real edges of a graph ([`crate::graph::Graph::edges`] order): scores of
 /// the method against the edges of a ground-truth circuit. Errors when the two graphs differ.
 pub fn roc_from_graph(scores: &Scores, truth: &Circuit) -> Result<Roc> {
-    if scores.graph != truth.graph {
-        bail!(
-            "roc: the scores are for a graph of {} layers × {} heads (mlp: {}) but the ground \
-             truth is for {} layers × {} heads (mlp: {})",
-            scores.graph.n_layers,
-            scores.graph.n_heads,
-            scores.graph.has_mlp,
-            truth.graph.n_layers,
-            truth.graph.n_heads,
-            truth.graph.has_mlp
-        );
-    }
+    truth.graph.expect(&scores.graph, "roc: the scores")?;
     let size = scores.graph.n_writers() * scores.graph.n_readers();
     if scores.values.len() != size || truth.edges.len() != size {
         bail!(
