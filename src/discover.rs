@@ -1,10 +1,14 @@
 //! The main job: run exact patching, EAP, EAP-IG, ACDC and the EAP→ACDC hybrid on one model and
-//! task, compare them with a
-//! ground truth when there is one, select a circuit, and write `circuit.json`, `circuit.svg`
-//! and `report.html`.
+//! task, compare them with a ground truth when there is one, select a circuit, and write
+//! `circuit.json`, `circuit.svg` and `report.html`.
 //!
-//! Stages: [`discover`] → [`Discovery`] (scores, ROC, faithfulness, correlation per method) →
+//! Stages: [`discover`] → [`Discovery`] (a [`MethodResult`] per [`DiscoverMethod`]: scores,
+//! ROC, faithfulness, correlation with exact patching) → [`Discovery::summary`] /
 //! [`Discovery::report`] / [`Discovery::write`].
+//!
+//! Neighbours: everything upstream — [`crate::runs`], [`crate::patching`],
+//! [`crate::attribution`], [`crate::acdc`] (including its hybrid), [`crate::eval`] (one
+//! [`FaithfulnessBaseline`] for every circuit scored) — and [`crate::report`] downstream.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

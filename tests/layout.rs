@@ -411,3 +411,18 @@ fn print_module_uses() {
         println!();
     }
 }
+
+#[test]
+fn the_binary_is_thin() {
+    // Flag definitions live in src/flags.rs, the glue in src/main.rs.
+    let main = std::fs::read_to_string(src().join("main.rs")).unwrap();
+    let lines = main.lines().count();
+    assert!(lines <= 400, "src/main.rs has {lines} lines");
+    let edges = uses(true);
+    for (a, b) in &edges {
+        assert!(
+            !(b == "main" || (b == "flags" && a != "main")),
+            "the library uses the binary: {a} -> {b}"
+        );
+    }
+}

@@ -46,7 +46,7 @@
 //! * [`incremental`] — [`AcdcState`], the exact patched forwards computed incrementally;
 //! * [`persist`] — [`Persist`] and [`Checkpoint`]: the step log and resumable checkpoints;
 //! * [`sweep`] — [`threshold_sweep`], one ACDC run per τ and the ROC through their circuits;
-//! * [`hybrid`] — the EAP→ACDC hybrid: ACDC started from EAP's pruned graph;
+//! * [`hybrid`](mod@hybrid) — the EAP→ACDC hybrid: ACDC started from EAP's pruned graph;
 //! * [`timing`] — [`time_steps`], ACDC's unit of work timed for `eap bench`.
 //!
 //! Neighbours: the prepared runs come from [`crate::runs`], the visit order from

@@ -49,7 +49,7 @@ pub struct Checkpoint {
     pub version: u32,
     /// What the run was started with; a resume must match it.
     pub fingerprint: serde_json::Value,
-    /// Position in [`visit_order`] of the next reader to visit.
+    /// Position in [`visit_order`](crate::graph::visit_order) of the next reader to visit.
     pub next_position: usize,
     /// `[n_writers, n_readers]` patched mask as a string of `0`/`1`.
     pub patched: String,

@@ -13,6 +13,11 @@
 //!   `steps` runs whose embedding is `corrupted + k/steps · (clean − corrupted)`, k = 0..steps
 //!   (EAP-IG's `EAP-IG-inputs`).
 //! * [`Method::CleanCorrupted`] — gradients averaged over the clean and the corrupted run.
+//!
+//! [`attribute`] with [`AttributionOptions`] → [`Attribution`] (scores and what produced them);
+//! [`MethodKind`] names a method on the command line. Neighbours: the chunks and baselines come
+//! from [`crate::runs`] (not from [`crate::patching`], its sibling); the model's forward and
+//! backward from [`crate::model`].
 
 use std::path::Path;
 use std::time::Instant;
@@ -481,5 +486,31 @@ impl WriterSink for DeltaBuffer {
             apply(&to_vec(&output)?, dst);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    #[test]
+    fn method_names() {
+        for (name, kind) in [
+            ("eap", MethodKind::Eap),
+            ("eap-ig", MethodKind::EapIg),
+            ("eap-ig-inputs", MethodKind::EapIg),
+            ("clean-corrupted", MethodKind::CleanCorrupted),
+        ] {
+            assert_eq!(MethodKind::from_str(name, false).unwrap(), kind);
+            assert!(Method::new(kind, 3)
+                .unwrap()
+                .name()
+                .starts_with(name.trim_end_matches("-inputs")));
+        }
+        assert!(matches!(
+            Method::new(MethodKind::EapIg, 0),
+            Err(Error::NoIntegrationSteps)
+        ));
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! [`Graph`] is small and closed-form: every index follows from `n_layers`, `n_heads` and whether
 //! the model has MLPs. Scores live in a separate dense `[n_writers, n_readers]` matrix
-//! ([`Scores`](crate::graph::Scores)) and a circuit is a mask over the same matrix.
+//! ([`Scores`]) and a circuit is a mask over the same matrix.
 //!
 //! Writer order: `input`, then per layer `a{L}.h0 … a{L}.h{H-1}`, then `m{L}`.
 //! Reader order: per layer `a{L}.h{h}<q>` for all heads, then `<k>`, then `<v>`, then `m{L}`;
@@ -11,6 +11,10 @@
 //!
 //! Because writers are ordered by when they are written and readers by when they read, the
 //! writers feeding a reader are always a prefix of the writer list: [`Graph::n_upstream`].
+//!
+//! Also here: [`visit_order`], the order ACDC visits readers in (a property of the graph);
+//! [`Graph::expect`], the one check that a circuit, scores or ground truth belongs to a model;
+//! [`Selection`] of circuits from scores (`select`), and the file formats (`json`, `dot`).
 
 use crate::error::GraphShape;
 use crate::{Error, Result};

@@ -326,3 +326,22 @@ pub fn prepare(runner: &Runner) -> Result<Vec<PreparedChunk>> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    #[test]
+    fn ablation_names() {
+        for a in Ablation::value_variants() {
+            assert_eq!(Ablation::from_str(&a.to_string(), false).unwrap(), *a);
+        }
+        assert_eq!(
+            Ablation::from_str("patching", false).unwrap(),
+            Ablation::Corrupted
+        );
+        assert_eq!(Ablation::MeanPositional.to_string(), "mean-positional");
+        assert!(Ablation::from_str("mean_positional", false).is_err());
+    }
+}
