@@ -1,25 +1,29 @@
 //! The main job: run exact patching, EAP, EAP-IG, ACDC and the EAP→ACDC hybrid on one model and
-//! task, compare them with a
-//! ground truth when there is one, select a circuit, and write `circuit.json`, `circuit.svg`
-//! and `report.html`.
+//! task, compare them with a ground truth when there is one, select a circuit, and write
+//! `circuit.json`, `circuit.svg` and `report.html`.
 //!
-//! Stages: [`discover`] → [`Discovery`] (scores, ROC, faithfulness, correlation per method) →
+//! Stages: [`discover`] → [`Discovery`] (a [`MethodResult`] per [`DiscoverMethod`]: scores,
+//! ROC, faithfulness, correlation with exact patching) → [`Discovery::summary`] /
 //! [`Discovery::report`] / [`Discovery::write`].
+//!
+//! Neighbours: everything upstream — [`crate::runs`], [`crate::patching`],
+//! [`crate::attribution`], [`crate::acdc`] (including its hybrid), [`crate::eval`] (one
+//! [`FaithfulnessBaseline`] for every circuit scored) — and [`crate::report`] downstream.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::acdc::{hybrid, threshold_sweep, AcdcOptions};
 use crate::attribution::{attribute, AttributionOptions, Method};
 use crate::eval::{
-    correlation, default_fractions, roc_from_graph, Correlation, FaithfulnessCurve, Roc,
+    correlation, default_fractions, roc_from_graph, Correlation, FaithfulnessBaseline,
+    FaithfulnessCurve, Roc,
 };
 use crate::graph::{Circuit, CircuitFile, Scores};
 use crate::model::Model;
-use crate::patching::{
-    complement, exact_edge_scores, metric_with_patch, prepare, Ablation, PreparedChunk, Runner,
-    DEFAULT_MEMORY_BUDGET,
-};
+use crate::patching::exact_edge_scores;
 use crate::report::{circuit_svg, faithfulness_svg, roc_svg, scatter_svg, Report, Section};
+use crate::runs::{prepare, Ablation, Runner, DEFAULT_MEMORY_BUDGET};
 use crate::tasks::{Dataset, Metric};
 use crate::{Error, Result};
 
@@ -74,16 +78,56 @@ pub fn default_acdc_thresholds() -> Vec<f32> {
     vec![0.003, 0.01, 0.03, 0.1, 0.3, 0.6]
 }
 
+/// The methods `discover` compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoverMethod {
+    /// One patched forward per edge: the quantity the others estimate.
+    ExactPatching,
+    Eap,
+    EapIg {
+        steps: usize,
+    },
+    /// ACDC with the task's metric, a threshold sweep for the ROC.
+    Acdc,
+    /// ACDC started from EAP's top `keep` edges.
+    Hybrid {
+        keep: usize,
+    },
+}
+
+impl DiscoverMethod {
+    /// ACDC and the hybrid: a ROC of one point per threshold, and faithfulness of the circuit
+    /// found at τ, rather than of a ranking of their scores.
+    pub fn is_acdc(self) -> bool {
+        matches!(self, DiscoverMethod::Acdc | DiscoverMethod::Hybrid { .. })
+    }
+}
+
+impl std::fmt::Display for DiscoverMethod {
+    /// The name in tables, reports and pictures.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiscoverMethod::ExactPatching => f.write_str("exact patching"),
+            DiscoverMethod::Eap => f.write_str("EAP"),
+            DiscoverMethod::EapIg { steps } => write!(f, "EAP-IG ({steps} steps)"),
+            DiscoverMethod::Acdc => f.write_str("ACDC"),
+            DiscoverMethod::Hybrid { keep } => write!(f, "EAP→ACDC (top {keep})"),
+        }
+    }
+}
+
 /// One method's scores and how well they do.
 #[derive(Debug, Clone)]
 pub struct MethodResult {
+    pub method: DiscoverMethod,
+    /// `method`'s name, as tables show it.
     pub name: String,
     pub scores: Scores,
     pub seconds: f64,
     /// Forward passes over the dataset's chunks.
     pub forward_passes: usize,
     pub roc: Option<Roc>,
-    /// Faithfulness of the method's top-n circuit.
+    /// Faithfulness of the method's top-n circuit (ACDC's: of its circuit at τ).
     pub faithfulness: f64,
     pub curve: FaithfulnessCurve,
     /// Per-edge agreement with exact patching.
@@ -101,10 +145,20 @@ pub struct Discovery {
     pub methods: Vec<MethodResult>,
     /// The circuit: EAP's top-n edges, pruned.
     pub circuit: Circuit,
-    pub circuit_method: String,
+    pub circuit_method: DiscoverMethod,
     pub truth: Option<Circuit>,
     pub clean_metric: f32,
     pub corrupted_metric: Option<f32>,
+}
+
+/// A method's output before it is evaluated.
+struct Run {
+    method: DiscoverMethod,
+    scores: Scores,
+    seconds: f64,
+    forward_passes: usize,
+    /// ACDC's own ROC (one point per threshold of its sweep) and its circuit at τ.
+    acdc: Option<(Option<Roc>, Circuit)>,
 }
 
 /// Runs the comparison on `data` with `model`.
@@ -116,14 +170,11 @@ pub fn discover(
 ) -> Result<Discovery> {
     let graph = model.graph();
     if let Some(t) = truth {
-        if t.graph != graph {
-            return Err(Error::invalid(format!(
-                "the ground truth is a circuit of a {}-layer {}-head graph, the model has {} layers and {} heads",
-                t.graph.n_layers, t.graph.n_heads, graph.n_layers, graph.n_heads
-            )));
-        }
+        graph.expect(&t.graph, "the ground truth")?;
         if t.n_edges() == 0 {
-            return Err(Error::invalid("the ground truth has no edges"));
+            return Err(Error::NoEdges {
+                what: "the ground truth".into(),
+            });
         }
     }
     let n_edges = graph.n_edges();
@@ -142,19 +193,17 @@ pub fn discover(
     let prepared = prepare(&runner)?;
     let n_chunks = prepared.len();
 
-    let mut raw: Vec<(String, Scores, f64, usize)> = Vec::new();
-    // Methods whose ROC is not a ranking of their scores (ACDC: one point per threshold), and
-    // whose faithfulness is that of the circuit they found.
-    let mut special: Vec<(String, Option<Roc>, Circuit)> = Vec::new();
+    let mut runs: Vec<Run> = Vec::new();
     if opts.exact {
         let t = Instant::now();
         let scores = exact_edge_scores(&runner, opts.metric, opts.progress)?;
-        raw.push((
-            "exact patching".into(),
+        runs.push(Run {
+            method: DiscoverMethod::ExactPatching,
             scores,
-            t.elapsed().as_secs_f64(),
-            (n_edges + 1) * n_chunks,
-        ));
+            seconds: t.elapsed().as_secs_f64(),
+            forward_passes: (n_edges + 1) * n_chunks,
+            acdc: None,
+        });
     }
     let mut clean_metric = 0.0;
     let mut corrupted_metric = None;
@@ -181,47 +230,48 @@ pub fn discover(
         )?;
         clean_metric = att.clean_metric;
         corrupted_metric = att.corrupted_metric;
-        let name = match method {
-            Method::EapIg { steps } => format!("EAP-IG ({steps} steps)"),
-            _ => "EAP".to_string(),
-        };
-        raw.push((name, att.scores, att.seconds, att.forward_passes));
+        runs.push(Run {
+            method: match method {
+                Method::EapIg { steps } => DiscoverMethod::EapIg { steps },
+                _ => DiscoverMethod::Eap,
+            },
+            scores: att.scores,
+            seconds: att.seconds,
+            forward_passes: att.forward_passes,
+            acdc: None,
+        });
     }
+    // M(full) and M(∅), once for every faithfulness below and ACDC's scale.
+    let baseline = FaithfulnessBaseline::new(model, &prepared, opts.metric)?;
     if opts.acdc {
-        let eap_scores = raw
+        let eap_scores = runs
             .iter()
-            .find(|r| r.0 == "EAP")
-            .map(|r| r.1.clone())
+            .find(|r| r.method == DiscoverMethod::Eap)
+            .map(|r| r.scores.clone())
             .expect("EAP ran");
         let keep = opts
             .hybrid_keep
             .unwrap_or((3 * top_n).max(n_edges / 5))
             .clamp(1, n_edges);
-        let hybrid_mask = crate::patching::acdc::prune_mask(&eap_scores, Some(keep), None)?;
-        let scale = crate::patching::acdc::metric_scale(model, &prepared, opts.metric)?;
+        let scale = baseline.scale();
         let tau = opts.acdc_threshold * scale;
-        for (name, initial) in [
-            ("ACDC".to_string(), None),
-            (format!("EAP→ACDC (top {keep})"), Some(hybrid_mask)),
+        let acdc = AcdcOptions {
+            threshold: tau,
+            metric: opts.metric,
+            initial_patched: None,
+            progress: false,
+        };
+        let hybrid = hybrid(&eap_scores, Some(keep), None, acdc.clone())?;
+        for (method, base) in [
+            (DiscoverMethod::Acdc, acdc),
+            (DiscoverMethod::Hybrid { keep }, hybrid),
         ] {
             let mut thresholds: Vec<f32> = opts.acdc_thresholds.iter().map(|f| f * scale).collect();
             if !thresholds.contains(&tau) {
                 thresholds.push(tau);
             }
-            let base = crate::patching::acdc::AcdcOptions {
-                threshold: tau,
-                metric: opts.metric,
-                initial_patched: initial,
-                progress: false,
-            };
             let t = Instant::now();
-            let sweep = crate::patching::acdc::threshold_sweep(
-                model,
-                &prepared,
-                &base,
-                &thresholds,
-                truth,
-            )?;
+            let sweep = threshold_sweep(model, &prepared, &base, &thresholds, truth)?;
             // The scale's two forwards per chunk are charged to each ACDC method.
             let seconds = t.elapsed().as_secs_f64();
             let passes = sweep.forward_passes + 2 * n_chunks;
@@ -230,46 +280,57 @@ pub fn discover(
                 .iter()
                 .find(|r| r.threshold == tau)
                 .expect("τ is in the sweep");
-            special.push((name.clone(), sweep.roc.clone(), chosen.circuit.clone()));
-            raw.push((name, chosen.scores.clone(), seconds, passes));
+            runs.push(Run {
+                method,
+                scores: chosen.scores.clone(),
+                seconds,
+                forward_passes: passes,
+                acdc: Some((sweep.roc.clone(), chosen.circuit.clone())),
+            });
         }
     }
 
     let fractions = default_fractions();
-    let exact_values: Option<Vec<f64>> = opts
-        .exact
-        .then(|| raw[0].1.edge_values().iter().map(|&v| v as f64).collect());
+    let exact_values: Option<Vec<f64>> = opts.exact.then(|| {
+        runs[0]
+            .scores
+            .edge_values()
+            .iter()
+            .map(|&v| v as f64)
+            .collect()
+    });
     let mut methods = Vec::new();
-    for (name, scores, seconds, forward_passes) in raw {
-        let own = special.iter().find(|s| s.0 == name);
-        let roc = match own {
-            Some(s) => s.1.clone(),
-            None => truth.map(|t| roc_from_graph(&scores, t)).transpose()?,
+    for run in runs {
+        let roc = match &run.acdc {
+            Some((roc, _)) => roc.clone(),
+            None => truth.map(|t| roc_from_graph(&run.scores, t)).transpose()?,
         };
         let curve_values = fractions
             .iter()
             .map(|f| {
                 let k = ((f * n_edges as f64).ceil() as usize).clamp(1, n_edges);
-                faithfulness_of_top(model, &prepared, opts.metric, &scores, k)
+                Ok(baseline.of_top(&run.scores, k)?.faithfulness)
             })
             .collect::<Result<Vec<_>>>()?;
         let curve = FaithfulnessCurve::new(fractions.clone(), curve_values)?;
-        let faithfulness = match own {
-            Some(s) => faithfulness_of_circuit(model, &prepared, opts.metric, &s.2)?,
-            None => faithfulness_of_top(model, &prepared, opts.metric, &scores, top_n)?,
-        };
+        let faithfulness = match &run.acdc {
+            Some((_, circuit)) => baseline.of(circuit)?,
+            None => baseline.of_top(&run.scores, top_n)?,
+        }
+        .faithfulness;
         let vs_exact = match &exact_values {
-            Some(ex) if name != "exact patching" => {
-                let ys: Vec<f64> = scores.edge_values().iter().map(|&v| v as f64).collect();
+            Some(ex) if run.method != DiscoverMethod::ExactPatching => {
+                let ys: Vec<f64> = run.scores.edge_values().iter().map(|&v| v as f64).collect();
                 Some(correlation(ex, &ys)?)
             }
             _ => None,
         };
         methods.push(MethodResult {
-            name,
-            scores,
-            seconds,
-            forward_passes,
+            method: run.method,
+            name: run.method.to_string(),
+            scores: run.scores,
+            seconds: run.seconds,
+            forward_passes: run.forward_passes,
             roc,
             faithfulness,
             curve,
@@ -278,7 +339,7 @@ pub fn discover(
     }
     let eap = methods
         .iter()
-        .find(|m| m.name == "EAP")
+        .find(|m| m.method == DiscoverMethod::Eap)
         .expect("EAP always runs");
     let circuit = Circuit::top_n(&eap.scores, top_n).prune();
     Ok(Discovery {
@@ -289,42 +350,12 @@ pub fn discover(
         n_edges,
         top_n,
         circuit,
-        circuit_method: "EAP".into(),
+        circuit_method: DiscoverMethod::Eap,
         methods,
         truth: truth.cloned(),
         clean_metric,
         corrupted_metric,
     })
-}
-
-/// Faithfulness of the top-`k` edges by |score| (unpruned), every other edge patched.
-fn faithfulness_of_top(
-    model: &Model,
-    prepared: &[PreparedChunk],
-    metric: Metric,
-    scores: &Scores,
-    k: usize,
-) -> Result<f64> {
-    faithfulness_of_circuit(model, prepared, metric, &Circuit::top_n(scores, k))
-}
-
-/// Faithfulness of a circuit, every edge outside it patched.
-fn faithfulness_of_circuit(
-    model: &Model,
-    prepared: &[PreparedChunk],
-    metric: Metric,
-    kept: &Circuit,
-) -> Result<f64> {
-    let graph = model.graph();
-    let full = metric_with_patch(
-        model,
-        prepared,
-        metric,
-        &vec![false; graph.n_writers() * graph.n_readers()],
-    )?;
-    let empty = metric_with_patch(model, prepared, metric, &graph.real_edge_mask())?;
-    let value = metric_with_patch(model, prepared, metric, &complement(kept))?;
-    crate::eval::faithfulness(value as f64, empty as f64, full as f64)
 }
 
 impl Discovery {
@@ -355,12 +386,36 @@ impl Discovery {
         out
     }
 
+    /// The task, the circuit and the per-method table, as `eap discover` prints them.
+    pub fn summary(&self) -> String {
+        let mut out = format!(
+            "{} examples, metric {}: clean {:.4}{}; {} edges in the graph\n",
+            self.n_examples,
+            self.metric,
+            self.clean_metric,
+            self.corrupted_metric
+                .map(|c| format!(", corrupted {c:.4}"))
+                .unwrap_or_default(),
+            self.n_edges
+        );
+        out += &format!(
+            "\ncircuit ({} top-{} edges by |score|, pruned: {} edges):\n",
+            self.circuit_method,
+            self.top_n,
+            self.circuit.n_edges()
+        );
+        for line in self.circuit_lines() {
+            out += &format!("  {line}\n");
+        }
+        out + "\n" + &self.table()
+    }
+
     /// The circuit's edges, largest |score| first.
     pub fn circuit_lines(&self) -> Vec<String> {
         let eap = self
             .methods
             .iter()
-            .find(|m| m.name == self.circuit_method)
+            .find(|m| m.method == self.circuit_method)
             .expect("circuit method ran");
         let g = self.circuit.graph;
         let mut edges: Vec<(usize, usize)> = g
@@ -461,7 +516,7 @@ impl Discovery {
         let eap = self
             .methods
             .iter()
-            .find(|m| m.name == self.circuit_method)
+            .find(|m| m.method == self.circuit_method)
             .expect("ran");
         report.sections.push(Section::Figure {
             title: format!("Circuit: {}'s top {} edges, pruned ({} edges)", self.circuit_method, self.top_n, self.circuit.n_edges()),
@@ -469,7 +524,10 @@ impl Discovery {
             caption: "Readers coloured by q/k/v; edge width by |score|; dashed edges have negative scores.".into(),
         });
         if let Some(truth) = &self.truth {
-            let exact = self.methods.iter().find(|m| m.name == "exact patching");
+            let exact = self
+                .methods
+                .iter()
+                .find(|m| m.method == DiscoverMethod::ExactPatching);
             report.sections.push(Section::Figure {
                 title: format!("Ground truth ({} edges)", truth.n_edges()),
                 svg: circuit_svg(truth, exact.map(|m| &m.scores)),
@@ -496,7 +554,11 @@ impl Discovery {
             svg: faithfulness_svg(&curves),
             caption: "Top k% of edges by |score| kept, every other edge patched; f = (M(C) − M(∅)) / (M(full) − M(∅)).".into(),
         });
-        if let Some(exact) = self.methods.iter().find(|m| m.name == "exact patching") {
+        if let Some(exact) = self
+            .methods
+            .iter()
+            .find(|m| m.method == DiscoverMethod::ExactPatching)
+        {
             let ex = exact.scores.edge_values();
             for m in self.methods.iter().filter(|m| m.vs_exact.is_some()) {
                 let points: Vec<(f64, f64)> = ex
@@ -524,7 +586,7 @@ impl Discovery {
         let eap = self
             .methods
             .iter()
-            .find(|m| m.name == self.circuit_method)
+            .find(|m| m.method == self.circuit_method)
             .expect("ran");
         let meta = serde_json::json!({
             "method": "eap", "metric": self.metric.to_string(), "n_examples": self.n_examples,

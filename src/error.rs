@@ -8,12 +8,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     // ---- files ----
-    /// A file could not be opened, read or written.
-    #[error("{}: {source}", path.display())]
+    /// A file could not be opened, read or written. (The I/O error is part of the message, not
+    /// a separate cause, so that a printed chain names it once.)
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     /// A safetensors file is malformed (truncated, bad header, bad offsets).
@@ -29,6 +29,14 @@ pub enum Error {
     },
 
     // ---- models ----
+    /// A model that could not be loaded, and why.
+    #[error("loading model `{spec}`")]
+    LoadModel {
+        spec: String,
+        #[source]
+        source: Box<Error>,
+    },
+
     /// A model configuration is inconsistent or names an unknown architecture.
     #[error("{}: {message}", path.display())]
     Config { path: PathBuf, message: String },
@@ -98,6 +106,69 @@ pub enum Error {
         detail: String,
     },
 
+    /// A circuit, scores or ground truth made for another model's graph.
+    #[error("{what} is for a graph of {found}, expected {expected}")]
+    GraphMismatch {
+        /// What was checked: "the circuit", "the ground truth", "ROC scores"…
+        what: String,
+        expected: GraphShape,
+        found: GraphShape,
+    },
+
+    /// A `[n_writers, n_readers]` edge mask of the wrong length.
+    #[error("{what} has {found} entries, expected {expected} (n_writers x n_readers)")]
+    MaskLength {
+        what: &'static str,
+        expected: usize,
+        found: usize,
+    },
+
+    /// A circuit or selection that holds no edge where one is needed.
+    #[error("{what} has no edges")]
+    NoEdges { what: String },
+
+    /// A selection of a circuit from scores that leaves no edge.
+    #[error("the selection left no edges (after pruning)")]
+    EmptySelection,
+
+    /// A selection of edges given in none, or in more than one, of its ways.
+    #[error("{what}: give exactly one of {choices}")]
+    SelectionChoice {
+        what: &'static str,
+        choices: &'static str,
+    },
+
+    // ---- methods ----
+    /// EAP-IG asked for with no integration step.
+    #[error("EAP-IG needs at least one integration step, found 0")]
+    NoIntegrationSteps,
+
+    /// A method that interpolates between the clean and the corrupted run, asked to run with
+    /// another ablation.
+    #[error("{method} interpolates between clean and corrupted runs: it needs corrupted ablation, not {ablation}")]
+    NeedsCorrupted {
+        method: &'static str,
+        ablation: String,
+    },
+
+    /// ACDC's incremental state used out of order: a step with no reader left to visit, an
+    /// accept or reject with no tentative patch.
+    #[error("ACDC state: {0}")]
+    AcdcState(&'static str),
+
+    /// An ACDC checkpoint or step log that cannot be resumed from.
+    #[error("{}: {message}", path.display())]
+    Checkpoint { path: PathBuf, message: String },
+
+    // ---- jobs ----
+    /// A job without examples: neither a dataset file nor a task to generate.
+    #[error("no examples: give a dataset file or a task to generate")]
+    NoExamples,
+
+    /// A dataset or task given for a planted model, which generates its own.
+    #[error("planted models generate their own task; a dataset or a task needs a model")]
+    PlantedWithData,
+
     /// Anything else the caller asked for that cannot be done, with the reason.
     #[error("{0}")]
     Invalid(String),
@@ -108,6 +179,37 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+/// The shape of a graph, as [`Error::GraphMismatch`] reports it (mirrors
+/// [`crate::graph::Graph`], so that this module stays below every other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphShape {
+    pub layers: usize,
+    pub heads: usize,
+    pub mlp: bool,
+    /// Parallel attention and MLP (no edges from a layer's heads to its MLP).
+    pub parallel: bool,
+}
+
+impl std::fmt::Display for GraphShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mlp = if self.mlp {
+            "with MLPs"
+        } else {
+            "attention only"
+        };
+        let parallel = if self.parallel {
+            ", parallel attention and MLP"
+        } else {
+            ""
+        };
+        write!(
+            f,
+            "{} layers x {} heads, {mlp}{parallel}",
+            self.layers, self.heads
+        )
+    }
+}
+
 /// The result type of the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -116,7 +218,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error: source,
         }
     }
 

@@ -6,14 +6,16 @@ use std::process::Command;
 
 use candle_core::Device;
 
-use eap::attribution::{attribute, AttributionOptions, Method};
-use eap::graph::CircuitFile;
-use eap::patching::acdc::{
-    log_thresholds, metric_scale, prune_mask, rates, run_acdc, threshold_sweep, visit_order,
-    AcdcOptions, Checkpoint, Persist,
+use eap::acdc::{
+    log_thresholds, metric_scale, prune_mask, rates, run_acdc, threshold_sweep, AcdcOptions,
+    Checkpoint, Persist,
 };
-use eap::patching::{patched_metric, prepare, Ablation, Runner, DEFAULT_MEMORY_BUDGET};
+use eap::attribution::{attribute, AttributionOptions, Method};
+use eap::graph::visit_order;
+use eap::graph::CircuitFile;
+use eap::patching::patched_metric;
 use eap::planted::{build, dataset, PlantedKind};
+use eap::runs::{prepare, Ablation, Runner, DEFAULT_MEMORY_BUDGET};
 use eap::tasks::Metric;
 
 /// The sweep used by the tests: τ from 10⁻³ to 1 times the metric's scale
@@ -453,7 +455,7 @@ fn cli_sweep_and_hybrid() {
 /// and the state at every reader boundary is bit for bit the one a resume rebuilds.
 #[test]
 fn incremental_state_matches_full_forwards_on_every_fixture() {
-    use eap::patching::incremental::AcdcState;
+    use eap::acdc::AcdcState;
     for name in crate::util::MODEL_FIXTURES {
         let model = eap::model::Model::load_dir(&crate::util::fixture_dir(name), &Device::Cpu)
             .unwrap_or_else(|e| panic!("{name}: {e}"));

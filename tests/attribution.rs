@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use eap::attribution::{attribute, AttributionOptions, Method};
 use eap::model::{AdditiveDeltas, Batch, ForwardOptions, Model};
-use eap::patching::{patched_metric, Ablation, Runner, DEFAULT_MEMORY_BUDGET};
+use eap::patching::patched_metric;
+use eap::runs::{Ablation, Runner, DEFAULT_MEMORY_BUDGET};
 use eap::tasks::{metric_value, Dataset, Example, Metric, Target};
 
 use crate::util::*;
@@ -354,7 +355,10 @@ fn gemma2_writers_do_not_add_up_to_the_residual_stream() {
         }
         eprintln!("{name}: sum of writer changes vs residual-stream change, worst {worst:.4} of the largest");
         if name == "gemma2_full" {
-            assert!(worst > 1e-2, "the Gemma-2 fixture must show the gap: {worst}");
+            assert!(
+                worst > 1e-2,
+                "the Gemma-2 fixture must show the gap: {worst}"
+            );
         } else {
             assert!(worst < 1e-5, "{name}: writers must add up: {worst}");
         }

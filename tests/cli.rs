@@ -121,3 +121,67 @@ fn bad_inputs_are_clear_errors() {
     );
     assert!(!ok, "{stderr}");
 }
+
+/// A library error a flag can fix is printed once, then a hint naming the flag; the library's
+/// own message names no flag. Accepted aliases of enumerated flags still parse.
+#[test]
+fn errors_end_with_a_hint_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gpt2_hf");
+    std::fs::write(
+        d.join("ok.jsonl"),
+        "{\"clean\": [1,2,3], \"corrupted\": [4,5,6], \"answer\": 1, \"wrong\": 2}\n",
+    )
+    .unwrap();
+    let model = model.to_str().unwrap();
+    let base = ["attribute", "--model", model, "--data", "ok.jsonl"];
+    let run = |extra: &[&str]| eap(d, &[&base[..], extra].concat());
+    let (ok, _, stderr) = run(&["--method", "eap-ig", "--ig-steps", "0", "--out", "s.json"]);
+    assert!(!ok, "{stderr}");
+    let (message, hint) = stderr
+        .split_once("\n\nhint: ")
+        .expect("a hint after a blank line");
+    assert!(
+        message.starts_with("error: ") && !message.contains("--"),
+        "{stderr}"
+    );
+    assert!(hint.contains("--ig-steps"), "{stderr}");
+
+    let (ok, _, stderr) = run(&[
+        "--method",
+        "eap-ig",
+        "--ablation",
+        "zero",
+        "--out",
+        "s.json",
+    ]);
+    assert!(
+        !ok && stderr.contains("hint: use --ablation corrupted"),
+        "{stderr}"
+    );
+
+    for extra in [
+        &["--method", "eap-ig-inputs", "--ig-steps", "2"][..],
+        &["--ablation", "patching"][..],
+    ] {
+        let (ok, _, stderr) = run(&[extra, &["--out", "s.json", "--json"]].concat());
+        assert!(ok, "{extra:?}: {stderr}");
+    }
+    let (ok, _, stderr) = eap(
+        d,
+        &[
+            "acdc",
+            "--planted",
+            "induction",
+            "--threshold",
+            "0.5",
+            "--prune-with",
+            "eap",
+            "--out",
+            "h.json",
+            "--no-progress",
+        ],
+    );
+    assert!(!ok && stderr.contains("--keep"), "{stderr}");
+}

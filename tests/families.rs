@@ -65,14 +65,24 @@ fn discover_runs_end_to_end_on_every_family() {
         );
         assert!(ok, "{name}: {stderr}");
         for method in ["exact patching", "EAP", "EAP-IG", "ACDC", "EAP→ACDC"] {
-            assert!(stdout.contains(method), "{name}: {method} missing:\n{stdout}");
+            assert!(
+                stdout.contains(method),
+                "{name}: {method} missing:\n{stdout}"
+            );
         }
         let circuit = eap::graph::CircuitFile::read(d.join(&out).join("circuit.json")).unwrap();
         assert!(circuit.circuit.n_edges() > 0, "{name}: empty circuit");
         let m = eap::model::Model::load_dir(&model, &candle_core::Device::Cpu).unwrap();
-        assert_eq!(circuit.graph, m.graph(), "{name}: circuit of the wrong graph");
+        assert_eq!(
+            circuit.graph,
+            m.graph(),
+            "{name}: circuit of the wrong graph"
+        );
         let html = std::fs::read_to_string(d.join(&out).join("report.html")).unwrap();
-        assert!(html.matches("<svg").count() >= 4, "{name}: report lacks pictures");
+        assert!(
+            html.matches("<svg").count() >= 4,
+            "{name}: report lacks pictures"
+        );
         assert!(d.join(&out).join("circuit.svg").exists());
     }
 }
@@ -103,7 +113,10 @@ fn text_prompts_use_the_model_directorys_tokenizer() {
     let refs = crate::util::reference("qwen2_bias");
     let want = refs["metric"].to_vec1::<f32>().unwrap()[0] as f64;
     let got = meta["clean_metric"].as_f64().unwrap();
-    assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{got} vs {want}");
+    assert!(
+        (got - want).abs() < 1e-4 * want.abs().max(1.0),
+        "{got} vs {want}"
+    );
 
     // Text prompts for a model directory without a tokenizer: a clear error.
     let (ok, _, stderr) = eap(

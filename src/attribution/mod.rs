@@ -13,19 +13,25 @@
 //!   `steps` runs whose embedding is `corrupted + k/steps · (clean − corrupted)`, k = 0..steps
 //!   (EAP-IG's `EAP-IG-inputs`).
 //! * [`Method::CleanCorrupted`] — gradients averaged over the clean and the corrupted run.
+//!
+//! [`attribute`] with [`AttributionOptions`] → [`Attribution`] (scores and what produced them);
+//! [`MethodKind`] names a method on the command line. Neighbours: the chunks and baselines come
+//! from [`crate::runs`] (not from [`crate::patching`], its sibling); the model's forward and
+//! backward from [`crate::model`].
 
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::graph::Scores;
+use crate::graph::{Circuit, CircuitFile, Scores};
 use crate::model::ops::to_vec;
 use std::cell::{Cell, RefCell};
 
 use crate::model::ops::cpu_slice;
 use crate::model::{ForwardOptions, ForwardOutput, Model, WriterSink};
-use crate::patching::{logits_rows, Ablation, Chunk, Runner, DEFAULT_MEMORY_BUDGET};
+use crate::runs::{logits_rows, Ablation, Chunk, Runner, DEFAULT_MEMORY_BUDGET};
 use crate::tasks::{metric_gradient, metric_value, Dataset, Metric};
 use crate::{Error, Result};
 
@@ -46,22 +52,25 @@ impl Method {
         }
     }
 
-    /// Parses `eap`, `eap-ig` or `clean-corrupted`.
-    pub fn parse(name: &str, ig_steps: usize) -> Result<Method> {
-        match name {
-            "eap" => Ok(Method::Eap),
-            "eap-ig" | "eap-ig-inputs" => {
-                if ig_steps == 0 {
-                    return Err(Error::invalid("--ig-steps must be at least 1"));
-                }
-                Ok(Method::EapIg { steps: ig_steps })
-            }
-            "clean-corrupted" => Ok(Method::CleanCorrupted),
-            other => Err(Error::invalid(format!(
-                "unknown method `{other}`: expected eap, eap-ig or clean-corrupted"
-            ))),
+    /// The method of `kind`, with `ig_steps` integration steps for EAP-IG.
+    pub fn new(kind: MethodKind, ig_steps: usize) -> Result<Method> {
+        match kind {
+            MethodKind::Eap => Ok(Method::Eap),
+            MethodKind::EapIg if ig_steps == 0 => Err(Error::NoIntegrationSteps),
+            MethodKind::EapIg => Ok(Method::EapIg { steps: ig_steps }),
+            MethodKind::CleanCorrupted => Ok(Method::CleanCorrupted),
         }
     }
+}
+
+/// A [`Method`] without its settings, as the command line names it ([`Method::name`];
+/// `eap-ig-inputs`, EAP-IG's own name, is accepted for `eap-ig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MethodKind {
+    Eap,
+    #[value(alias = "eap-ig-inputs")]
+    EapIg,
+    CleanCorrupted,
 }
 
 /// Settings of one attribution run.
@@ -127,14 +136,60 @@ impl Attribution {
     }
 }
 
+impl Attribution {
+    /// Writes the scores file (EAP-IG's JSON layout, the full circuit, and [`Attribution::meta`]
+    /// naming `model`) and returns the `meta` written.
+    pub fn write(&self, model: &Model, path: &Path) -> Result<serde_json::Value> {
+        let mut meta = self.meta();
+        meta["model"] = serde_json::json!(model.name);
+        meta["d_model"] = serde_json::json!(model.cfg.d_model);
+        let circuit = Circuit::full(self.scores.graph);
+        CircuitFile::new(self.scores.clone(), circuit, meta.clone())?.write(path)?;
+        Ok(meta)
+    }
+
+    /// What ran, and the ten edges of largest |score|, as `eap attribute` prints them.
+    pub fn summary(&self) -> String {
+        let graph = self.scores.graph;
+        let mut out = format!(
+            "{}: {} edges scored on {} examples in {:.2} s ({} metric: clean {:.4}{})\n",
+            self.method.name(),
+            graph.n_edges(),
+            self.n_examples,
+            self.seconds,
+            self.metric,
+            self.clean_metric,
+            self.corrupted_metric
+                .map(|c| format!(", corrupted {c:.4}"))
+                .unwrap_or_default()
+        );
+        let mut top: Vec<(usize, usize)> = graph.edges().collect();
+        top.sort_by(|x, y| {
+            self.scores
+                .get(y.0, y.1)
+                .abs()
+                .total_cmp(&self.scores.get(x.0, x.1).abs())
+        });
+        out += "top edges by |score|:\n";
+        for &(w, r) in top.iter().take(10) {
+            out += &format!(
+                "  {:>+10.5}  {}\n",
+                self.scores.get(w, r),
+                graph.edge_name(w, r)
+            );
+        }
+        out
+    }
+}
+
 /// Scores every edge of `model`'s graph on `data`.
 pub fn attribute(model: &Model, data: &Dataset, opts: &AttributionOptions) -> Result<Attribution> {
     let start = Instant::now();
     if !matches!(opts.method, Method::Eap) && opts.ablation != Ablation::Corrupted {
-        return Err(Error::invalid(format!(
-            "{} interpolates between clean and corrupted runs: it needs --ablation corrupted",
-            opts.method.name()
-        )));
+        return Err(Error::NeedsCorrupted {
+            method: opts.method.name(),
+            ablation: opts.ablation.to_string(),
+        });
     }
     let runner = Runner::new(
         model,
@@ -431,5 +486,31 @@ impl WriterSink for DeltaBuffer {
             apply(&to_vec(&output)?, dst);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+
+    #[test]
+    fn method_names() {
+        for (name, kind) in [
+            ("eap", MethodKind::Eap),
+            ("eap-ig", MethodKind::EapIg),
+            ("eap-ig-inputs", MethodKind::EapIg),
+            ("clean-corrupted", MethodKind::CleanCorrupted),
+        ] {
+            assert_eq!(MethodKind::from_str(name, false).unwrap(), kind);
+            assert!(Method::new(kind, 3)
+                .unwrap()
+                .name()
+                .starts_with(name.trim_end_matches("-inputs")));
+        }
+        assert!(matches!(
+            Method::new(MethodKind::EapIg, 0),
+            Err(Error::NoIntegrationSteps)
+        ));
     }
 }

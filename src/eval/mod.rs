@@ -2,15 +2,22 @@
 //! MIB faithfulness curves with their CPR and CMD areas, and the correlation between two
 //! score lists (attribution against exact patching).
 //!
-//! Everything here is plain arithmetic on slices, so it applies to any scores file and any
-//! ground truth; [`roc_from_graph`] is the one bridge from [`Scores`] and [`Circuit`]. The
-//! pictures of these values live in [`crate::report`].
+//! Apart from [`FaithfulnessBaseline`], everything here is plain arithmetic on slices, so it
+//! applies to any scores file and any ground truth; [`roc_from_graph`] is the one bridge from
+//! [`Scores`] and [`Circuit`]. The pictures of these values live in [`crate::report`].
 //!
 //! * [`roc`] → [`Roc`]: points `(FPR, TPR)` and two areas (trapezoid, ACDC's pessimistic one);
 //!   [`roc_from_points`]: the same from one `(FPR, TPR)` point per circuit (ACDC's sweep).
 //! * [`faithfulness`], [`FaithfulnessCurve`], [`default_fractions`]: MIB's normalised metric
 //!   and the CPR/CMD areas over the fraction of edges kept.
+//! * [`FaithfulnessBaseline`] → [`Faithfulness`]: the faithfulness of circuits on a model, with
+//!   `M(full)` and `M(∅)` run once for all of them (the one part of this module that runs the
+//!   model, through [`crate::patching`]).
 //! * [`correlation`] → [`Correlation`]: Pearson, R², Spearman.
+
+mod faithfulness;
+
+pub use faithfulness::{Faithfulness, FaithfulnessBaseline};
 
 use crate::graph::{Circuit, Scores};
 use crate::{bail, Result};
@@ -101,18 +108,7 @@ pub fn roc(scores: &[f32], truth: &[bool]) -> Result<Roc> {
 /// [`roc`] over the real edges of a graph ([`crate::graph::Graph::edges`] order): scores of
 /// the method against the edges of a ground-truth circuit. Errors when the two graphs differ.
 pub fn roc_from_graph(scores: &Scores, truth: &Circuit) -> Result<Roc> {
-    if scores.graph != truth.graph {
-        bail!(
-            "roc: the scores are for a graph of {} layers × {} heads (mlp: {}) but the ground \
-             truth is for {} layers × {} heads (mlp: {})",
-            scores.graph.n_layers,
-            scores.graph.n_heads,
-            scores.graph.has_mlp,
-            truth.graph.n_layers,
-            truth.graph.n_heads,
-            truth.graph.has_mlp
-        );
-    }
+    truth.graph.expect(&scores.graph, "roc: the scores")?;
     let size = scores.graph.n_writers() * scores.graph.n_readers();
     if scores.values.len() != size || truth.edges.len() != size {
         bail!(

@@ -544,8 +544,10 @@ mod tests {
         let e = error_of(base(json!({"input->logits": {"in_graph": true}})));
         assert!(e.contains("no `score`"), "{e}");
         // Parallel attention and MLP: the layer's heads do not feed its own MLP.
-        let e = error_of(json!({"cfg": {"n_layers": 1, "n_heads": 1, "parallel_attn_mlp": true},
-            "edges": {"a0.h0->m0": {"score": 1.0, "in_graph": true}}}));
+        let e = error_of(
+            json!({"cfg": {"n_layers": 1, "n_heads": 1, "parallel_attn_mlp": true},
+            "edges": {"a0.h0->m0": {"score": 1.0, "in_graph": true}}}),
+        );
         assert!(e.contains("a0.h0->m0"), "{e}");
         let e = error_of(json!({"cfg": {"n_layers": "12", "n_heads": 1}, "edges": {}}));
         assert!(e.contains("cfg.n_layers"), "{e}");

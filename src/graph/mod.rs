@@ -3,7 +3,7 @@
 //!
 //! [`Graph`] is small and closed-form: every index follows from `n_layers`, `n_heads` and whether
 //! the model has MLPs. Scores live in a separate dense `[n_writers, n_readers]` matrix
-//! ([`Scores`](crate::graph::Scores)) and a circuit is a mask over the same matrix.
+//! ([`Scores`]) and a circuit is a mask over the same matrix.
 //!
 //! Writer order: `input`, then per layer `a{L}.h0 … a{L}.h{H-1}`, then `m{L}`.
 //! Reader order: per layer `a{L}.h{h}<q>` for all heads, then `<k>`, then `<v>`, then `m{L}`;
@@ -11,7 +11,12 @@
 //!
 //! Because writers are ordered by when they are written and readers by when they read, the
 //! writers feeding a reader are always a prefix of the writer list: [`Graph::n_upstream`].
+//!
+//! Also here: [`visit_order`], the order ACDC visits readers in (a property of the graph);
+//! [`Graph::expect`], the one check that a circuit, scores or ground truth belongs to a model;
+//! [`Selection`] of circuits from scores (`select`), and the file formats (`json`, `dot`).
 
+use crate::error::GraphShape;
 use crate::{Error, Result};
 
 pub mod dot;
@@ -20,6 +25,7 @@ pub mod select;
 
 pub use dot::{parse_dot, parse_dot_edges, to_dot};
 pub use json::CircuitFile;
+pub use select::Selection;
 
 /// Which of a head's three inputs a reader is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,6 +98,29 @@ impl Graph {
     pub fn with_parallel_attn_mlp(mut self, parallel: bool) -> Self {
         self.parallel_attn_mlp = parallel && self.has_mlp;
         self
+    }
+
+    /// Layers, heads and MLPs, as errors report them.
+    pub fn shape(&self) -> GraphShape {
+        GraphShape {
+            layers: self.n_layers,
+            heads: self.n_heads,
+            mlp: self.has_mlp,
+            parallel: self.parallel_attn_mlp,
+        }
+    }
+
+    /// Checks that `found`, the graph of `what` (a circuit, scores, a ground truth), is this
+    /// graph: the one check every consumer of a circuit file runs.
+    pub fn expect(&self, found: &Graph, what: impl Into<String>) -> Result<()> {
+        if found == self {
+            return Ok(());
+        }
+        Err(Error::GraphMismatch {
+            what: what.into(),
+            expected: self.shape(),
+            found: found.shape(),
+        })
     }
 
     /// Writers per layer: the heads, plus the MLP when there is one.
@@ -328,6 +357,24 @@ fn parse_head(name: &str) -> Option<(usize, usize)> {
     let rest = name.strip_prefix('a')?;
     let (layer, head) = rest.split_once(".h")?;
     Some((layer.parse().ok()?, head.parse().ok()?))
+}
+
+/// Readers in ACDC's visiting order ([`crate::acdc`]): the logits, then per layer from the last
+/// the MLP and the q, k and v inputs of the heads from the last head down; the order
+/// ArthurConmy/Automatic-Circuit-Discovery's `setup_from_model` fills its graph in.
+pub fn visit_order(graph: &Graph) -> Vec<usize> {
+    let mut order = vec![graph.reader_index(Reader::Logits)];
+    for layer in (0..graph.n_layers).rev() {
+        if graph.has_mlp {
+            order.push(graph.reader_index(Reader::Mlp { layer }));
+        }
+        for qkv in Qkv::ALL {
+            for head in (0..graph.n_heads).rev() {
+                order.push(graph.reader_index(Reader::Head { layer, head, qkv }));
+            }
+        }
+    }
+    order
 }
 
 #[cfg(test)]

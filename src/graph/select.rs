@@ -20,6 +20,7 @@ use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
 use super::{Circuit, Graph, Reader, Scores, Writer};
+use crate::{Error, Result};
 
 /// The node a reader belongs to, as the writer index of the same component; `None` for
 /// `logits`, which writes nothing.
@@ -89,7 +90,33 @@ impl Ord for Candidate {
     }
 }
 
+/// How a circuit is chosen from scores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Selection {
+    /// The `n` edges of largest |score| ([`Circuit::top_n`]).
+    TopN(usize),
+    /// The edges with |score| ≥ the threshold ([`Circuit::threshold`]).
+    Threshold(f32),
+    /// `n` edges grown greedily from the logits ([`Circuit::greedy`]).
+    Greedy(usize),
+}
+
 impl Circuit {
+    /// The circuit `selection` chooses from `scores`, pruned ([`Circuit::prune`]) when `prune`;
+    /// an error when it holds no edge.
+    pub fn select(scores: &Scores, selection: Selection, prune: bool) -> Result<Circuit> {
+        let circuit = match selection {
+            Selection::TopN(n) => Circuit::top_n(scores, n),
+            Selection::Threshold(t) => Circuit::threshold(scores, t),
+            Selection::Greedy(n) => Circuit::greedy(scores, n),
+        };
+        let circuit = if prune { circuit.prune() } else { circuit };
+        if circuit.n_edges() == 0 {
+            return Err(Error::EmptySelection);
+        }
+        Ok(circuit)
+    }
+
     /// The `n` real edges with the largest |score| (EAP-IG's `apply_topn(n, prune=False)`).
     ///
     /// Ties are broken by the smaller row-major index `writer * n_readers + reader`. When `n`

@@ -124,7 +124,6 @@ mod weighted_vote;
 mod tests;
 
 use std::fmt;
-use std::str::FromStr;
 
 use candle_core::Device;
 
@@ -135,8 +134,9 @@ use crate::{Error, Result};
 
 pub use patch::{patched_metric, Patcher};
 
-/// The planted-circuit models.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The planted-circuit models, spelled on the command line as [`PlantedKind::name`] gives
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum PlantedKind {
     /// Previous-token head → induction head (K-composition), saturated attention.
     Induction,
@@ -193,20 +193,6 @@ impl PlantedKind {
 impl fmt::Display for PlantedKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-impl FromStr for PlantedKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<PlantedKind> {
-        PlantedKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "unknown planted model `{s}` (expected induction, greater-than or weighted-vote)"
-                ))
-            })
     }
 }
 

@@ -4,10 +4,8 @@
 
 use crate::graph::{Graph, Scores};
 use crate::model::Model;
-use crate::patching::{
-    exact_edge_scores_prepared, metric_with_patch, prepare, Ablation, PreparedChunk, Runner,
-    DEFAULT_MEMORY_BUDGET,
-};
+use crate::patching::{exact_edge_scores_prepared, metric_with_patch};
+use crate::runs::{prepare, Ablation, PreparedChunk, Runner, DEFAULT_MEMORY_BUDGET};
 use crate::tasks::{Dataset, Metric};
 use crate::Result;
 

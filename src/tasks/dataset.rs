@@ -99,9 +99,48 @@ impl Origin<'_> {
         }
     }
 
-    fn prompt(&self, field: &str, v: &Value, tok: Option<&Tokenizer>) -> Result<Vec<u32>> {
-        let ids = match v {
-            Value::String(text) => {
+    /// A prompt as JSON: text or an array of token ids.
+    fn prompt_spec(&self, field: &str, v: &Value) -> Result<PromptSpec> {
+        match v {
+            Value::String(text) => Ok(PromptSpec::Text(text.clone())),
+            Value::Array(items) => Ok(PromptSpec::Ids(
+                items
+                    .iter()
+                    .map(|x| self.token_id_value(field, x))
+                    .collect::<Result<Vec<u32>>>()?,
+            )),
+            _ => Err(self.parse(format!("`{field}` must be text or an array of token ids"))),
+        }
+    }
+
+    fn token_id_value(&self, field: &str, v: &Value) -> Result<u32> {
+        v.as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .ok_or_else(|| self.parse(format!("`{field}` holds {v}, not a token id")))
+    }
+
+    /// An answer as JSON: a token's text or id, or a list of them.
+    fn answer_spec(&self, field: &str, v: &Value) -> Result<AnswerSpec> {
+        let one = |x: &Value| -> Result<TokenSpec> {
+            match x {
+                Value::String(s) => Ok(TokenSpec::Text(s.clone())),
+                Value::Number(_) => Ok(TokenSpec::Id(self.token_id_value(field, x)?)),
+                _ => Err(self.parse(format!(
+                    "`{field}` holds {x}: expected a token's text or id"
+                ))),
+            }
+        };
+        match v {
+            Value::Array(items) => Ok(AnswerSpec::Many(
+                items.iter().map(one).collect::<Result<_>>()?,
+            )),
+            x => Ok(AnswerSpec::One(one(x)?)),
+        }
+    }
+
+    fn prompt(&self, field: &str, spec: &PromptSpec, tok: Option<&Tokenizer>) -> Result<Vec<u32>> {
+        let ids = match spec {
+            PromptSpec::Text(text) => {
                 let tok = tok.ok_or_else(|| {
                     self.example(format!(
                         "`{field}` is text, but no tokenizer was given (give one, or write token ids)"
@@ -110,24 +149,15 @@ impl Origin<'_> {
                 tok.encode(text)
                     .map_err(|e| self.example(format!("`{field}`: {e}")))?
             }
-            Value::Array(items) => items
+            PromptSpec::Ids(ids) => ids
                 .iter()
-                .map(|x| self.token_id_value(field, x, tok))
+                .map(|&id| self.check_id(field, id, tok))
                 .collect::<Result<Vec<u32>>>()?,
-            _ => return Err(self.parse(format!("`{field}` must be text or an array of token ids"))),
         };
         if ids.is_empty() {
             return Err(self.example(format!("`{field}` is empty")));
         }
         Ok(ids)
-    }
-
-    fn token_id_value(&self, field: &str, v: &Value, tok: Option<&Tokenizer>) -> Result<u32> {
-        let id = v
-            .as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .ok_or_else(|| self.parse(format!("`{field}` holds {v}, not a token id")))?;
-        self.check_id(field, id, tok)
     }
 
     fn check_id(&self, field: &str, id: u32, tok: Option<&Tokenizer>) -> Result<u32> {
@@ -152,20 +182,40 @@ impl Origin<'_> {
             .map_err(|e| self.example(format!("`{field}`: {e}")))
     }
 
-    fn answers(&self, field: &str, v: &Value, tok: Option<&Tokenizer>) -> Result<Vec<u32>> {
-        let one = |x: &Value| -> Result<u32> {
-            match x {
-                Value::String(s) => self.token_text(field, s, tok),
-                Value::Number(_) => self.token_id_value(field, x, tok),
-                _ => Err(self.parse(format!(
-                    "`{field}` holds {x}: expected a token's text or id"
-                ))),
-            }
+    fn answers(&self, field: &str, spec: &AnswerSpec, tok: Option<&Tokenizer>) -> Result<Vec<u32>> {
+        let one = |t: &TokenSpec| match t {
+            TokenSpec::Text(text) => self.token_text(field, text, tok),
+            TokenSpec::Id(id) => self.check_id(field, *id, tok),
         };
-        match v {
-            Value::Array(items) => items.iter().map(one).collect(),
-            x => Ok(vec![one(x)?]),
+        match spec {
+            AnswerSpec::One(t) => Ok(vec![one(t)?]),
+            AnswerSpec::Many(ts) => ts.iter().map(one).collect(),
         }
+    }
+
+    /// One record, tokenized and checked.
+    fn to_example(&self, record: &Record, tok: Option<&Tokenizer>) -> Result<Example> {
+        let clean = self.prompt("clean", &record.clean, tok)?;
+        let corrupted = self.prompt("corrupted", &record.corrupted, tok)?;
+        let answers = self.answers("answer", &record.answer, tok)?;
+        if answers.is_empty() {
+            return Err(self.example("`answer` is an empty list"));
+        }
+        let wrongs = self.answers("wrong", &record.wrong, tok)?;
+        self.pair(clean, corrupted, Target { answers, wrongs })
+    }
+
+    /// One JSONL line's object as a record (a missing `wrong` is no wrong answer).
+    fn record(&self, obj: &serde_json::Map<String, Value>) -> Result<Record> {
+        Ok(Record {
+            clean: self.prompt_spec("clean", get(self, obj, "clean")?)?,
+            corrupted: self.prompt_spec("corrupted", get(self, obj, "corrupted")?)?,
+            answer: self.answer_spec("answer", get(self, obj, "answer")?)?,
+            wrong: match obj.get("wrong") {
+                Some(w) => self.answer_spec("wrong", w)?,
+                None => AnswerSpec::Many(Vec::new()),
+            },
+        })
     }
 
     fn pair(&self, clean: Vec<u32>, corrupted: Vec<u32>, target: Target) -> Result<Example> {
@@ -194,11 +244,57 @@ fn get<'v>(
 }
 
 impl Dataset {
-    /// Reads `eap`'s JSONL format (module docs). `tok` tokenizes text prompts and answers; with
-    /// `None` every prompt and answer must be token ids.
+    /// Tokenizes `records` (the lines of a JSONL dataset, as [`crate::tasks::generate`]
+    /// writes them) into the dataset `name`. `tok` tokenizes text prompts and answers; with
+    /// `None` every prompt and answer must be token ids. Errors name example `i + 1`.
+    pub fn from_records(
+        name: &str,
+        records: &[Record],
+        tok: Option<&Tokenizer>,
+    ) -> Result<Dataset> {
+        let source = Path::new(name);
+        let at = records.iter().enumerate().map(|(i, r)| {
+            let origin = Origin {
+                path: source,
+                line: i + 1,
+            };
+            (origin, r.clone())
+        });
+        Dataset::from_origins(name, source, at, tok, "no examples")
+    }
+
+    /// The one path from records to a dataset: each record tokenized and checked where it
+    /// came from.
+    fn from_origins<'p>(
+        name: &str,
+        source: &Path,
+        records: impl IntoIterator<Item = (Origin<'p>, Record)>,
+        tok: Option<&Tokenizer>,
+        if_empty: &str,
+    ) -> Result<Dataset> {
+        let examples = records
+            .into_iter()
+            .map(|(origin, record)| origin.to_example(&record, tok))
+            .collect::<Result<Vec<_>>>()?;
+        if examples.is_empty() {
+            return Err(Error::Parse {
+                path: source.to_path_buf(),
+                line: None,
+                message: if_empty.to_string(),
+            });
+        }
+        Ok(Dataset {
+            name: name.to_string(),
+            examples,
+        })
+    }
+
+    /// Reads `eap`'s JSONL format (module docs) through [`Dataset::from_records`]'s path. `tok`
+    /// tokenizes text prompts and answers; with `None` every prompt and answer must be token
+    /// ids. The dataset is named after the file's stem.
     pub fn from_jsonl(path: &Path, tok: Option<&Tokenizer>) -> Result<Dataset> {
         let text = read_text(path)?;
-        let mut examples = Vec::new();
+        let mut records = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -209,29 +305,16 @@ impl Dataset {
             let obj = v
                 .as_object()
                 .ok_or_else(|| origin.parse("expected a JSON object"))?;
-            let clean = origin.prompt("clean", get(&origin, obj, "clean")?, tok)?;
-            let corrupted = origin.prompt("corrupted", get(&origin, obj, "corrupted")?, tok)?;
-            let answers = origin.answers("answer", get(&origin, obj, "answer")?, tok)?;
-            if answers.is_empty() {
-                return Err(origin.example("`answer` is an empty list"));
-            }
-            let wrongs = match obj.get("wrong") {
-                Some(w) => origin.answers("wrong", w, tok)?,
-                None => Vec::new(),
-            };
-            examples.push(origin.pair(clean, corrupted, Target { answers, wrongs })?);
+            let record = origin.record(obj)?;
+            records.push((origin, record));
         }
-        if examples.is_empty() {
-            return Err(Error::Parse {
-                path: path.to_path_buf(),
-                line: None,
-                message: "no examples (the file is empty)".to_string(),
-            });
-        }
-        Ok(Dataset {
-            name: name_of(path),
-            examples,
-        })
+        Dataset::from_origins(
+            &name_of(path),
+            path,
+            records,
+            tok,
+            "no examples (the file is empty)",
+        )
     }
 
     /// Reads a CSV of EAP-IG (hannamw/EAP-IG). Two layouts, told apart by the header:
@@ -276,12 +359,12 @@ impl Dataset {
             let field = |c: usize| record.get(c).unwrap_or("");
             let clean = origin.prompt(
                 "clean",
-                &Value::String(field(clean_col).to_string()),
+                &PromptSpec::Text(field(clean_col).to_string()),
                 Some(tok),
             )?;
             let corrupted = origin.prompt(
                 "corrupted",
-                &Value::String(field(corrupted_col).to_string()),
+                &PromptSpec::Text(field(corrupted_col).to_string()),
                 Some(tok),
             )?;
             let int = |c: usize, name: &str| -> Result<u32> {
@@ -356,10 +439,12 @@ impl Dataset {
                 obj.get(key)
                     .ok_or_else(|| origin.example(format!("missing field `{key}`")))
             };
-            let clean = origin.prompt("clean", field("clean")?, Some(tok))?;
-            let corrupted = origin.prompt("corrupt", field("corrupt")?, Some(tok))?;
-            let answers = origin.answers("answers", field("answers")?, Some(tok))?;
-            let wrongs = origin.answers("wrong_answers", field("wrong_answers")?, Some(tok))?;
+            let spec = |key: &str| origin.prompt_spec(key, field(key)?);
+            let clean = origin.prompt("clean", &spec("clean")?, Some(tok))?;
+            let corrupted = origin.prompt("corrupt", &spec("corrupt")?, Some(tok))?;
+            let answer = |key: &str| origin.answer_spec(key, field(key)?);
+            let answers = origin.answers("answers", &answer("answers")?, Some(tok))?;
+            let wrongs = origin.answers("wrong_answers", &answer("wrong_answers")?, Some(tok))?;
             examples.push(origin.pair(clean, corrupted, Target { answers, wrongs })?);
         }
         if examples.is_empty() {
@@ -445,6 +530,25 @@ mod tests {
         );
         assert_eq!(d.examples[2].target.answers, vec![2231, 9]);
         assert!(d.examples[2].target.wrongs.is_empty());
+    }
+
+    /// Generated records become the same dataset, name included, whether they go through a
+    /// JSONL file named after the task (as `eap` once did) or straight to `from_records`.
+    #[test]
+    fn records_in_memory_equal_records_through_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for task in crate::tasks::Task::ALL {
+            let records = crate::tasks::generate(task, 6, 3, gpt2()).unwrap();
+            let path = dir.path().join(format!("{task}.jsonl"));
+            crate::tasks::write_jsonl(&records, &path).unwrap();
+            let through_file = Dataset::from_jsonl(&path, Some(gpt2())).unwrap();
+            let direct = Dataset::from_records(task.name(), &records, Some(gpt2())).unwrap();
+            assert_eq!(direct, through_file, "{task}");
+        }
+        let e = Dataset::from_records("none", &[], None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no examples"), "{e}");
     }
 
     #[test]

@@ -9,7 +9,6 @@
 
 use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -20,8 +19,8 @@ use super::metric::Metric;
 use super::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
-/// The built-in tasks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The built-in tasks, spelled on the command line as [`Task::name`] gives them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Task {
     /// Indirect object identification (Wang et al. 2022), GPT-2 small.
     Ioi,
@@ -67,20 +66,6 @@ impl Task {
 impl fmt::Display for Task {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-impl FromStr for Task {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Task> {
-        Task::ALL
-            .into_iter()
-            .find(|t| t.name() == s)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "unknown task `{s}` (expected ioi, greater-than, docstring or induction)"
-                ))
-            })
     }
 }
 
@@ -665,10 +650,11 @@ mod tests {
 
     #[test]
     fn task_names() {
+        use clap::ValueEnum;
         for t in Task::ALL {
-            assert_eq!(t.name().parse::<Task>().unwrap(), t);
+            assert_eq!(Task::from_str(t.name(), false).unwrap(), t);
         }
-        assert!("greater_than".parse::<Task>().is_err());
+        assert!(Task::from_str("greater_than", false).is_err());
         assert_eq!(Task::GreaterThan.default_metric(), Metric::ProbDiff);
         assert_eq!(Task::Ioi.default_metric(), Metric::LogitDiff);
     }

@@ -8,12 +8,12 @@
 //! does the task better; larger KL and NLL = worse). Attribution code that wants a loss negates.
 
 use std::fmt;
-use std::str::FromStr;
 
 use crate::{Error, Result};
 
-/// The metrics of DESIGN §5.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The metrics of DESIGN §5. On the command line (clap's [`ValueEnum`](clap::ValueEnum)) they
+/// are spelled as [`Metric::name`] gives them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Metric {
     /// `mean_{a∈answers} logit[a] − max_{w∈wrongs} logit[w]`: IOI's IO − S, docstring's right
     /// minus the largest wrong.
@@ -48,20 +48,6 @@ impl Metric {
 impl fmt::Display for Metric {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-impl FromStr for Metric {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Metric> {
-        Metric::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "unknown metric `{s}` (expected logit-diff, prob-diff, kl or nll)"
-                ))
-            })
     }
 }
 
@@ -606,9 +592,10 @@ mod tests {
 
     #[test]
     fn names_parse() {
+        use clap::ValueEnum;
         for m in Metric::ALL {
-            assert_eq!(m.name().parse::<Metric>().unwrap(), m);
+            assert_eq!(Metric::from_str(m.name(), false).unwrap(), m);
         }
-        assert!("logit_diff".parse::<Metric>().is_err());
+        assert!(Metric::from_str("logit_diff", false).is_err());
     }
 }

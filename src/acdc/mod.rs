@@ -34,39 +34,48 @@
 //! fills from the output down: `hook_resid_post` (logits), then for each layer from the last,
 //! `hook_mlp_in`, then the q inputs of all heads (head H−1 first), then all k inputs, then all v
 //! inputs. Senders of a receiver come in the order their edges were added, latest writer first:
-//! the previous layers' MLP, then their heads from H−1 down to 0, …, `input` last. [`visit_order`]
-//! and [`run_acdc`] follow exactly that: logits; per layer from the last: `m{L}`,
+//! the previous layers' MLP, then their heads from H−1 down to 0, …, `input` last. The graph's
+//! [`visit_order`] and [`run_acdc`] follow exactly that: logits; per layer from the last: `m{L}`,
 //! `a{L}.h{H−1..0}<q>`, `<k>`, `<v>`; senders from the highest writer index down to 0 (our writer
 //! order per layer is heads then MLP, so reversed it is MLP, then heads H−1..0).
 //!
-//! # Persistence
+//! # Files
 //!
-//! [`Persist`] writes a JSONL log line per step (edge, metric change, kept/removed) and an
-//! atomic checkpoint ([`Checkpoint`], written to a temporary file in the same folder, synced,
-//! then renamed) after every reader. With `resume`, a run restarts after the last finished
-//! reader and, since every decision depends only on the patched set and the deterministic
-//! forward, reaches the same circuit as an uninterrupted run. The log is cut back to the
-//! checkpoint's step count on resume.
+//! * this file — [`run_acdc`], [`visit_reader`] and the types of a run ([`AcdcOptions`],
+//!   [`AcdcStep`], [`AcdcResult`]);
+//! * [`incremental`] — [`AcdcState`], the exact patched forwards computed incrementally;
+//! * [`persist`] — [`Persist`] and [`Checkpoint`]: the step log and resumable checkpoints;
+//! * [`sweep`] — [`threshold_sweep`], one ACDC run per τ and the ROC through their circuits;
+//! * [`hybrid`](mod@hybrid) — the EAP→ACDC hybrid: ACDC started from EAP's pruned graph;
+//! * [`timing`] — [`time_steps`], ACDC's unit of work timed for `eap bench`.
 //!
-//! # Threshold sweep
-//!
-//! [`threshold_sweep`] runs ACDC once per τ; each run's circuit is one `(FPR, TPR)` point
-//! against a ground truth, and [`crate::eval::roc_from_points`] turns the points into a curve
-//! and its areas, the way the ACDC paper draws its ROC curves.
+//! Neighbours: the prepared runs come from [`crate::runs`], the visit order from
+//! [`crate::graph`], the exact patching the tests hold it to from [`crate::patching`], ROC
+//! curves from [`crate::eval`], EAP's scores for the hybrid from [`crate::attribution`].
 
-use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+pub mod hybrid;
+pub mod incremental;
+pub mod persist;
+pub mod sweep;
+pub mod timing;
+
+use std::io::Write;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::incremental::AcdcState;
-use super::{complement, metric_with_patch, PreparedChunk};
-use crate::eval::{roc_from_points, Roc};
-use crate::graph::{Circuit, Graph, Reader, Scores, Writer};
+pub use hybrid::{hybrid, prune_mask, PruneWith};
+pub use incremental::AcdcState;
+pub use persist::{Checkpoint, Persist};
+pub use sweep::{log_thresholds, metric_scale, rates, threshold_sweep, Sweep, SweepPoint};
+pub use timing::{time_steps, StepTiming};
+
+use crate::graph::{visit_order, Circuit, CircuitFile, Graph, Reader, Scores, Writer};
 use crate::model::Model;
-use crate::tasks::Metric;
+use crate::runs::{Ablation, PreparedChunk};
+use crate::tasks::{Dataset, Metric};
 use crate::{Error, Result};
+use persist::{fingerprint, mask_string, parse_mask, restore_log};
 
 /// Settings of one ACDC run.
 #[derive(Debug, Clone)]
@@ -79,6 +88,19 @@ pub struct AcdcOptions {
     /// `[n_writers, n_readers]` mask; `None`: start from the full model.
     pub initial_patched: Option<Vec<bool>>,
     pub progress: bool,
+}
+
+impl AcdcOptions {
+    /// Real edges of `graph` left for ACDC to decide: those not patched from the start.
+    pub fn start_edges(&self, graph: &Graph) -> usize {
+        let patched = self.initial_patched.as_ref().map_or(0, |m| {
+            m.iter()
+                .zip(graph.real_edge_mask())
+                .filter(|&(&p, r)| p && r)
+                .count()
+        });
+        graph.n_edges() - patched
+    }
 }
 
 impl Default for AcdcOptions {
@@ -153,20 +175,48 @@ impl AcdcResult {
     }
 }
 
-/// Readers in ACDC's visiting order (see the module docs).
-pub fn visit_order(graph: &Graph) -> Vec<usize> {
-    let mut order = vec![graph.reader_index(Reader::Logits)];
-    for layer in (0..graph.n_layers).rev() {
-        if graph.has_mlp {
-            order.push(graph.reader_index(Reader::Mlp { layer }));
-        }
-        for qkv in crate::graph::Qkv::ALL {
-            for head in (0..graph.n_heads).rev() {
-                order.push(graph.reader_index(Reader::Head { layer, head, qkv }));
-            }
-        }
+impl AcdcResult {
+    /// The circuit file of the run: its circuit and scores, [`AcdcResult::meta`] plus the
+    /// model, the task and the ablation.
+    pub fn file(&self, model: &Model, data: &Dataset, ablation: Ablation) -> Result<CircuitFile> {
+        let mut meta = self.meta();
+        meta["model"] = serde_json::json!(model.name);
+        meta["d_model"] = serde_json::json!(model.cfg.d_model);
+        meta["task"] = serde_json::json!(data.name);
+        meta["n_examples"] = serde_json::json!(data.examples.len());
+        meta["ablation"] = serde_json::json!(ablation.to_string());
+        CircuitFile::new(self.scores.clone(), self.circuit.clone(), meta)
     }
-    order
+
+    /// What the run kept and what it cost, and its rates against `truth`, as `eap acdc`
+    /// prints them.
+    pub fn report(&self, truth: Option<&Circuit>) -> Result<String> {
+        let tried = self.steps.iter().filter(|s| s.tried).count();
+        let mut out = format!(
+            "ACDC ({}, τ = {}): kept {} of {} edges; {} tried; metric {:.5} -> {:.5}\n",
+            self.metric_kind,
+            self.threshold,
+            self.circuit.n_edges(),
+            self.circuit.graph.n_edges(),
+            tried,
+            self.initial_metric,
+            self.metric
+        );
+        out += &format!(
+            "{} forward passes in {:.2} s ({:.0} passes/s)\n",
+            self.forward_passes,
+            self.seconds,
+            self.passes_per_second()
+        );
+        if let Some(t) = truth {
+            let (fpr, tpr) = rates(&self.circuit, t)?;
+            out += &format!(
+                "against the ground truth ({} edges): TPR {tpr:.3}, FPR {fpr:.4}\n",
+                t.n_edges()
+            );
+        }
+        Ok(out)
+    }
 }
 
 /// The writer whose node a reader feeds; `None` for the logits.
@@ -182,139 +232,6 @@ fn node_writer(graph: &Graph, reader: usize) -> Option<usize> {
 fn connected(graph: &Graph, patched: &[bool], writer: usize) -> bool {
     let nr = graph.n_readers();
     (0..nr).any(|r| graph.is_edge(writer, r) && !patched[writer * nr + r])
-}
-
-/// Where a run keeps its log and checkpoints.
-#[derive(Debug, Clone)]
-pub struct Persist {
-    pub checkpoint: PathBuf,
-    pub log: PathBuf,
-    /// Continue from `checkpoint` when it exists.
-    pub resume: bool,
-}
-
-impl Persist {
-    /// `circuit.json` → `circuit.acdc-checkpoint.json` and `circuit.acdc-steps.jsonl`.
-    pub fn beside(out: &Path, resume: bool) -> Persist {
-        let stem = out
-            .file_stem()
-            .map_or("circuit".to_string(), |s| s.to_string_lossy().into_owned());
-        let dir = out.parent().unwrap_or(Path::new(""));
-        Persist {
-            checkpoint: dir.join(format!("{stem}.acdc-checkpoint.json")),
-            log: dir.join(format!("{stem}.acdc-steps.jsonl")),
-            resume,
-        }
-    }
-}
-
-/// The state after a finished reader.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    pub version: u32,
-    /// What the run was started with; a resume must match it.
-    pub fingerprint: serde_json::Value,
-    /// Position in [`visit_order`] of the next reader to visit.
-    pub next_position: usize,
-    /// `[n_writers, n_readers]` patched mask as a string of `0`/`1`.
-    pub patched: String,
-    /// `(matrix index, Δ)` of every tried edge.
-    pub scores: Vec<(usize, f32)>,
-    pub metric: f32,
-    pub initial_metric: f32,
-    pub forward_passes: usize,
-    pub steps_logged: usize,
-    pub seconds: f64,
-}
-
-impl Checkpoint {
-    pub fn read(path: &Path) -> Result<Checkpoint> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| {
-            Error::invalid(format!("{}: not an ACDC checkpoint ({e})", path.display()))
-        })
-    }
-
-    fn write_atomic(&self, path: &Path) -> Result<()> {
-        let bytes = serde_json::to_vec(self).map_err(|e| Error::invalid(e.to_string()))?;
-        write_atomic(path, &bytes)
-    }
-}
-
-pub use crate::fsutil::write_atomic;
-
-fn mask_string(mask: &[bool]) -> String {
-    mask.iter().map(|&b| if b { '1' } else { '0' }).collect()
-}
-
-fn parse_mask(s: &str, len: usize) -> Result<Vec<bool>> {
-    if s.len() != len {
-        return Err(Error::invalid(format!(
-            "checkpoint mask has {} entries, expected {len}",
-            s.len()
-        )));
-    }
-    s.chars()
-        .map(|c| match c {
-            '0' => Ok(false),
-            '1' => Ok(true),
-            other => Err(Error::invalid(format!("checkpoint mask holds `{other}`"))),
-        })
-        .collect()
-}
-
-fn fingerprint(graph: &Graph, opts: &AcdcOptions, prepared: &[PreparedChunk]) -> serde_json::Value {
-    // FNV-1a over the indices of the initially patched edges.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    if let Some(mask) = &opts.initial_patched {
-        for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
-            for b in (i as u64).to_le_bytes() {
-                hash ^= b as u64;
-                hash = hash.wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-    }
-    let n_examples: usize = prepared.iter().map(|p| p.chunk.indices.len()).sum();
-    serde_json::json!({
-        "graph": graph,
-        "threshold": opts.threshold,
-        "metric": opts.metric.to_string(),
-        "n_examples": n_examples,
-        "initial_patched": opts.initial_patched.as_ref().map(|m| m.iter().filter(|&&b| b).count()),
-        "initial_patched_hash": format!("{hash:016x}"),
-    })
-}
-
-/// Reads the first `n` complete lines of the step log and cuts the file back to them.
-fn restore_log(path: &Path, n: usize) -> Result<Vec<AcdcStep>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut steps = Vec::with_capacity(n);
-    let mut bytes = 0u64;
-    let mut reader = std::io::BufReader::new(file);
-    let mut line = String::new();
-    while steps.len() < n {
-        line.clear();
-        let read = reader
-            .read_line(&mut line)
-            .map_err(|e| Error::io(path, e))?;
-        if read == 0 || !line.ends_with('\n') {
-            return Err(Error::invalid(format!(
-                "{}: the step log has fewer than the checkpoint's {n} steps",
-                path.display()
-            )));
-        }
-        bytes += read as u64;
-        steps.push(
-            serde_json::from_str(line.trim_end())
-                .map_err(|e| Error::invalid(format!("{}: bad step line ({e})", path.display())))?,
-        );
-    }
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    f.set_len(bytes).map_err(|e| Error::io(path, e))?;
-    Ok(steps)
 }
 
 /// Runs ACDC. `on_reader(done)` is called after each reader's checkpoint with the number of
@@ -338,18 +255,24 @@ pub fn run_acdc(
     let initial: Vec<bool> = match &opts.initial_patched {
         Some(m) => {
             if m.len() != nw * nr {
-                return Err(Error::invalid(format!(
-                    "initial patch mask has {} entries, expected {}",
-                    m.len(),
-                    nw * nr
-                )));
+                return Err(Error::MaskLength {
+                    what: "the initial patch mask",
+                    expected: nw * nr,
+                    found: m.len(),
+                });
             }
             m.iter().zip(&real).map(|(&a, &b)| a && b).collect()
         }
         None => vec![false; nw * nr],
     };
     let order = visit_order(&graph);
-    let fp = fingerprint(&graph, opts, prepared);
+    let fp = fingerprint(
+        &graph,
+        opts.threshold,
+        opts.metric,
+        opts.initial_patched.as_ref(),
+        prepared,
+    );
     let start = Instant::now();
 
     // State: fresh or from a checkpoint.
@@ -367,17 +290,21 @@ pub fn run_acdc(
     };
     if let (Some(ck), Some(p)) = (resumed, persist) {
         if ck.fingerprint != fp {
-            return Err(Error::invalid(format!(
-                "{} was written by a different ACDC run ({}); this run is {}",
-                p.checkpoint.display(),
-                ck.fingerprint,
-                fp
-            )));
+            return Err(Error::Checkpoint {
+                path: p.checkpoint.clone(),
+                message: format!(
+                    "written by a different ACDC run ({}); this run is {fp}",
+                    ck.fingerprint
+                ),
+            });
         }
-        patched = parse_mask(&ck.patched, nw * nr)?;
+        patched = parse_mask(&p.checkpoint, &ck.patched, nw * nr)?;
         for &(i, v) in &ck.scores {
             if i >= nw * nr {
-                return Err(Error::invalid("checkpoint score index out of range"));
+                return Err(Error::Checkpoint {
+                    path: p.checkpoint.clone(),
+                    message: format!("score index {i} is out of range"),
+                });
             }
             scores.values[i] = v;
         }
@@ -535,7 +462,7 @@ pub fn visit_reader(
     let nr = graph.n_readers();
     let r = state
         .visiting()
-        .ok_or_else(|| Error::invalid("every reader is decided"))?;
+        .ok_or(Error::AcdcState("every reader is decided"))?;
     let remove_when = |delta: f32| -> bool {
         if opts.metric == Metric::Kl {
             delta < opts.threshold
@@ -598,219 +525,4 @@ pub fn visit_reader(
         tries,
         finished: true,
     })
-}
-
-/// What [`time_steps`] measured.
-#[derive(Debug, Clone, Copy)]
-pub struct StepTiming {
-    /// Forward passes (tentative patches × chunks) in the timed part.
-    pub passes: usize,
-    /// Tentative patches whose edge stayed removed.
-    pub removed: usize,
-    /// Wall time of the steps, reader boundaries included; the state's build excluded.
-    pub seconds: f64,
-    /// The one full pass that builds the state.
-    pub build_seconds: f64,
-    /// Nodes of the starting circuit needed at the metric's rows only, and at every row.
-    pub nodes_last_only: usize,
-    pub nodes_all_rows: usize,
-}
-
-impl StepTiming {
-    pub fn passes_per_second(&self) -> f64 {
-        self.passes as f64 / self.seconds.max(1e-9)
-    }
-}
-
-/// Runs ACDC for `steps` tentative patches from visit position `position`, with `patched` as
-/// the circuit so far (readers before `position` decided), and times them: the benchmark of
-/// ACDC's unit of work at any depth of the graph.
-pub fn time_steps(
-    model: &Model,
-    prepared: &[PreparedChunk],
-    opts: &AcdcOptions,
-    patched: Vec<bool>,
-    position: usize,
-    steps: usize,
-) -> Result<StepTiming> {
-    let graph = model.graph();
-    let t = Instant::now();
-    let mut state = AcdcState::build(model, prepared, opts.metric, patched, position)?;
-    let build_seconds = t.elapsed().as_secs_f64();
-    let (build_passes, mut current) = (state.passes, state.metric());
-    let (nodes_last_only, nodes_all_rows) = state.row_restricted_nodes();
-    let mut scores = Scores::zeros(graph);
-    let mut log = Vec::new();
-    let t = Instant::now();
-    let mut tries = 0;
-    while tries < steps && state.visiting().is_some() {
-        tries += visit_reader(
-            &mut state,
-            opts,
-            &mut current,
-            &mut scores,
-            &mut log,
-            Some(steps - tries),
-        )?
-        .tries;
-    }
-    Ok(StepTiming {
-        passes: state.passes - build_passes,
-        removed: log.iter().filter(|s| s.tried && s.removed).count(),
-        seconds: t.elapsed().as_secs_f64(),
-        build_seconds,
-        nodes_last_only,
-        nodes_all_rows,
-    })
-}
-
-/// The hybrid's starting mask: every real edge outside EAP's top `keep` by |score| (or with
-/// |score| below `threshold`) is patched from the start.
-pub fn prune_mask(
-    scores: &Scores,
-    keep: Option<usize>,
-    threshold: Option<f32>,
-) -> Result<Vec<bool>> {
-    let kept =
-        match (keep, threshold) {
-            (Some(n), None) => Circuit::top_n(scores, n),
-            (None, Some(t)) => Circuit::threshold(scores, t),
-            _ => return Err(Error::invalid(
-                "EAP pruning needs exactly one of a number of edges to keep or a score threshold",
-            )),
-        };
-    Ok(complement(&kept))
-}
-
-/// One threshold's point of a sweep.
-#[derive(Debug, Clone, Serialize)]
-pub struct SweepPoint {
-    pub threshold: f32,
-    pub edges: usize,
-    /// `(FPR, TPR)` against the ground truth, when there is one.
-    pub fpr: Option<f64>,
-    pub tpr: Option<f64>,
-    pub metric: f32,
-    pub forward_passes: usize,
-    pub seconds: f64,
-}
-
-/// A threshold sweep: one ACDC run per τ.
-#[derive(Debug, Clone)]
-pub struct Sweep {
-    pub points: Vec<SweepPoint>,
-    pub runs: Vec<AcdcResult>,
-    /// The ROC through the sweep's points (with `(0, 0)` and `(1, 1)`), when there is a truth.
-    pub roc: Option<Roc>,
-    pub forward_passes: usize,
-    pub seconds: f64,
-}
-
-/// `(FPR, TPR)` of a circuit against a ground truth over the real edges.
-pub fn rates(circuit: &Circuit, truth: &Circuit) -> Result<(f64, f64)> {
-    if circuit.graph != truth.graph {
-        return Err(Error::invalid(
-            "circuit and ground truth are for different graphs",
-        ));
-    }
-    let g = circuit.graph;
-    let (mut tp, mut fp, mut p, mut n) = (0usize, 0usize, 0usize, 0usize);
-    for (w, r) in g.edges() {
-        let (c, t) = (circuit.contains(w, r), truth.contains(w, r));
-        if t {
-            p += 1;
-            tp += c as usize;
-        } else {
-            n += 1;
-            fp += c as usize;
-        }
-    }
-    if p == 0 || n == 0 {
-        return Err(Error::invalid(
-            "the ground truth must contain some edges but not all of them",
-        ));
-    }
-    Ok((fp as f64 / n as f64, tp as f64 / p as f64))
-}
-
-/// Runs ACDC at every threshold of `thresholds` (each from the same start) and, with a
-/// ground truth, builds the ROC through the resulting `(FPR, TPR)` points.
-pub fn threshold_sweep(
-    model: &Model,
-    prepared: &[PreparedChunk],
-    base: &AcdcOptions,
-    thresholds: &[f32],
-    truth: Option<&Circuit>,
-) -> Result<Sweep> {
-    if thresholds.is_empty() {
-        return Err(Error::invalid(
-            "a threshold sweep needs at least one threshold",
-        ));
-    }
-    let start = Instant::now();
-    let mut points = Vec::new();
-    let mut runs = Vec::new();
-    for &threshold in thresholds {
-        let opts = AcdcOptions {
-            threshold,
-            ..base.clone()
-        };
-        let run = run_acdc(model, prepared, &opts, None, &mut |_| {})?;
-        let (fpr, tpr) = match truth {
-            Some(t) => {
-                let (f, p) = rates(&run.circuit, t)?;
-                (Some(f), Some(p))
-            }
-            None => (None, None),
-        };
-        points.push(SweepPoint {
-            threshold,
-            edges: run.circuit.n_edges(),
-            fpr,
-            tpr,
-            metric: run.metric,
-            forward_passes: run.forward_passes,
-            seconds: run.seconds,
-        });
-        runs.push(run);
-    }
-    let roc = match truth {
-        Some(_) => Some(roc_from_points(
-            points
-                .iter()
-                .map(|p| (p.fpr.unwrap(), p.tpr.unwrap()))
-                .collect(),
-        )?),
-        None => None,
-    };
-    Ok(Sweep {
-        forward_passes: runs.iter().map(|r| r.forward_passes).sum(),
-        points,
-        runs,
-        roc,
-        seconds: start.elapsed().as_secs_f64(),
-    })
-}
-
-/// Thresholds spaced evenly in log scale from `lo` to `hi`, `n ≥ 2` of them.
-pub fn log_thresholds(lo: f32, hi: f32, n: usize) -> Vec<f32> {
-    let (a, b) = ((lo as f64).ln(), (hi as f64).ln());
-    (0..n)
-        .map(|i| (a + (b - a) * i as f64 / (n.max(2) - 1) as f64).exp() as f32)
-        .collect()
-}
-
-/// `|M(full model) − M(every edge patched)|`: the scale a task metric's τ is naturally given
-/// in (two forward passes per chunk). ACDC's τ is absolute; `discover` and the tests pick
-/// τ as a fraction of this so one setting suits logit differences and probabilities alike.
-pub fn metric_scale(model: &Model, prepared: &[PreparedChunk], metric: Metric) -> Result<f32> {
-    let g = model.graph();
-    let full = metric_with_patch(
-        model,
-        prepared,
-        metric,
-        &vec![false; g.n_writers() * g.n_readers()],
-    )?;
-    let empty = metric_with_patch(model, prepared, metric, &g.real_edge_mask())?;
-    Ok((full - empty).abs())
 }

@@ -56,10 +56,10 @@
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::acdc::visit_order;
-use super::{metric_with_patch, PreparedChunk};
-use crate::graph::{Graph, Qkv, Reader, Writer};
+use crate::graph::{visit_order, Graph, Qkv, Reader, Writer};
 use crate::model::{ops, Block, Model, RowPositions};
+use crate::patching::metric_with_patch;
+use crate::runs::PreparedChunk;
 use crate::tasks::{metric_value, KlReference, Metric};
 use crate::{Error, Result};
 

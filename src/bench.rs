@@ -1,0 +1,263 @@
+//! The benchmark harness behind `eap bench`: forward, forward + activation-only backward, EAP
+//! and ACDC's exact patched forwards on a GPT-2-small-shaped random model, with FLOP counts.
+//!
+//! [`BenchOptions`] → [`run`], which prints one line per measurement. The PyTorch reference
+//! for ACDC's patched forward is `scripts/bench_pytorch_patch.py`.
+//!
+//! Neighbours: [`crate::model::random`] builds the model; [`crate::attribution`] and
+//! [`crate::acdc::time_steps`] are what is timed.
+
+use std::io::Write;
+use std::time::Instant;
+
+use candle_core::Device;
+
+use crate::acdc::{time_steps, AcdcOptions, StepTiming};
+use crate::attribution::{attribute, AttributionOptions};
+use crate::graph::{visit_order, Circuit};
+use crate::model::{Batch, ForwardOptions, Model};
+use crate::runs::{prepare, Ablation, Runner, DEFAULT_MEMORY_BUDGET};
+use crate::tasks::{Dataset, Example, Metric, Target};
+use crate::{Error, Result};
+
+/// What `eap bench` times.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub batch: usize,
+    pub seq: usize,
+    /// Timed repetitions (the best is reported).
+    pub reps: usize,
+    /// Skip the EAP timing.
+    pub no_eap: bool,
+    /// ACDC tentative patches timed at each point, 0 to skip ACDC.
+    pub acdc_steps: usize,
+    /// Points of the visit order, spread evenly over the edges, where ACDC steps are timed
+    /// (0: only from the start).
+    pub acdc_samples: usize,
+    /// Edges of the circuit the readers above each point keep (EAP's top edges).
+    pub acdc_circuit_edges: usize,
+    /// ACDC's τ on the KL divergence.
+    pub acdc_threshold: f32,
+    /// Bytes of EAP's activations one chunk may hold.
+    pub memory_budget: usize,
+    /// Time only EAP, so that the process's peak memory is EAP's.
+    pub eap_only: bool,
+}
+
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {
+        writeln!($out, $($arg)*).map_err(|e| Error::io("<output>", e))?
+    };
+}
+
+/// Runs the benchmark on `device`, writing its lines to `out`.
+pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<()> {
+    let cfg = crate::model::random::gpt2_small_config();
+    let t = Instant::now();
+    let model = crate::model::random::random_model(&cfg, 0, device)?;
+    say!(
+        out,
+        "GPT-2-small-shaped random model built in {:.2} s; batch {} x {} tokens, {} threads",
+        t.elapsed().as_secs_f64(),
+        opts.batch,
+        opts.seq,
+        rayon::current_num_threads()
+    );
+    let seqs: Vec<Vec<u32>> = (0..opts.batch)
+        .map(|b| {
+            (0..opts.seq)
+                .map(|p| ((b * 7919 + p * 104729) % cfg.d_vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let batch = Batch::new(&seqs, device)?;
+    let n_tok = opts.batch * opts.seq;
+    let fwd_flops = model.forward_flops(n_tok, opts.seq, opts.batch);
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?; // warm-up
+        let mut best = f64::INFINITY;
+        for _ in 0..opts.reps {
+            let t = Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+    let gf = |flops: f64, s: f64| flops / s / 1e9;
+    if !opts.eap_only {
+        let fwd = time(&mut || {
+            model.forward(&batch, &ForwardOptions::default())?;
+            Ok(())
+        })?;
+        let fwd_bwd = time(&mut || {
+            let out = model.forward(
+                &batch,
+                &ForwardOptions {
+                    keep_cache: true,
+                    ..Default::default()
+                },
+            )?;
+            let dl = out.logits.ones_like()?;
+            model.backward(out.cache.as_ref().unwrap(), &dl, &mut |_| Ok(()))?;
+            Ok(())
+        })?;
+        say!(
+            out,
+            "forward          {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s",
+            fwd,
+            fwd_flops / 1e9,
+            gf(fwd_flops, fwd)
+        );
+        // The activation-only backward does the forward's GEMMs once more, transposed.
+        let fb_flops = 2.0 * fwd_flops;
+        say!(
+            out,
+            "forward+backward {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s",
+            fwd_bwd,
+            fb_flops / 1e9,
+            gf(fb_flops, fwd_bwd)
+        );
+    }
+    if !opts.no_eap {
+        let data = bench_data(&seqs, cfg.d_vocab);
+        let g = model.graph();
+        // Contraction: Σ_readers 2 · n_upstream · N · d.
+        let contraction: f64 = (0..g.n_readers())
+            .map(|r| 2.0 * g.n_upstream(r) as f64 * (n_tok * cfg.d_model) as f64)
+            .sum();
+        let eap_flops = 3.0 * fwd_flops + contraction;
+        let eap_t = time(&mut || {
+            attribute(
+                &model,
+                &data,
+                &AttributionOptions {
+                    memory_budget: opts.memory_budget,
+                    ..Default::default()
+                },
+            )?;
+            Ok(())
+        })?;
+        say!(
+            out,
+            "EAP              {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s  ({} edges)",
+            eap_t,
+            eap_flops / 1e9,
+            gf(eap_flops, eap_t),
+            g.n_edges()
+        );
+    }
+    // `eap_only` measures EAP's peak memory: nothing else may run after it.
+    if opts.acdc_steps > 0 && !opts.eap_only {
+        bench_acdc(&model, &seqs, opts, out)?;
+    }
+    Ok(())
+}
+
+/// The benchmark's examples: each sequence, corrupted by shifting every token by one.
+fn bench_data(seqs: &[Vec<u32>], d_vocab: usize) -> Dataset {
+    let examples = seqs
+        .iter()
+        .map(|s| Example {
+            clean: s.clone(),
+            corrupted: s.iter().map(|t| (t + 1) % d_vocab as u32).collect(),
+            target: Target {
+                answers: vec![1],
+                wrongs: vec![2],
+            },
+        })
+        .collect();
+    Dataset {
+        name: "bench".into(),
+        examples,
+    }
+}
+
+/// ACDC's unit of work, one exact patched forward, timed as ACDC runs it: from the start of
+/// the visit order, and at visit positions spread evenly over the edges, where the readers
+/// already visited keep a sparse circuit (EAP's top edges, the size of IOI's) as ACDC would
+/// leave behind.
+fn bench_acdc(
+    model: &Model,
+    seqs: &[Vec<u32>],
+    a: &BenchOptions,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let data = bench_data(seqs, model.cfg.d_vocab);
+    let runner = Runner::new(
+        model,
+        &data,
+        Ablation::Corrupted,
+        a.batch,
+        DEFAULT_MEMORY_BUDGET,
+    )?;
+    let prepared = prepare(&runner)?;
+    let g = model.graph();
+    let opts = AcdcOptions {
+        threshold: a.acdc_threshold,
+        metric: Metric::Kl,
+        ..Default::default()
+    };
+    let mut report = |what: &str, t: &StepTiming| -> Result<()> {
+        say!(
+            out,
+            "ACDC {what:<34} {:>7.4} s per pass, {:>6.2} passes/s ({} passes, {} removed; live nodes: {} at all rows, {} at the last position; state built in {:.2} s)",
+            t.seconds / t.passes.max(1) as f64,
+            t.passes_per_second(),
+            t.passes,
+            t.removed,
+            t.nodes_all_rows,
+            t.nodes_last_only,
+            t.build_seconds
+        );
+        Ok(())
+    };
+    let none = vec![false; g.n_writers() * g.n_readers()];
+    let top = time_steps(model, &prepared, &opts, none.clone(), 0, a.acdc_steps)?;
+    report("from the start (logits first)", &top)?;
+    if a.acdc_samples == 0 {
+        return Ok(());
+    }
+    // The circuit above each sample point: EAP's top edges.
+    let scores = attribute(
+        model,
+        &data,
+        &AttributionOptions {
+            memory_budget: a.memory_budget,
+            ..Default::default()
+        },
+    )?
+    .scores;
+    let kept = Circuit::top_n(&scores, a.acdc_circuit_edges);
+    let order = visit_order(&g);
+    let nr = g.n_readers();
+    let total: usize = order.iter().map(|&r| g.n_upstream(r)).sum();
+    let (mut seconds, mut passes) = (0f64, 0usize);
+    for k in 0..a.acdc_samples {
+        // The reader holding the edge at quantile (k + ½) / samples of the visit order.
+        let target = (k as f64 + 0.5) / a.acdc_samples as f64 * total as f64;
+        let (mut position, mut cum) = (0, 0usize);
+        while position + 1 < order.len() && (cum + g.n_upstream(order[position])) as f64 <= target {
+            cum += g.n_upstream(order[position]);
+            position += 1;
+        }
+        let mut patched = none.clone();
+        for &r in &order[..position] {
+            for w in 0..g.n_upstream(r) {
+                patched[w * nr + r] = !kept.contains(w, r);
+            }
+        }
+        let t = time_steps(model, &prepared, &opts, patched, position, a.acdc_steps)?;
+        report(&format!("at {}", g.reader_name(order[position])), &t)?;
+        seconds += t.seconds;
+        passes += t.passes;
+    }
+    say!(
+        out,
+        "ACDC over the graph ({} samples, {}-edge circuit above) {:.4} s per pass, {:.2} passes/s",
+        a.acdc_samples,
+        a.acdc_circuit_edges,
+        seconds / passes.max(1) as f64,
+        passes as f64 / seconds.max(1e-9)
+    );
+    Ok(())
+}

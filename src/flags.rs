@@ -1,0 +1,293 @@
+//! The flags of the `eap` binary, one struct per command (clap derive): their names, defaults,
+//! conflicts and help. A module of `src/main.rs`, not of the library; `main.rs` holds the glue
+//! that hands them to the library.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use eap::acdc::PruneWith;
+use eap::attribution::MethodKind;
+use eap::planted::PlantedKind;
+use eap::runs::Ablation;
+use eap::tasks::{Metric, Task};
+
+#[derive(Parser)]
+#[command(
+    name = "eap",
+    version,
+    about = "Edge Attribution Patching: find the circuits inside transformer language models"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Score every edge of a model's graph on a dataset (EAP, EAP-IG, clean-corrupted).
+    Attribute(AttributeArgs),
+    /// Select a circuit from a scores file.
+    Circuit(CircuitArgs),
+    /// Faithfulness of a circuit: the metric with every other edge patched.
+    Evaluate(EvaluateArgs),
+    /// Write a task's dataset as JSONL.
+    Dataset(DatasetArgs),
+    /// Time forward, backward and EAP on a GPT-2-small-shaped random model.
+    Bench(BenchArgs),
+    /// The main job: exact patching, EAP and EAP-IG side by side; circuit, picture, report.
+    /// With no options it runs on the embedded planted induction model.
+    Discover(DiscoverArgs),
+    /// ROC of a scores file against a ground-truth circuit.
+    Roc(RocArgs),
+    /// ACDC: remove edges one by one with exact patching while the metric moves by less than
+    /// τ; `--prune-with eap` first patches the edges EAP scores low (the hybrid).
+    Acdc(AcdcArgs),
+}
+
+/// Where a model's examples come from.
+#[derive(Args)]
+pub struct SourceArgs {
+    /// tokenizer.json to use for text prompts (default: beside the model, else GPT-2's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// JSONL file of {"clean", "corrupted", "answer", "wrong"} lines.
+    #[arg(long, conflicts_with = "task")]
+    pub data: Option<PathBuf>,
+    /// Generate a built-in task instead: ioi, greater-than, docstring, induction.
+    #[arg(long)]
+    pub task: Option<Task>,
+    /// Examples to generate (planted models and --task).
+    #[arg(long, default_value_t = 32)]
+    pub n: usize,
+    /// Seed of the generated examples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Which model and examples a `discover` or `acdc` run works on.
+#[derive(Args)]
+pub struct JobArgs {
+    /// A built-in planted-circuit model: induction, greater-than, weighted-vote.
+    #[arg(long, conflicts_with = "model")]
+    pub planted: Option<PlantedKind>,
+    /// Model directory or hub id (with --data or --task).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Ground-truth circuit: a circuit JSON or a text file of edge names (planted models have
+    /// their own).
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct AcdcArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// τ: remove an edge when the metric moves by less than this.
+    #[arg(long, required_unless_present = "thresholds")]
+    pub threshold: Option<f32>,
+    /// Threshold sweep: one ACDC run per τ, each giving one ROC point (comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "threshold")]
+    pub thresholds: Option<Vec<f32>>,
+    /// ACDC's metric: kl (default, KL to the clean run; remove when Δ < τ) or a task metric
+    /// (logit-diff, prob-diff, nll; remove when |Δ| < τ).
+    #[arg(long, default_value = "kl")]
+    pub metric: Metric,
+    /// What a removed edge carries: corrupted, zero, mean, mean-positional.
+    #[arg(long, default_value = "corrupted")]
+    pub ablation: Ablation,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Pre-prune with attribution scores (the hybrid): only `eap`.
+    #[arg(long)]
+    pub prune_with: Option<PruneWith>,
+    /// Hybrid: keep EAP's top N edges, patch the rest from the start.
+    #[arg(long, requires = "prune_with", conflicts_with = "eap_threshold")]
+    pub keep: Option<usize>,
+    /// Hybrid: patch every edge with |EAP score| < T from the start.
+    #[arg(long, requires = "prune_with")]
+    pub eap_threshold: Option<f32>,
+    /// Circuit file to write (with --thresholds: a JSON summary of the sweep). The step log
+    /// (`<stem>.acdc-steps.jsonl`) and checkpoint (`<stem>.acdc-checkpoint.json`) go beside it.
+    #[arg(long, required_unless_present = "thresholds")]
+    pub out: Option<PathBuf>,
+    /// Continue an interrupted run from its checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args)]
+pub struct DiscoverArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    #[arg(long)]
+    pub metric: Option<Metric>,
+    #[arg(long, default_value = "corrupted")]
+    pub ablation: Ablation,
+    #[arg(long, default_value_t = 5)]
+    pub ig_steps: usize,
+    /// Circuit size (default: the ground truth's size, else 2% of the edges).
+    #[arg(long)]
+    pub top_n: Option<usize>,
+    /// Skip exact per-edge patching (one forward per edge) on large models.
+    #[arg(long)]
+    pub no_exact: bool,
+    /// Skip ACDC and the EAP→ACDC hybrid (a threshold sweep of exact patches each).
+    #[arg(long)]
+    pub no_acdc: bool,
+    /// ACDC's τ for the circuit whose faithfulness is reported, as a fraction of
+    /// |M(full) − M(∅)| of the task metric (default 0.1).
+    #[arg(long)]
+    pub acdc_threshold: Option<f32>,
+    /// ACDC's threshold sweep for the ROC, fractions of |M(full) − M(∅)| (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub acdc_thresholds: Option<Vec<f32>>,
+    /// Hybrid: EAP's top edges kept for ACDC (default max(3 × top-n, 20% of edges)).
+    #[arg(long)]
+    pub hybrid_keep: Option<usize>,
+    /// Output folder (default: eap-out/<model>).
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+#[derive(Args)]
+pub struct RocArgs {
+    #[arg(long)]
+    pub scores: PathBuf,
+    /// Ground-truth circuit: a circuit JSON or a text file of edge names.
+    #[arg(long)]
+    pub truth: PathBuf,
+    /// Also write the ROC curve as SVG.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
+/// A model and its examples, for `attribute` and `evaluate`.
+#[derive(Args)]
+pub struct DataArgs {
+    /// Model directory (config.json + model.safetensors) or hub id in the local HF cache.
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Metric: logit-diff, prob-diff, kl, nll (default: the task's, else logit-diff).
+    #[arg(long)]
+    pub metric: Option<Metric>,
+    /// What a removed edge carries: corrupted, zero, mean, mean-positional.
+    #[arg(long, default_value = "corrupted")]
+    pub ablation: Ablation,
+    /// Examples per chunk (lowered further to fit --memory-budget).
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Memory budget for one chunk's activations, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub memory_budget: usize,
+}
+
+#[derive(Args)]
+pub struct AttributeArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// eap, eap-ig or clean-corrupted.
+    #[arg(long, default_value = "eap")]
+    pub method: MethodKind,
+    /// Integration steps of eap-ig.
+    #[arg(long, default_value_t = 5)]
+    pub ig_steps: usize,
+    /// Scores file to write (EAP-IG's JSON layout plus `meta`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct CircuitArgs {
+    /// Scores file written by `eap attribute`.
+    #[arg(long)]
+    pub scores: PathBuf,
+    /// Keep the N edges with the largest |score|.
+    #[arg(long, group = "select")]
+    pub top_n: Option<usize>,
+    /// Keep edges with |score| ≥ T.
+    #[arg(long, group = "select")]
+    pub threshold: Option<f32>,
+    /// Grow N edges greedily from the logits (connected).
+    #[arg(long, group = "select")]
+    pub greedy: Option<usize>,
+    /// Do not remove edges of nodes that lost all their inputs or outputs.
+    #[arg(long)]
+    pub no_prune: bool,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write Graphviz DOT.
+    #[arg(long)]
+    pub dot: Option<PathBuf>,
+    /// Also write an SVG picture (no graphviz needed).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct EvaluateArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Circuit file (EAP-IG JSON layout).
+    #[arg(long)]
+    pub circuit: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct DatasetArgs {
+    /// ioi, greater-than, docstring or induction.
+    pub task: Task,
+    #[arg(long, default_value_t = 100)]
+    pub n: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 16)]
+    pub seq: usize,
+    /// Timed repetitions (the best is reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Skip the EAP timing.
+    #[arg(long)]
+    pub no_eap: bool,
+    /// Time this many ACDC tentative patches (exact patched forwards) at each point, 0 to skip.
+    #[arg(long, default_value_t = 8)]
+    pub acdc_steps: usize,
+    /// Points of the visit order, spread evenly over the edges, where ACDC steps are timed
+    /// (0: only from the start).
+    #[arg(long, default_value_t = 8)]
+    pub acdc_samples: usize,
+    /// Edges of the circuit the readers above each point keep (EAP's top edges).
+    #[arg(long, default_value_t = 1000)]
+    pub acdc_circuit_edges: usize,
+    /// ACDC's τ on the KL divergence in the ACDC timing.
+    #[arg(long, default_value_t = 1e-4)]
+    pub acdc_threshold: f32,
+    /// Memory budget for one chunk of EAP's activations, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub memory_budget: usize,
+    /// Time only EAP (so the process's peak memory is EAP's).
+    #[arg(long, conflicts_with = "no_eap")]
+    pub eap_only: bool,
+}
