@@ -1,5 +1,6 @@
 //! The benchmark harness behind `eap bench`: forward, forward + activation-only backward, EAP
-//! and ACDC's exact patched forwards on a GPT-2-small-shaped random model, with FLOP counts.
+//! and ACDC's exact patched forwards on a random model of a named shape (GPT-2 small by default;
+//! [`crate::model::random::preset`]), with FLOP counts.
 //!
 //! [`BenchOptions`] → [`run`], which prints one line per measurement. The PyTorch reference
 //! for ACDC's patched forward is `scripts/bench_pytorch_patch.py`.
@@ -23,6 +24,8 @@ use crate::{Error, Result};
 /// What `eap bench` times.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// The model's shape: a [`crate::model::random::PRESETS`] name.
+    pub like: String,
     pub batch: usize,
     pub seq: usize,
     /// Timed repetitions (the best is reported).
@@ -52,12 +55,20 @@ macro_rules! say {
 
 /// Runs the benchmark on `device`, writing its lines to `out`.
 pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<()> {
-    let cfg = crate::model::random::gpt2_small_config();
+    let preset = crate::model::random::preset(&opts.like).ok_or_else(|| {
+        Error::invalid(format!(
+            "no model shape named `{}`: known shapes are {}",
+            opts.like,
+            crate::model::random::PRESETS.join(", ")
+        ))
+    })?;
+    let cfg = preset.cfg.clone();
     let t = Instant::now();
-    let model = crate::model::random::random_model(&cfg, 0, device)?;
+    let model = crate::model::random::random_preset(&preset, 0, device)?;
     say!(
         out,
-        "GPT-2-small-shaped random model built in {:.2} s; batch {} x {} tokens, {} threads",
+        "{}-shaped random model built in {:.2} s; batch {} x {} tokens, {} threads",
+        preset.name,
         t.elapsed().as_secs_f64(),
         opts.batch,
         opts.seq,

@@ -33,7 +33,7 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// Write a task's dataset as JSONL.
     Dataset(DatasetArgs),
-    /// Time forward, backward and EAP on a GPT-2-small-shaped random model.
+    /// Time forward, backward, EAP and ACDC passes on a random model of a named shape (--like).
     Bench(BenchArgs),
     /// The main job: exact patching, EAP and EAP-IG side by side; circuit, picture, report.
     /// With no options it runs on the embedded planted induction model.
@@ -261,6 +261,10 @@ pub struct DatasetArgs {
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// The random model's shape: gpt2 (GPT-2 small), qwen2.5-0.5b, llama-3.1-8b, gemma-2-2b,
+    /// pythia-160m.
+    #[arg(long, default_value = "gpt2", value_parser = clap::builder::PossibleValuesParser::new(eap::model::random::PRESETS))]
+    pub like: String,
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
     #[arg(long, default_value_t = 16)]

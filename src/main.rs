@@ -205,6 +205,7 @@ fn cmd_dataset(a: DatasetArgs) -> Result<()> {
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     let opts = BenchOptions {
+        like: a.like,
         batch: a.batch,
         seq: a.seq,
         reps: a.reps,

@@ -165,9 +165,12 @@ impl Model {
     pub fn forward_flops(&self, n_tokens: usize, seq_len: usize, n_logit_rows: usize) -> f64 {
         let c = &self.cfg;
         let (d, hd) = (c.d_model as f64, (c.n_heads * c.d_head) as f64);
+        let kvd = (c.n_kv_heads * c.d_head) as f64;
         let n = n_tokens as f64;
-        let attn = 2.0 * n * d * hd * 4.0 + 2.0 * 2.0 * n * seq_len as f64 * hd;
-        let mlp = c.d_mlp.map_or(0.0, |m| 2.0 * 2.0 * n * d * m as f64);
+        // Q and O over every query head, K and V over the key/value heads; scores and mixing.
+        let attn = 2.0 * n * d * (2.0 * hd + 2.0 * kvd) + 2.0 * 2.0 * n * seq_len as f64 * hd;
+        let matrices = if c.gated_mlp { 3.0 } else { 2.0 };
+        let mlp = c.d_mlp.map_or(0.0, |m| matrices * 2.0 * n * d * m as f64);
         c.n_layers as f64 * (attn + mlp) + 2.0 * n_logit_rows as f64 * d * c.d_vocab_out as f64
     }
 }
