@@ -230,6 +230,71 @@ fn integrated_gradients_are_complete_and_clean_corrupted_is_their_two_point_rule
     );
 }
 
+/// Every method and ablation on every Llama-family fixture: clean-corrupted is exactly the mean
+/// of EAP and one-step EAP-IG (the corrupted run's gradient; tokens enter only through the
+/// embedding there too, rotary or not), many-step EAP-IG's input scores approach
+/// M(corrupted) − M(clean) better than EAP's, and mean and per-position-mean ablation score the
+/// difference to the dataset's mean activations (finite, and not the corrupted scores).
+#[test]
+fn every_method_and_ablation_runs_on_every_family() {
+    for name in FAMILY_FIXTURES {
+        let model = load(name);
+        let refs = reference(name);
+        let data = fixture_dataset(&refs);
+        let run = |method, ablation| {
+            attribute(
+                &model,
+                &data,
+                &AttributionOptions {
+                    method,
+                    ablation,
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let eap = run(Method::Eap, Ablation::Corrupted);
+        let ig1 = run(Method::EapIg { steps: 1 }, Ablation::Corrupted)
+            .scores
+            .values;
+        let cc = run(Method::CleanCorrupted, Ablation::Corrupted)
+            .scores
+            .values;
+        let mean: Vec<f32> = eap
+            .scores
+            .values
+            .iter()
+            .zip(&ig1)
+            .map(|(a, b)| (a + b) / 2.0)
+            .collect();
+        assert!(
+            rel_err(&cc, &mean) < 1e-5,
+            "{name}: clean-corrupted is not (EAP + IG1)/2"
+        );
+        let g = model.graph();
+        let input_sum =
+            |s: &eap::graph::Scores| (0..g.n_readers()).map(|r| s.get(0, r) as f64).sum::<f64>();
+        let exact = (eap.corrupted_metric.unwrap() - eap.clean_metric) as f64;
+        let ig = run(Method::EapIg { steps: 50 }, Ablation::Corrupted);
+        let ig_err = (input_sum(&ig.scores) - exact).abs();
+        assert!(
+            ig_err
+                < (input_sum(&eap.scores) - exact)
+                    .abs()
+                    .max(1e-3 * exact.abs()),
+            "{name}: 50-step EAP-IG ({ig_err:e}) is not closer to M(corrupted) − M(clean) than EAP"
+        );
+        for ablation in [Ablation::Mean, Ablation::MeanPositional] {
+            let s = run(Method::Eap, ablation).scores.values;
+            assert!(s.iter().all(|v| v.is_finite()), "{name} {ablation}");
+            assert!(
+                rel_err(&s, &eap.scores.values) > 1e-3,
+                "{name} {ablation}: same as corrupted"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_non_finite_metric_is_an_error_and_nothing_is_scored() {
     use eap::model::random::random_model;
