@@ -62,6 +62,31 @@ pub fn layer_norm(
     eps: f32,
     force_composite: bool,
 ) -> Result<(Tensor, NormCache)> {
+    normalize(x, w, b, eps, true, force_composite)
+}
+
+/// RMSNorm over the last dimension as Hugging Face computes it, `x / sqrt(mean(x²) + eps) · w`,
+/// with the statistics for the backward.
+pub fn rms_norm(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    eps: f32,
+    force_composite: bool,
+) -> Result<(Tensor, NormCache)> {
+    normalize(x, w, None, eps, false, force_composite)
+}
+
+/// `(x − mean) / σ · w + b` with `centered` (LayerNorm), `x / rms · w` without (RMSNorm); the
+/// statistics in f64, one fused pass per row on the CPU. Without the mean, `x − 0` and `(x − 0)²`
+/// are `x` and `x²` exactly, so one kernel serves both.
+fn normalize(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    b: Option<&Tensor>,
+    eps: f32,
+    centered: bool,
+    force_composite: bool,
+) -> Result<(Tensor, NormCache)> {
     let d = x.dim(D::Minus1)?;
     let rows = x.elem_count() / d;
     if !force_composite {
@@ -77,7 +102,10 @@ pub fn layer_norm(
                 .zip(xs.par_chunks(d * ROWS_PER_TASK))
                 .for_each(|(((y, xh), inv), xs)| {
                     for (r, xr) in xs.chunks(d).enumerate() {
-                        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                        let mean = match centered {
+                            true => xr.iter().map(|&v| v as f64).sum::<f64>() / d as f64,
+                            false => 0.0,
+                        };
                         let var =
                             xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
                         let is = (1.0 / (var + eps as f64).sqrt()) as f32;
@@ -88,6 +116,7 @@ pub fn layer_norm(
                             xhr[i] = n;
                             yr[i] = match (&wv, &bv) {
                                 (Some(w), Some(b)) => n * w[i] + b[i],
+                                (Some(w), None) => n * w[i],
                                 _ => n,
                             };
                         }
@@ -103,19 +132,22 @@ pub fn layer_norm(
                 NormCache {
                     xhat: Tensor::from_vec(xhat, shape, dev)?,
                     inv_std: Tensor::from_vec(inv, (rows, 1), dev)?,
-                    centered: true,
+                    centered,
                 },
             ));
         }
     }
     let x2 = x.reshape((rows, d))?;
-    let mean = x2.mean_keepdim(1)?;
-    let xc = x2.broadcast_sub(&mean)?;
+    let xc = match centered {
+        true => x2.broadcast_sub(&x2.mean_keepdim(1)?)?,
+        false => x2,
+    };
     let var = xc.sqr()?.mean_keepdim(1)?;
     let inv_std = (var + eps as f64)?.sqrt()?.recip()?;
     let xhat = xc.broadcast_mul(&inv_std)?;
     let y = match (w, b) {
         (Some(w), Some(b)) => xhat.broadcast_mul(w)?.broadcast_add(b)?,
+        (Some(w), None) => xhat.broadcast_mul(w)?,
         _ => xhat.clone(),
     };
     Ok((
@@ -123,75 +155,7 @@ pub fn layer_norm(
         NormCache {
             xhat: xhat.reshape(x.shape())?,
             inv_std,
-            centered: true,
-        },
-    ))
-}
-
-/// RMSNorm over the last dimension as Hugging Face computes it, `x / sqrt(mean(x²) + eps) · w`
-/// (statistics in f64), with the statistics for the backward.
-pub fn rms_norm(
-    x: &Tensor,
-    w: Option<&Tensor>,
-    eps: f32,
-    force_composite: bool,
-) -> Result<(Tensor, NormCache)> {
-    let d = x.dim(D::Minus1)?;
-    let rows = x.elem_count() / d;
-    if !force_composite {
-        let wv = w.map(to_vec).transpose()?;
-        let fast = cpu_slice(x, |xs| {
-            let mut y = vec![0f32; xs.len()];
-            let mut xhat = vec![0f32; xs.len()];
-            let mut inv = vec![0f32; rows];
-            y.par_chunks_mut(d * ROWS_PER_TASK)
-                .zip(xhat.par_chunks_mut(d * ROWS_PER_TASK))
-                .zip(inv.par_chunks_mut(ROWS_PER_TASK))
-                .zip(xs.par_chunks(d * ROWS_PER_TASK))
-                .for_each(|(((y, xh), inv), xs)| {
-                    for (r, xr) in xs.chunks(d).enumerate() {
-                        let ms = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
-                        let is = (1.0 / (ms + eps as f64).sqrt()) as f32;
-                        inv[r] = is;
-                        let (yr, xhr) = (&mut y[r * d..(r + 1) * d], &mut xh[r * d..(r + 1) * d]);
-                        for i in 0..d {
-                            let n = xr[i] * is;
-                            xhr[i] = n;
-                            yr[i] = match &wv {
-                                Some(w) => n * w[i],
-                                None => n,
-                            };
-                        }
-                    }
-                });
-            (y, xhat, inv)
-        });
-        if let Some((y, xhat, inv)) = fast {
-            let shape = x.shape().clone();
-            let dev = x.device();
-            return Ok((
-                Tensor::from_vec(y, shape.clone(), dev)?,
-                NormCache {
-                    xhat: Tensor::from_vec(xhat, shape, dev)?,
-                    inv_std: Tensor::from_vec(inv, (rows, 1), dev)?,
-                    centered: false,
-                },
-            ));
-        }
-    }
-    let x2 = x.reshape((rows, d))?;
-    let inv_std = (x2.sqr()?.mean_keepdim(1)? + eps as f64)?.sqrt()?.recip()?;
-    let xhat = x2.broadcast_mul(&inv_std)?;
-    let y = match w {
-        Some(w) => xhat.broadcast_mul(w)?,
-        None => xhat.clone(),
-    };
-    Ok((
-        y.reshape(x.shape())?,
-        NormCache {
-            xhat: xhat.reshape(x.shape())?,
-            inv_std,
-            centered: false,
+            centered,
         },
     ))
 }
@@ -1002,6 +966,22 @@ mod tests {
         ];
         let d3 = layer_norm_backward_many(&parts, &c1, Some(&w), None).unwrap();
         assert!(max_diff(&d1, &d3) < 1e-4, "{}", max_diff(&d1, &d3));
+        // RMSNorm through the same kernels, uncentred.
+        let (r1, rc1) = rms_norm(&x, Some(&w), 1e-6, false).unwrap();
+        let (r2, rc2) = rms_norm(&x, Some(&w), 1e-6, true).unwrap();
+        assert!(max_diff(&r1, &r2) < 1e-5 && !rc1.centered);
+        let rb1 = layer_norm_backward(&g, &rc1, Some(&w), false).unwrap();
+        let rb2 = layer_norm_backward(&g, &rc2, Some(&w), true).unwrap();
+        assert!(max_diff(&rb1, &rb2) < 1e-4, "{}", max_diff(&rb1, &rb2));
+        // By hand for one element: x / sqrt(mean(x²) + eps) · w.
+        let (xs, ws) = (to_vec(&x).unwrap(), to_vec(&w).unwrap());
+        let ms = xs[..24].iter().map(|v| v * v).sum::<f32>() / 24.0;
+        let want = xs[5] / (ms + 1e-6).sqrt() * ws[5];
+        assert!((to_vec(&r1).unwrap()[5] - want).abs() < 1e-5);
+        // All-zero rows stay zero (eps keeps the scale finite).
+        let zeros = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
+        let (r, _) = rms_norm(&zeros, None, 1.0, false).unwrap();
+        assert!(to_vec(&r).unwrap().iter().all(|v| *v == 0.0));
         let a = randn(&[6, 9000], 11);
         let b = randn(&[5, 9000], 12);
         let nt = matmul_nt(&a, &b).unwrap();

@@ -15,31 +15,16 @@ use crate::Result;
 
 /// GPT-2 small's shape: 12 layers, d_model 768, 12 heads, d_mlp 3072, vocabulary 50257.
 pub fn gpt2_small_config() -> ModelConfig {
-    ModelConfig {
-        n_layers: 12,
-        d_model: 768,
-        n_heads: 12,
-        n_kv_heads: 12,
-        d_head: 64,
-        d_mlp: Some(3072),
-        d_vocab: 50257,
-        d_vocab_out: 50257,
-        n_ctx: 1024,
-        norm: Norm::LayerNorm,
-        act: Activation::GeluNew,
-        positions: Positions::Standard,
-        causal: true,
-        attn_scale: 8.0,
-        eps: 1e-5,
-        format: WeightFormat::InMemory,
-        gated_mlp: false,
-        parallel_attn_mlp: false,
-        post_norms: false,
-        embed_scale: 1.0,
-        attn_softcap: None,
-        final_softcap: None,
-        sliding_window: None,
-    }
+    ModelConfig::classic(
+        12,
+        768,
+        12,
+        64,
+        Some(3072),
+        50257,
+        1024,
+        WeightFormat::InMemory,
+    )
 }
 
 /// A named model shape the benchmarks and `eap random-model` build without downloading

@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor};
 
 use crate::model::{
-    Activation, Block, EmbedWeights, MlpWeights, Model, ModelConfig, Norm, Positions, WeightFormat,
+    Activation, Block, EmbedWeights, MlpWeights, Model, ModelConfig, Norm, WeightFormat,
 };
 use crate::Result;
 
@@ -179,30 +179,21 @@ impl Spec {
     }
 
     pub fn config(&self) -> ModelConfig {
+        // No norms, ReLU MLPs, unscaled attention: the constructions set every weight by hand.
         ModelConfig {
-            n_layers: self.layers.len(),
-            d_model: self.d,
-            n_heads: self.n_heads,
-            n_kv_heads: self.n_heads,
-            d_head: self.dh,
-            d_mlp: self.d_mlp,
-            d_vocab: self.vocab,
-            d_vocab_out: self.vocab,
-            n_ctx: self.n_ctx,
             norm: Norm::None,
             act: Activation::Relu,
-            positions: Positions::Standard,
-            causal: true,
             attn_scale: 1.0,
-            eps: 1e-5,
-            format: WeightFormat::InMemory,
-            gated_mlp: false,
-            parallel_attn_mlp: false,
-            post_norms: false,
-            embed_scale: 1.0,
-            attn_softcap: None,
-            final_softcap: None,
-            sliding_window: None,
+            ..ModelConfig::classic(
+                self.layers.len(),
+                self.d,
+                self.n_heads,
+                self.dh,
+                self.d_mlp,
+                self.vocab,
+                self.n_ctx,
+                WeightFormat::InMemory,
+            )
         }
     }
 
