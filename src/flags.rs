@@ -31,6 +31,9 @@ pub enum Command {
     Circuit(CircuitArgs),
     /// Faithfulness of a circuit: the metric with every other edge patched.
     Evaluate(EvaluateArgs),
+    /// MIB's circuit-track scores of a scores file: CPR and CMD over MIB's edge budgets; writes
+    /// MIB's submission folder with --submit.
+    Mib(MibArgs),
     /// Write a task's dataset as JSONL.
     Dataset(DatasetArgs),
     /// Time forward, backward, EAP and ACDC passes on a random model of a named shape (--like).
@@ -243,6 +246,33 @@ pub struct EvaluateArgs {
     /// Circuit file (EAP-IG JSON layout).
     #[arg(long)]
     pub circuit: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct MibArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Scores file (EAP-IG JSON layout, e.g. from `eap attribute`).
+    #[arg(long)]
+    pub scores: PathBuf,
+    /// Write the scores, CPR, CMD and every budget's values as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also draw both faithfulness curves as SVG.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Write MIB's submission layout under this folder: <task>_<model>/importances.json.
+    #[arg(long, requires_all = ["task_name", "model_name"])]
+    pub submit: Option<PathBuf>,
+    /// The task's name in the submission (ioi, mcqa, arithmetic_addition, …).
+    #[arg(long)]
+    pub task_name: Option<String>,
+    /// The model's name in the submission (gpt2, qwen2.5, gemma2, llama3, interpbench).
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// Print the JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }

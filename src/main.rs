@@ -121,6 +121,7 @@ fn run(command: Command) -> Result<()> {
         Command::Attribute(a) => cmd_attribute(a),
         Command::Circuit(a) => cmd_circuit(a),
         Command::Evaluate(a) => cmd_evaluate(a),
+        Command::Mib(a) => cmd_mib(a),
         Command::Dataset(a) => cmd_dataset(a),
         Command::Bench(a) => cmd_bench(a),
     }
@@ -192,6 +193,43 @@ fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
     } else {
         println!("{}", f.summary(edges, metric));
     }
+    Ok(())
+}
+
+fn cmd_mib(a: MibArgs) -> Result<()> {
+    let (job, metric) = a.data.load()?;
+    let file = read_circuit(&a.scores, job.model.graph())?;
+    let d = &a.data;
+    let runner = Runner::new(
+        &job.model,
+        &job.data,
+        d.ablation,
+        d.batch_size,
+        d.memory_budget << 20,
+    )?;
+    let prepared = prepare(&runner)?;
+    let baseline = FaithfulnessBaseline::new(&job.model, &prepared, metric)?;
+    let score = eap::eval::mib_score(&baseline, &file.scores)?;
+    let json = score.to_json();
+    if let Some(out) = &a.out {
+        write_atomic(out, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    }
+    if let Some(svg) = &a.svg {
+        let curves = [
+            ("signed".to_string(), score.signed.curve.clone()),
+            ("|score|".to_string(), score.absolute.curve.clone()),
+        ];
+        write_atomic(svg, eap::report::faithfulness_svg(&curves).as_bytes())?;
+    }
+    if let (Some(dir), Some(task), Some(model)) = (&a.submit, &a.task_name, &a.model_name) {
+        let path = eap::eval::mib::write_submission(dir, task, model, &file)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    print!("{}", score.table(metric, d.ablation));
     Ok(())
 }
 

@@ -8,5 +8,6 @@ mod families;
 mod formats;
 mod layout;
 mod loading;
+mod mib;
 mod model;
 mod util;

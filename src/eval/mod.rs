@@ -14,10 +14,14 @@
 //!   `M(full)` and `M(∅)` run once for all of them (the one part of this module that runs the
 //!   model, through [`crate::patching`]).
 //! * [`correlation`] → [`Correlation`]: Pearson, R², Spearman.
+//! * [`mib`]: the MIB circuit track's CPR and CMD exactly as its evaluation code computes them
+//!   ([`mib_score`] → [`MibScore`]), and its submission folders.
 
 mod faithfulness;
+pub mod mib;
 
 pub use faithfulness::{Faithfulness, FaithfulnessBaseline};
+pub use mib::{mib_score, MibScore};
 
 use crate::graph::{Circuit, Scores};
 use crate::{bail, Result};

@@ -56,12 +56,19 @@ fn magnitude(score: f32) -> f32 {
     }
 }
 
-/// Orders flat indices best first: larger |score|, then the smaller row-major index, so that
-/// ties (common with zero scores) are broken the same way on every run and platform.
-fn rank(values: &[f32], a: usize, b: usize) -> Ordering {
-    magnitude(values[b])
-        .total_cmp(&magnitude(values[a]))
-        .then(a.cmp(&b))
+/// Orders flat indices best first: larger key, then the smaller row-major index, so that ties
+/// (common with zero scores) are broken the same way on every run and platform. `key` is |score| ([`magnitude`]) or the signed score ([`signed`]: MIB's CPR selection).
+fn rank_by(key: fn(f32) -> f32, values: &[f32], a: usize, b: usize) -> Ordering {
+    key(values[b]).total_cmp(&key(values[a])).then(a.cmp(&b))
+}
+
+/// The signed score, NaN last: MIB's CPR selects by it (`apply_topn(n, absolute=False)`).
+fn signed(score: f32) -> f32 {
+    if score.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        score
+    }
 }
 
 /// One candidate in the greedy frontier; `BinaryHeap` is a max-heap, so the "greatest"
@@ -123,6 +130,16 @@ impl Circuit {
     /// exceeds the number of edges every edge is taken (EAP-IG asserts instead; a sweep up to
     /// "all edges" is a common request and not an error).
     pub fn top_n(scores: &Scores, n: usize) -> Circuit {
+        Self::top_n_by(scores, n, magnitude)
+    }
+
+    /// The `n` real edges with the largest *signed* score (EAP-IG's `apply_topn(n,
+    /// absolute=False, prune=False)`; MIB's CPR), ties as in [`Circuit::top_n`].
+    pub fn top_n_signed(scores: &Scores, n: usize) -> Circuit {
+        Self::top_n_by(scores, n, signed)
+    }
+
+    fn top_n_by(scores: &Scores, n: usize, key: fn(f32) -> f32) -> Circuit {
         let graph = scores.graph;
         let nr = graph.n_readers();
         let mut circuit = Circuit::empty(graph);
@@ -132,7 +149,7 @@ impl Circuit {
                 return circuit;
             }
             // Partitioning is O(edges); only the chosen `n` matter, not their order.
-            flat.select_nth_unstable_by(n - 1, |&a, &b| rank(&scores.values, a, b));
+            flat.select_nth_unstable_by(n - 1, |&a, &b| rank_by(key, &scores.values, a, b));
             flat.truncate(n);
         }
         for i in flat {
