@@ -166,14 +166,16 @@ def edge_mask(cfg):
     return torch.tensor([[_time_w(w) < _time_r(r) for r in rs] for w in ws])
 
 
-def forward(cfg, p, tokens, track=False, perturb=None):
+def forward(cfg, p, tokens, track=False, perturb=None, override=None):
     """Run the model. p: TransformerLens-named float64 params.
 
     Returns (logits, acts, deltas). acts[writer] is [B,P,d]. With track=True every reader input
     gets its own zero tensor (requires grad) added: deltas[reader] is that tensor (or a view of a
     per-layer tensor). perturb maps a reader name to a [B,P,d] tensor added to that reader's input
-    (for finite differences).
+    (for finite differences). override maps `input`, `a{L}` ([B,P,H,d], every head of the layer)
+    or `m{L}` to constant outputs that replace that sublayer's (EAP-IG-activations' hooks).
     """
+    override = override or {}
     n_b, n_p = tokens.shape
     d, H, dh = cfg["d_model"], cfg["n_heads"], cfg["d_head"]
     norm, eps = cfg["normalization_type"], cfg["eps"]
@@ -187,6 +189,8 @@ def forward(cfg, p, tokens, track=False, perturb=None):
     pos = p["pos_embed.W_pos"][:n_p]
     short = cfg["positional_embedding_type"] == "shortformer"
     resid = p["embed.W_E"][tokens] + (0 if short else pos)
+    if "input" in override:
+        resid = override["input"]
     acts = {"input": resid}
     deltas = {}
     for L in range(cfg["n_layers"]):
@@ -215,6 +219,8 @@ def forward(cfg, p, tokens, track=False, perturb=None):
         pattern = torch.softmax(scores, dim=-1)
         z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)
         head_out = torch.einsum("bqhe,hed->bqhd", z, p[pre + "attn.W_O"])
+        if f"a{L}" in override:
+            head_out = override[f"a{L}"]
         for h in range(H):
             acts[f"a{L}.h{h}"] = head_out[:, :, h]
         resid = resid + head_out.sum(2) + p[pre + "attn.b_O"]
@@ -225,6 +231,8 @@ def forward(cfg, p, tokens, track=False, perturb=None):
             x = layer_norm(x, p.get(pre + "ln2.w"), p.get(pre + "ln2.b"), norm, eps)
             hidden = activation(x @ p[pre + "mlp.W_in"] + p[pre + "mlp.b_in"], cfg["act_fn"])
             out = hidden @ p[pre + "mlp.W_out"]
+            if f"m{L}" in override:
+                out = override[f"m{L}"]
             acts[f"m{L}"] = out
             resid = resid + out + p[pre + "mlp.b_out"]
     dlt = zero(n_b, n_p, d)

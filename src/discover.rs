@@ -213,9 +213,7 @@ pub fn discover(
             steps: opts.ig_steps,
         },
     ] {
-        if method != Method::Eap && opts.ablation != Ablation::Corrupted {
-            continue;
-        }
+        // EAP-IG integrates from the ablation's baseline, whichever ablation it is.
         let att = attribute(
             model,
             data,

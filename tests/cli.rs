@@ -148,9 +148,10 @@ fn errors_end_with_a_hint_naming_the_flag() {
     );
     assert!(hint.contains("--ig-steps"), "{stderr}");
 
+    // EAP-IG starts its path at any ablation's baseline; clean-corrupted needs the corrupted run.
     let (ok, _, stderr) = run(&[
         "--method",
-        "eap-ig",
+        "clean-corrupted",
         "--ablation",
         "zero",
         "--out",

@@ -13,6 +13,17 @@
 //!   `steps` runs whose embedding is `corrupted + k/steps · (clean − corrupted)`, k = 0..steps
 //!   (EAP-IG's `EAP-IG-inputs`).
 //! * [`Method::CleanCorrupted`] — gradients averaged over the clean and the corrupted run.
+//! * [`Method::EapIgActivations`] — integrated gradients on each sublayer's output (EAP-IG's
+//!   `get_scores_ig_activations`, hannamw/EAP-IG `src/eap/attribute.py`): for the input, then
+//!   each layer's attention (all its heads at once) and MLP, `steps` clean runs in which that
+//!   sublayer's output is set to `baseline + k/steps · (clean − baseline)`, k = 1..steps, as a
+//!   constant (no gradient reaches that sublayer's readers); every run's reader gradients are
+//!   averaged. Attention-only models run EAP-IG's MLP passes as plain clean runs (its hooks on
+//!   the absent MLPs never fire).
+//!
+//! Both integrated-gradient methods start their path at the ablation's baseline: the corrupted
+//! run, zero, or the dataset mean (EAP-IG's own mean path for IG-activations ends at zero
+//! instead, which eap does not copy).
 //!
 //! [`attribute`] with [`AttributionOptions`] → [`Attribution`] (scores and what produced them);
 //! [`MethodKind`] names a method on the command line. Neighbours: the chunks and baselines come
@@ -29,8 +40,9 @@ use crate::graph::{Circuit, CircuitFile, Scores};
 use crate::model::ops::to_vec;
 use std::cell::{Cell, RefCell};
 
+use crate::graph::Writer;
 use crate::model::ops::cpu_slice;
-use crate::model::{ForwardOptions, ForwardOutput, Model, WriterSink};
+use crate::model::{ForwardOptions, ForwardOutput, Model, SublayerOverride, WriterSink};
 use crate::runs::{logits_rows, Ablation, Chunk, Runner, DEFAULT_MEMORY_BUDGET};
 use crate::tasks::{metric_gradient, metric_value, Dataset, Metric};
 use crate::{Error, Result};
@@ -41,6 +53,7 @@ pub enum Method {
     Eap,
     EapIg { steps: usize },
     CleanCorrupted,
+    EapIgActivations { steps: usize },
 }
 
 impl Method {
@@ -49,6 +62,7 @@ impl Method {
             Method::Eap => "eap",
             Method::EapIg { .. } => "eap-ig",
             Method::CleanCorrupted => "clean-corrupted",
+            Method::EapIgActivations { .. } => "eap-ig-activations",
         }
     }
 
@@ -59,6 +73,8 @@ impl Method {
             MethodKind::EapIg if ig_steps == 0 => Err(Error::NoIntegrationSteps),
             MethodKind::EapIg => Ok(Method::EapIg { steps: ig_steps }),
             MethodKind::CleanCorrupted => Ok(Method::CleanCorrupted),
+            MethodKind::EapIgActivations if ig_steps == 0 => Err(Error::NoIntegrationSteps),
+            MethodKind::EapIgActivations => Ok(Method::EapIgActivations { steps: ig_steps }),
         }
     }
 }
@@ -71,6 +87,7 @@ pub enum MethodKind {
     #[value(alias = "eap-ig-inputs")]
     EapIg,
     CleanCorrupted,
+    EapIgActivations,
 }
 
 /// Settings of one attribution run.
@@ -115,6 +132,11 @@ pub struct Attribution {
     /// Forward and backward passes over chunks.
     pub forward_passes: usize,
     pub backward_passes: usize,
+    /// EAP-IG-activations only: for the input, then each layer's attention and MLP, the
+    /// Riemann sum of `Σ_{u in the sublayer, v} Δ_u · ∂M/∂in_v` over that sublayer's own
+    /// passes — its integrated gradient, which approaches `M(sublayer at its baseline) −
+    /// M(clean)` as the steps grow (completeness). Empty for the other methods.
+    pub sublayer_integrals: Vec<f64>,
 }
 
 impl Attribution {
@@ -122,7 +144,7 @@ impl Attribution {
     pub fn meta(&self) -> serde_json::Value {
         serde_json::json!({
             "method": self.method.name(),
-            "ig_steps": match self.method { Method::EapIg { steps } => Some(steps), _ => None },
+            "ig_steps": match self.method { Method::EapIg { steps } | Method::EapIgActivations { steps } => Some(steps), _ => None },
             "metric": self.metric.to_string(),
             "ablation": self.ablation.to_string(),
             "n_examples": self.n_examples,
@@ -185,7 +207,7 @@ impl Attribution {
 /// Scores every edge of `model`'s graph on `data`.
 pub fn attribute(model: &Model, data: &Dataset, opts: &AttributionOptions) -> Result<Attribution> {
     let start = Instant::now();
-    if !matches!(opts.method, Method::Eap) && opts.ablation != Ablation::Corrupted {
+    if matches!(opts.method, Method::CleanCorrupted) && opts.ablation != Ablation::Corrupted {
         return Err(Error::NeedsCorrupted {
             method: opts.method.name(),
             ablation: opts.ablation.to_string(),
@@ -216,8 +238,13 @@ pub fn attribute(model: &Model, data: &Dataset, opts: &AttributionOptions) -> Re
     };
     let (mut clean_sum, mut corrupted_sum) = (0f64, 0f64);
     let (mut fwd, mut bwd) = (0usize, 0usize);
+    let mut sublayer_integrals: Vec<f64> = Vec::new();
     for chunk in &chunks {
         let stats = attribute_chunk(model, &runner, chunk, opts, total, &mut scores)?;
+        sublayer_integrals.resize(stats.sublayer_integrals.len(), 0.0);
+        for (total, v) in sublayer_integrals.iter_mut().zip(&stats.sublayer_integrals) {
+            *total += v;
+        }
         clean_sum += stats.clean_metric * chunk.indices.len() as f64;
         if let Some(c) = stats.corrupted_metric {
             corrupted_sum += c * chunk.indices.len() as f64;
@@ -246,6 +273,7 @@ pub fn attribute(model: &Model, data: &Dataset, opts: &AttributionOptions) -> Re
         seconds: start.elapsed().as_secs_f64(),
         forward_passes: fwd,
         backward_passes: bwd,
+        sublayer_integrals,
     })
 }
 
@@ -254,6 +282,8 @@ struct ChunkStats {
     corrupted_metric: Option<f64>,
     forward_passes: usize,
     backward_passes: usize,
+    /// EAP-IG-activations: each sublayer's path integral, weighted by the chunk's share.
+    sublayer_integrals: Vec<f64>,
 }
 
 fn attribute_chunk(
@@ -301,7 +331,8 @@ fn attribute_chunk(
         &chunk.clean,
         &ForwardOptions {
             writer_sink: Some(&delta_buf),
-            keep_cache: !matches!(opts.method, Method::EapIg { .. }),
+            keep_cache: matches!(opts.method, Method::Eap | Method::CleanCorrupted),
+            keep_writers: matches!(opts.method, Method::EapIgActivations { .. }),
             ..Default::default()
         },
     )?;
@@ -350,52 +381,64 @@ fn attribute_chunk(
     let ForwardOutput {
         logits: clean_logits_t,
         cache: clean_cache,
+        writers: clean_writers,
         ..
     } = clean;
     let delta = delta_buf.into_tensor(&model.device)?;
 
     // Runs one backward from `logits` (whose forward kept `cache`) and adds weight · Δ·g.
     let mut backward_passes = 0;
-    let mut accumulate =
-        |cache: &crate::model::ForwardCache, logits: &Tensor, weight: f64| -> Result<()> {
-            let rows = logits_rows(logits)?;
-            let grad = metric_gradient(metric, &rows, vocab, &chunk.targets, Some(&clean_rows))?;
-            let dlogits = Tensor::from_vec(grad, logits.shape().clone(), &model.device)?;
-            let nr = graph.n_readers();
-            model.backward(cache, &dlogits, &mut |rg| {
-                let r0 = rg.readers.start;
-                let count = rg.readers.len();
-                let f_max = rg
-                    .readers
-                    .clone()
-                    .map(|r| graph.n_upstream(r))
-                    .max()
-                    .unwrap_or(0);
-                let g = rg.grads.reshape((count, n * d))?;
-                let block = to_vec(&crate::model::ops::matmul_nt(
-                    &delta.narrow(0, 0, f_max)?,
-                    &g,
-                )?)?; // [f_max, count]
-                for i in 0..count {
-                    let r = r0 + i;
-                    for u in 0..graph.n_upstream(r) {
-                        scores.values[u * nr + r] += (weight * block[u * count + i] as f64) as f32;
+    let mut sublayer_integrals = Vec::new();
+    // Also returns Σ weight · Δ_u·g_v over the writers `u` in `track` (EAP-IG-activations'
+    // completeness of one sublayer).
+    let mut accumulate = |cache: &crate::model::ForwardCache,
+                          logits: &Tensor,
+                          weight: f64,
+                          track: std::ops::Range<usize>|
+     -> Result<f64> {
+        let mut tracked = 0f64;
+        let rows = logits_rows(logits)?;
+        let grad = metric_gradient(metric, &rows, vocab, &chunk.targets, Some(&clean_rows))?;
+        let dlogits = Tensor::from_vec(grad, logits.shape().clone(), &model.device)?;
+        let nr = graph.n_readers();
+        model.backward(cache, &dlogits, &mut |rg| {
+            let r0 = rg.readers.start;
+            let count = rg.readers.len();
+            let f_max = rg
+                .readers
+                .clone()
+                .map(|r| graph.n_upstream(r))
+                .max()
+                .unwrap_or(0);
+            let g = rg.grads.reshape((count, n * d))?;
+            let block = to_vec(&crate::model::ops::matmul_nt(
+                &delta.narrow(0, 0, f_max)?,
+                &g,
+            )?)?; // [f_max, count]
+            for i in 0..count {
+                let r = r0 + i;
+                for u in 0..graph.n_upstream(r) {
+                    let add = weight * block[u * count + i] as f64;
+                    scores.values[u * nr + r] += add as f32;
+                    if track.contains(&u) {
+                        tracked += add;
                     }
                 }
-                Ok(())
-            })?;
-            backward_passes += 1;
+            }
             Ok(())
-        };
+        })?;
+        backward_passes += 1;
+        Ok(tracked)
+    };
 
     match opts.method {
         Method::Eap => {
             let cache = clean_cache.as_ref().expect("kept");
-            accumulate(cache, &clean_logits_t, share)?;
+            accumulate(cache, &clean_logits_t, share, 0..0)?;
         }
         Method::CleanCorrupted => {
             let cache = clean_cache.as_ref().expect("kept");
-            accumulate(cache, &clean_logits_t, share / 2.0)?;
+            accumulate(cache, &clean_logits_t, share / 2.0, 0..0)?;
             let corrupted = model.forward(
                 &chunk.corrupted,
                 &ForwardOptions {
@@ -408,11 +451,16 @@ fn attribute_chunk(
                 corrupted.cache.as_ref().expect("kept"),
                 &corrupted.logits,
                 share / 2.0,
+                0..0,
             )?;
         }
         Method::EapIg { steps } => {
             let input_clean = model.embed(&chunk.clean)?;
-            let input_baseline = model.embed(&chunk.corrupted)?;
+            let input_baseline = match opts.ablation {
+                Ablation::Corrupted => model.embed(&chunk.corrupted)?,
+                Ablation::Zero => input_clean.zeros_like()?,
+                Ablation::Mean | Ablation::MeanPositional => runner.baseline(chunk)?.swap_remove(0),
+            };
             let diff = (&input_clean - &input_baseline)?;
             for k in 0..steps {
                 let alpha = k as f64 / steps as f64;
@@ -430,7 +478,80 @@ fn attribute_chunk(
                     out.cache.as_ref().expect("kept"),
                     &out.logits,
                     share / steps as f64,
+                    0..0,
                 )?;
+            }
+        }
+        Method::EapIgActivations { steps } => {
+            // Each writer on the path from its baseline (k = 0) to its clean value (k = steps):
+            // clean + (1 − k/steps)·Δ, Δ = baseline − clean.
+            let point = |u: usize, alpha: f64| -> Result<Tensor> {
+                let du = delta.get(u)?.reshape((n, d))?;
+                Ok((&clean_writers[u] + (du * (1.0 - alpha))?)?)
+            };
+            // The input, then per layer its attention (`Some(true)`) and MLP (`Some(false)`).
+            let mut sublayers = vec![None];
+            for _ in 0..graph.n_layers {
+                sublayers.push(Some(true));
+                sublayers.push(Some(false));
+            }
+            let passes = sublayers.len() * steps;
+            for (i, sub) in sublayers.iter().enumerate() {
+                let layer = i.saturating_sub(1) / 2;
+                // The sublayer's own writers, whose Δ·g over its passes is its path integral.
+                let own = match sub {
+                    None => 0..1,
+                    Some(true) => {
+                        let first = graph.writer_index(Writer::Head { layer, head: 0 });
+                        first..first + graph.n_heads
+                    }
+                    Some(false) if !graph.has_mlp => 0..0,
+                    Some(false) => {
+                        let m = graph.writer_index(Writer::Mlp { layer });
+                        m..m + 1
+                    }
+                };
+                let mut integral = 0f64;
+                for k in 1..=steps {
+                    let alpha = k as f64 / steps as f64;
+                    let mut fo = ForwardOptions {
+                        keep_cache: true,
+                        ..Default::default()
+                    };
+                    match sub {
+                        None => fo.input_override = Some(point(0, alpha)?),
+                        Some(true) => {
+                            let heads = (0..graph.n_heads)
+                                .map(|h| {
+                                    point(
+                                        graph.writer_index(Writer::Head { layer, head: h }),
+                                        alpha,
+                                    )
+                                })
+                                .collect::<Result<Vec<_>>>()?;
+                            fo.sublayer_override =
+                                Some(SublayerOverride::Attention { layer, heads });
+                        }
+                        // Attention-only models: EAP-IG's hook on the absent MLP never fires.
+                        Some(false) if !graph.has_mlp => {}
+                        Some(false) => {
+                            let output = point(graph.writer_index(Writer::Mlp { layer }), alpha)?;
+                            fo.sublayer_override = Some(SublayerOverride::Mlp { layer, output });
+                        }
+                    }
+                    let out = model.forward(&chunk.clean, &fo)?;
+                    forward_passes += 1;
+                    integral += accumulate(
+                        out.cache.as_ref().expect("kept"),
+                        &out.logits,
+                        share / passes as f64,
+                        own.clone(),
+                    )?;
+                }
+                if !own.is_empty() {
+                    // Undo the 1/passes average: the right Riemann sum over α = k/steps, k = 1..steps.
+                    sublayer_integrals.push(integral * passes as f64 / steps as f64);
+                }
             }
         }
     }
@@ -439,6 +560,7 @@ fn attribute_chunk(
         corrupted_metric,
         forward_passes,
         backward_passes,
+        sublayer_integrals,
     })
 }
 

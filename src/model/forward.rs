@@ -136,6 +136,9 @@ pub struct ForwardOptions<'a> {
     pub keep_cache: bool,
     /// Replaces the embedding (`[N, d]`) — integrated gradients on the input.
     pub input_override: Option<Tensor>,
+    /// Replaces one layer's sublayer output by constants (EAP-IG-activations): the backward
+    /// then sends no gradient into that sublayer's readers, as if the values were set by a hook.
+    pub sublayer_override: Option<SublayerOverride>,
     pub intervention: Option<&'a dyn ReaderIntervention>,
     /// Called with each writer's output as soon as it exists.
     pub writer_sink: Option<&'a dyn WriterSink>,
@@ -144,6 +147,15 @@ pub struct ForwardOptions<'a> {
     pub keep_residuals: bool,
     /// Start at a layer from a cached prefix instead of the embedding.
     pub start: Option<&'a Prefix>,
+}
+
+/// A sublayer whose output a forward replaces by constants.
+#[derive(Debug, Clone)]
+pub enum SublayerOverride {
+    /// Layer `layer`'s heads: one `[N, d]` output per head (before `b_O` and any output norm).
+    Attention { layer: usize, heads: Vec<Tensor> },
+    /// Layer `layer`'s MLP output `[N, d]` (without `b_out`; after its output norm, if any).
+    Mlp { layer: usize, output: Tensor },
 }
 
 /// The state of a run at the start of `layer`: the residual stream and every writer output
@@ -172,6 +184,10 @@ pub struct ForwardOutput {
 struct LayerCache {
     attn: AttentionCache,
     mlp: Option<MlpCache>,
+    /// The attention output was replaced by constants: no gradient reaches its readers.
+    attn_frozen: bool,
+    /// The same for the MLP.
+    mlp_frozen: bool,
 }
 
 /// What the unembedding's backward needs: the final norm's statistics and, with a final
@@ -410,7 +426,21 @@ impl Model {
             let q = project(Qkv::Q)?;
             let k = project(Qkv::K)?;
             let v = project(Qkv::V)?;
-            let (head_out, pattern) = attn.attend(&q, &k, &v, &mask)?; // [h, n, d]
+            let (mut head_out, pattern) = attn.attend(&q, &k, &v, &mask)?; // [h, n, d]
+            let attn_frozen = match &opts.sublayer_override {
+                Some(SublayerOverride::Attention { layer, heads }) if *layer == l => {
+                    if heads.len() != h || heads.iter().any(|t| t.dims() != [n, d]) {
+                        return Err(Error::Shape {
+                            op: "attention override",
+                            expected: format!("{h} head outputs of shape [{n}, {d}]"),
+                            found: format!("{} tensors", heads.len()),
+                        });
+                    }
+                    head_out = Tensor::stack(heads, 0)?;
+                    true
+                }
+                _ => false,
+            };
             let (attn_out, post) = attn.output(&head_out)?;
             for hh in 0..h {
                 let out = head_out.get(hh)?;
@@ -437,7 +467,19 @@ impl Model {
                         Some(dlt) => (mlp_site + dlt)?,
                         None => mlp_site.clone(),
                     };
-                    let (out, cache) = mlp.forward(&inp)?;
+                    let (mut out, cache) = mlp.forward(&inp)?;
+                    if let Some(SublayerOverride::Mlp { layer, output }) = &opts.sublayer_override {
+                        if *layer == l {
+                            if output.dims() != [n, d] {
+                                return Err(Error::Shape {
+                                    op: "MLP override",
+                                    expected: format!("[{n}, {d}]"),
+                                    found: format!("{:?}", output.dims()),
+                                });
+                            }
+                            out = output.clone();
+                        }
+                    }
                     let mut x_next = (&x_mid + &out)?;
                     if let Some(bias) = mlp.output_bias() {
                         x_next = x_next.broadcast_add(bias)?;
@@ -450,9 +492,15 @@ impl Model {
                 }
             };
             if opts.keep_cache {
+                let mlp_frozen = matches!(
+                    &opts.sublayer_override,
+                    Some(SublayerOverride::Mlp { layer, .. }) if *layer == l
+                );
                 layer_caches.push(LayerCache {
                     attn: attn.cache(ln1, q, k, v, pattern, post, &positions),
                     mlp: mlp_cache,
+                    attn_frozen,
+                    mlp_frozen,
                 });
             }
             x = x_next;
@@ -557,6 +605,7 @@ impl Model {
             // attention's output adds the MLP reader's. Parallel blocks: both read the stream
             // entering the layer, and both see the gradient leaving it.
             let (mlp_grad, g_attn) = match (&block.mlp, &lc.mlp) {
+                (Some(_), Some(_)) if lc.mlp_frozen => (Some(g.zeros_like()?), g.clone()),
                 (Some(mlp), Some(mc)) => {
                     let gm = mlp.backward(mc, &g)?;
                     if cfg.parallel_attn_mlp {
@@ -572,7 +621,15 @@ impl Model {
             };
             // The layer's reader gradients in graph order, [3h (+1), n, d]: q, k, v of every
             // head, then the MLP's gradient appended.
-            let grads = block.attn.backward(&lc.attn, &g_attn, mlp_grad.as_ref())?;
+            let grads = if lc.attn_frozen {
+                let zeros = Tensor::zeros((3 * h, n, d), DType::F32, &self.device)?;
+                match &mlp_grad {
+                    Some(gm) => Tensor::cat(&[zeros, gm.unsqueeze(0)?], 0)?,
+                    None => zeros,
+                }
+            } else {
+                block.attn.backward(&lc.attn, &g_attn, mlp_grad.as_ref())?
+            };
             let mlp_count = mlp_grad.is_some() as usize;
             let g_qkv_sum = ops::sum_leading(&grads.narrow(0, 0, 3 * h)?)?;
             visit(ReaderGrads {

@@ -33,7 +33,7 @@ pub use block::{
 pub use config::{Activation, ModelConfig, Norm, Positions, WeightFormat};
 pub use forward::{
     AdditiveDeltas, Batch, ForwardCache, ForwardOptions, ForwardOutput, PatchPlan, Prefix,
-    ReaderGrads, ReaderIntervention, WriterSink,
+    ReaderGrads, ReaderIntervention, SublayerOverride, WriterSink,
 };
 pub use weights::EmbedWeights;
 
