@@ -8,6 +8,8 @@
 //!   Greater-Than, Docstring, Induction), seeded and reproducible; [`write_jsonl`] saves them.
 //! * [`metric_value`] and [`metric_gradient`] evaluate a [`Metric`] on one row of logits per
 //!   example; attribution feeds the gradient into the backward pass.
+//! * [`read_mib_jsonl`] reads the MIB benchmark's task rows (IOI, MCQA, ARC, arithmetic) with
+//!   MIB's column mapping and filters.
 //! * [`canonical_circuit`] gives the human-found circuits that ROC curves are scored against.
 //!
 //! Data flows tokenizer → dataset → (model) → logits → metric; the model groups examples of
@@ -18,6 +20,7 @@ mod dataset;
 mod generate;
 mod lists;
 mod metric;
+mod mib;
 mod tokenizer;
 
 pub use circuits::{
@@ -28,4 +31,5 @@ pub use generate::{
     generate, generate_induction, greater_than_years, write_jsonl, Task, INDUCTION_LEN,
 };
 pub use metric::{metric_gradient, metric_value, KlReference, Metric, MetricValue, Target};
+pub use mib::{read_mib_jsonl, MibImport, MibTask};
 pub use tokenizer::Tokenizer;
