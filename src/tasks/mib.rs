@@ -157,10 +157,10 @@ fn choice(obj: &Value) -> std::result::Result<String, String> {
     }
 }
 
-/// One row's clean and corrupted token ids, answer and wrong token, or `None` when MIB's filter
-/// drops it.
+/// One row's clean and corrupted token ids, answer token and wrong token.
 type Row = (Vec<u32>, Vec<u32>, u32, u32);
 
+/// Maps one row as MIB does; `None` when MIB's filter drops it.
 fn mib_record(
     row: &Value,
     task: MibTask,
