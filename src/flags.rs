@@ -210,6 +210,7 @@ pub struct AttributeArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("select").required(true)))]
 pub struct CircuitArgs {
     /// Scores file written by `eap attribute`.
     #[arg(long)]
