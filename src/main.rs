@@ -18,14 +18,17 @@ use eap::bench::BenchOptions;
 use eap::discover::{discover, DiscoverOptions};
 use eap::eval::{roc_from_graph, FaithfulnessBaseline};
 use eap::fsutil::write_atomic;
-use eap::graph::{to_dot, Circuit, CircuitFile, Selection};
-use eap::job::{load_job, read_circuit, read_truth, Examples, Job, JobSpec};
+use eap::graph::{to_dot, Circuit, Selection};
+use eap::job::{load_job, read_truth, Examples, Job, JobSpec};
 use eap::runs::{prepare, Runner, DEFAULT_MEMORY_BUDGET};
 use eap::tasks::{generate, write_jsonl, Metric, Tokenizer};
 
 use flags::*;
+use output::{check_outputs, is_broken_pipe, read_scores, Usage};
 
 mod flags;
+#[macro_use]
+mod output;
 
 /// glibc hands every allocation above 128 KiB to `mmap` and back to the kernel on free, so each
 /// activation buffer of a forward pass (megabytes, freed a few ops later) is faulted in and zeroed
@@ -70,67 +73,6 @@ fn main() -> ExitCode {
         eprintln!("\nhint: {hint}");
     }
     ExitCode::from(1)
-}
-
-/// Writes one line to standard output, returning the error of a closed pipe rather than
-/// panicking (see `main`).
-macro_rules! out {
-    ($($arg:tt)*) => {{
-        use std::io::Write as _;
-        writeln!(std::io::stdout().lock(), $($arg)*)?
-    }};
-}
-
-/// A status line: on standard output, or on standard error when the command's result goes
-/// to standard output (`--out -`).
-macro_rules! status {
-    ($to_stderr:expr, $($arg:tt)*) => {{
-        if $to_stderr {
-            eprintln!($($arg)*);
-        } else {
-            out!($($arg)*);
-        }
-    }};
-}
-
-/// A usage error the flags' parser cannot express: printed as clap prints its own, exit 2.
-#[derive(Debug)]
-struct Usage(String);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Usage {}
-
-/// Whether `err` comes from writing to a closed standard output.
-fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| {
-        let io = e
-            .downcast_ref::<std::io::Error>()
-            .or_else(|| match e.downcast_ref() {
-                Some(eap::Error::Io { error, .. }) => Some(error),
-                _ => None,
-            });
-        io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
-}
-
-/// Checks every output path of a command before it starts working (see
-/// [`eap::fsutil::check_output_path`]); `-` is accepted only where `stdout_ok`.
-fn check_outputs(outputs: &[(&str, Option<&std::path::Path>, bool)]) -> Result<()> {
-    for &(flag, path, stdout_ok) in outputs {
-        let Some(path) = path else { continue };
-        if eap::fsutil::is_stdout(path) && !stdout_ok {
-            bail!(Usage(format!(
-                "{flag} -: this output cannot go to standard output; give a file path"
-            )));
-        }
-        eap::fsutil::check_output_path(path, flag, stdout_ok)?;
-    }
-    Ok(())
 }
 
 /// The flag that fixes a library error, for the errors a flag can fix.
@@ -230,7 +172,7 @@ fn cmd_circuit(a: CircuitArgs) -> Result<()> {
         ("--svg", a.svg.as_deref(), false),
     ])?;
     let to_stdout = eap::fsutil::is_stdout(&a.out);
-    let mut file = CircuitFile::read(&a.scores)?;
+    let mut file = read_scores(&a.scores, a.allow_missing)?;
     let selection = match (a.top_n, a.threshold, a.greedy) {
         (Some(n), None, None) => Selection::TopN(n),
         (None, Some(t), None) => Selection::Threshold(t),
@@ -262,7 +204,8 @@ fn cmd_circuit(a: CircuitArgs) -> Result<()> {
 
 fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
     let (job, metric) = a.data.load()?;
-    let file = read_circuit(&a.circuit, job.model.graph())?;
+    let file = read_scores(&a.circuit, a.allow_missing)?;
+    (job.model.graph()).expect(&file.graph, a.circuit.display().to_string())?;
     let d = &a.data;
     let runner = Runner::new(
         &job.model,
@@ -315,7 +258,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
 
 fn cmd_roc(a: RocArgs) -> Result<()> {
     check_outputs(&[("--svg", a.svg.as_deref(), false)])?;
-    let file = CircuitFile::read(&a.scores)?;
+    let file = read_scores(&a.scores, a.allow_missing)?;
     let truth = read_truth(&a.truth, file.graph)?;
     let roc = roc_from_graph(&file.scores, &truth)?;
     out!(
@@ -382,7 +325,15 @@ fn cmd_discover(a: DiscoverArgs) -> Result<()> {
 const EXIT_AFTER_ENV: &str = "EAP_ACDC_EXIT_AFTER";
 
 fn cmd_acdc(a: AcdcArgs) -> Result<()> {
-    check_outputs(&[("--out", a.out.as_deref(), false)])?;
+    // --out's folder is created when missing (and a new folder holds nothing to refuse).
+    let new_dir = a
+        .out
+        .as_deref()
+        .and_then(|o| o.parent())
+        .is_some_and(|d| !d.as_os_str().is_empty() && !d.exists());
+    if !new_dir || a.out.as_deref().is_some_and(eap::fsutil::is_stdout) {
+        check_outputs(&[("--out", a.out.as_deref(), false)])?;
+    }
     let job = load_job(&a.job.spec(), &Device::Cpu)?;
     let (model, data, truth) = (&job.model, &job.data, job.truth.as_ref());
     let runner = Runner::new(model, data, a.ablation, a.batch_size, DEFAULT_MEMORY_BUDGET)?;

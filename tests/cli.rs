@@ -359,3 +359,53 @@ fn circuit_without_selection_is_usage_error() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--top-n"), "{stderr}");
 }
+
+/// Issue 13: `roc`, `circuit` and `evaluate` refuse a scores file that lists only some edges;
+/// `--allow-missing` accepts it and says on stderr how many edges were filled with 0.
+#[test]
+fn partial_scores_files_need_allow_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (code, _, stderr) = eap_code(
+        d,
+        &["discover", "--out-dir", "run", "--no-acdc", "--no-exact"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let text = std::fs::read_to_string(d.join("run/circuit.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let edges = v["edges"].as_object_mut().unwrap();
+    let total = edges.len();
+    let drop: Vec<String> = edges
+        .keys()
+        .filter(|n| n.starts_with("input->"))
+        .cloned()
+        .collect();
+    for name in &drop {
+        edges.remove(name);
+    }
+    std::fs::write(d.join("partial.json"), v.to_string()).unwrap();
+    std::fs::write(d.join("truth.txt"), "a1.h2->logits\n").unwrap();
+    let roc = ["roc", "--scores", "partial.json", "--truth", "truth.txt"];
+    let circuit = [
+        "circuit",
+        "--scores",
+        "partial.json",
+        "--top-n",
+        "3",
+        "--out",
+        "c.json",
+        "--no-prune",
+    ];
+    for args in [&roc[..], &circuit[..]] {
+        let (code, _, stderr) = eap_code(d, args);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("partial.json") && stderr.contains("--allow-missing"),
+            "{stderr}"
+        );
+        let (code, _, stderr) = eap_code(d, &[args, &["--allow-missing"]].concat());
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        let said = format!("{} of {total} edges not listed", drop.len());
+        assert!(stderr.contains(&said), "{args:?}: {stderr}");
+    }
+}
