@@ -170,6 +170,10 @@ pub struct RocArgs {
     /// Also write the ROC curve as SVG.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Accept a file that lists only some edges: the others read as score 0 and out of the
+    /// circuit (how many is said on stderr). Without it such a file is an error.
+    #[arg(long)]
+    pub allow_missing: bool,
 }
 
 /// A model and its examples, for `attribute` and `evaluate`.
@@ -213,6 +217,7 @@ pub struct AttributeArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("select").required(true)))]
 pub struct CircuitArgs {
     /// Scores file written by `eap attribute`.
     #[arg(long)]
@@ -237,6 +242,10 @@ pub struct CircuitArgs {
     /// Also write an SVG picture (no graphviz needed).
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Accept a file that lists only some edges: the others read as score 0 and out of the
+    /// circuit (how many is said on stderr). Without it such a file is an error.
+    #[arg(long)]
+    pub allow_missing: bool,
 }
 
 #[derive(Args)]
@@ -246,8 +255,13 @@ pub struct EvaluateArgs {
     /// Circuit file (EAP-IG JSON layout).
     #[arg(long)]
     pub circuit: PathBuf,
+    /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Accept a file that lists only some edges: the others read as score 0 and out of the
+    /// circuit (how many is said on stderr). Without it such a file is an error.
+    #[arg(long)]
+    pub allow_missing: bool,
 }
 
 #[derive(Args)]

@@ -18,14 +18,17 @@ use eap::bench::BenchOptions;
 use eap::discover::{discover, DiscoverOptions};
 use eap::eval::{roc_from_graph, FaithfulnessBaseline};
 use eap::fsutil::write_atomic;
-use eap::graph::{to_dot, Circuit, CircuitFile, Selection};
-use eap::job::{load_job, read_circuit, read_truth, Examples, Job, JobSpec};
+use eap::graph::{to_dot, Circuit, Selection};
+use eap::job::{load_job, read_truth, Examples, Job, JobSpec};
 use eap::runs::{prepare, Runner, DEFAULT_MEMORY_BUDGET};
 use eap::tasks::{generate, write_jsonl, Metric, Tokenizer};
 
 use flags::*;
+use output::{check_outputs, is_broken_pipe, read_scores, Usage};
 
 mod flags;
+#[macro_use]
+mod output;
 
 /// glibc hands every allocation above 128 KiB to `mmap` and back to the kernel on free, so each
 /// activation buffer of a forward pass (megabytes, freed a few ops later) is faulted in and zeroed
@@ -42,6 +45,12 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
+    // A closed stdout (`eap discover | head -1`) ends the run quietly with exit 0, as ripgrep
+    // does. Rust ignores SIGPIPE, so a write to a closed pipe fails with `BrokenPipe`; every
+    // line of output goes through `out!`, which returns that error instead of panicking as
+    // `println!` would, and `main` counts it as success. (Restoring the default SIGPIPE
+    // action instead would kill the process by signal: exit status 141, not 0, and no chance
+    // to remove a temporary file.)
     // No arguments: the main job, with `eap discover`'s defaults.
     let command = match Cli::parse().command {
         Some(command) => command,
@@ -52,6 +61,13 @@ fn main() -> ExitCode {
     let Err(err) = run(command) else {
         return ExitCode::SUCCESS;
     };
+    if is_broken_pipe(&err) {
+        return ExitCode::SUCCESS;
+    }
+    if let Some(usage) = err.downcast_ref::<Usage>() {
+        eprintln!("error: {usage}\n\nFor more information, try '--help'.");
+        return ExitCode::from(2);
+    }
     eprintln!("error: {err:#}");
     if let Some(hint) = err.chain().find_map(|e| e.downcast_ref().and_then(hint)) {
         eprintln!("\nhint: {hint}");
@@ -128,6 +144,8 @@ fn run(command: Command) -> Result<()> {
 }
 
 fn cmd_attribute(a: AttributeArgs) -> Result<()> {
+    check_outputs(&[("--out", Some(&a.out), true)])?;
+    let to_stdout = eap::fsutil::is_stdout(&a.out);
     let (job, metric) = a.data.load()?;
     let opts = AttributionOptions {
         method: Method::new(a.method, a.ig_steps)?,
@@ -140,21 +158,29 @@ fn cmd_attribute(a: AttributeArgs) -> Result<()> {
     let att = attribute(&job.model, &job.data, &opts)?;
     let meta = att.write(&job.model, &a.out)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&meta)?);
+        status!(to_stdout, "{}", serde_json::to_string_pretty(&meta)?);
     } else {
-        print!("{}", att.summary());
-        println!("wrote {}", a.out.display());
+        status!(to_stdout, "{}", att.summary().trim_end());
+        status!(to_stdout, "wrote {}", a.out.display());
     }
     Ok(())
 }
 
 fn cmd_circuit(a: CircuitArgs) -> Result<()> {
-    let mut file = CircuitFile::read(&a.scores)?;
+    check_outputs(&[
+        ("--out", Some(&a.out), true),
+        ("--dot", a.dot.as_deref(), false),
+        ("--svg", a.svg.as_deref(), false),
+    ])?;
+    let to_stdout = eap::fsutil::is_stdout(&a.out);
+    let mut file = read_scores(&a.scores, a.allow_missing)?;
     let selection = match (a.top_n, a.threshold, a.greedy) {
         (Some(n), None, None) => Selection::TopN(n),
         (None, Some(t), None) => Selection::Threshold(t),
         (None, None, Some(n)) => Selection::Greedy(n),
-        _ => bail!("choose how to select edges: --top-n N, --threshold T or --greedy N"),
+        _ => bail!(Usage(
+            "choose how to select edges: --top-n N, --threshold T or --greedy N".into()
+        )),
     };
     file.circuit = Circuit::select(&file.scores, selection, !a.no_prune)?;
     file.meta["selection"] = serde_json::json!({
@@ -169,13 +195,18 @@ fn cmd_circuit(a: CircuitArgs) -> Result<()> {
         write_atomic(svg, eap::report::circuit_svg(circuit, scores).as_bytes())?;
     }
     let (edges, nodes) = (circuit.n_edges(), circuit.nodes().len());
-    println!("{edges} edges, {nodes} nodes: {}", a.out.display());
+    status!(
+        to_stdout,
+        "{edges} edges, {nodes} nodes: {}",
+        a.out.display()
+    );
     Ok(())
 }
 
 fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
     let (job, metric) = a.data.load()?;
-    let file = read_circuit(&a.circuit, job.model.graph())?;
+    let file = read_scores(&a.circuit, a.allow_missing)?;
+    (job.model.graph()).expect(&file.graph, a.circuit.display().to_string())?;
     let d = &a.data;
     let runner = Runner::new(
         &job.model,
@@ -189,9 +220,9 @@ fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
     let f = baseline.of(&file.circuit)?;
     let edges = file.circuit.n_edges();
     if a.json {
-        println!("{}", f.to_json(edges, metric));
+        out!("{}", f.to_json(edges, metric));
     } else {
-        println!("{}", f.summary(edges, metric));
+        out!("{}", f.summary(edges, metric));
     }
     Ok(())
 }
@@ -234,10 +265,14 @@ fn cmd_mib(a: MibArgs) -> Result<()> {
 }
 
 fn cmd_dataset(a: DatasetArgs) -> Result<()> {
+    check_outputs(&[("--out", Some(&a.out), true)])?;
     let records = generate(a.task, a.n, a.seed, &Tokenizer::gpt2()?)?;
     write_jsonl(&records, &a.out)?;
     let (n, task, out) = (records.len(), a.task, a.out.display());
-    println!("wrote {n} {task} examples to {out}");
+    status!(
+        eap::fsutil::is_stdout(&a.out),
+        "wrote {n} {task} examples to {out}"
+    );
     Ok(())
 }
 
@@ -260,10 +295,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
 }
 
 fn cmd_roc(a: RocArgs) -> Result<()> {
-    let file = CircuitFile::read(&a.scores)?;
+    check_outputs(&[("--svg", a.svg.as_deref(), false)])?;
+    let file = read_scores(&a.scores, a.allow_missing)?;
     let truth = read_truth(&a.truth, file.graph)?;
     let roc = roc_from_graph(&file.scores, &truth)?;
-    println!(
+    out!(
         "ROC AUC {:.4} (trapezoid), {:.4} (ACDC pessimistic) over {} edges, {} in the ground truth",
         roc.auc_trapezoid,
         roc.auc_staircase,
@@ -273,7 +309,7 @@ fn cmd_roc(a: RocArgs) -> Result<()> {
     if let Some(svg) = &a.svg {
         let picture = eap::report::roc_svg(&[("scores".to_string(), roc)]);
         write_atomic(svg, picture.as_bytes())?;
-        println!("wrote {}", svg.display());
+        out!("wrote {}", svg.display());
     }
     Ok(())
 }
@@ -281,9 +317,19 @@ fn cmd_roc(a: RocArgs) -> Result<()> {
 fn cmd_discover(a: DiscoverArgs) -> Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let start = Instant::now();
+    if let Some(dir) = &a.out_dir {
+        if eap::fsutil::is_stdout(dir) {
+            bail!(Usage(
+                "--out-dir -: discover writes several files; give a folder".into()
+            ));
+        }
+        if dir.exists() && !dir.is_dir() {
+            bail!("{}: --out-dir is not a folder", dir.display());
+        }
+    }
     let job = load_job(&a.job.spec(), &Device::Cpu)?;
     if let Some(description) = &job.description {
-        println!("{description}\n");
+        out!("{description}\n");
     }
     let defaults = DiscoverOptions::default();
     let opts = DiscoverOptions {
@@ -300,15 +346,15 @@ fn cmd_discover(a: DiscoverArgs) -> Result<()> {
         progress: true,
     };
     let found = discover(&job.model, &job.data, job.truth.as_ref(), &opts)?;
-    println!("{}", found.summary());
+    out!("{}", found.summary());
     let dir = a
         .out_dir
         .unwrap_or_else(|| PathBuf::from("eap-out").join(&job.label));
     let files = found.write(&dir, &command)?;
     let names: Vec<_> = files.iter().filter_map(|f| f.file_name()).collect();
     let names: Vec<_> = names.iter().map(|n| n.to_string_lossy()).collect();
-    println!("wrote to {}/: {}", dir.display(), names.join(", "));
-    println!("total {:.1} s", start.elapsed().as_secs_f64());
+    out!("wrote to {}/: {}", dir.display(), names.join(", "));
+    out!("total {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -317,6 +363,15 @@ fn cmd_discover(a: DiscoverArgs) -> Result<()> {
 const EXIT_AFTER_ENV: &str = "EAP_ACDC_EXIT_AFTER";
 
 fn cmd_acdc(a: AcdcArgs) -> Result<()> {
+    // --out's folder is created when missing (and a new folder holds nothing to refuse).
+    let new_dir = a
+        .out
+        .as_deref()
+        .and_then(|o| o.parent())
+        .is_some_and(|d| !d.as_os_str().is_empty() && !d.exists());
+    if !new_dir || a.out.as_deref().is_some_and(eap::fsutil::is_stdout) {
+        check_outputs(&[("--out", a.out.as_deref(), false)])?;
+    }
     let job = load_job(&a.job.spec(), &Device::Cpu)?;
     let (model, data, truth) = (&job.model, &job.data, job.truth.as_ref());
     let runner = Runner::new(model, data, a.ablation, a.batch_size, DEFAULT_MEMORY_BUDGET)?;
@@ -337,7 +392,7 @@ fn cmd_acdc(a: AcdcArgs) -> Result<()> {
         };
         let att = attribute(model, data, &opts)?;
         base = hybrid(&att.scores, a.keep, a.eap_threshold, base)?;
-        println!(
+        out!(
             "EAP ({}) pre-pruning: {} of {} edges survive for ACDC ({:.2} s)",
             job.metric,
             base.start_edges(&model.graph()),
@@ -347,11 +402,11 @@ fn cmd_acdc(a: AcdcArgs) -> Result<()> {
     }
     if let Some(thresholds) = &a.thresholds {
         let sweep = threshold_sweep(model, &prepared, &base, thresholds, truth)?;
-        print!("{}", sweep.report());
+        out!("{}", sweep.report().trim_end());
         if let Some(out) = &a.out {
             let summary = serde_json::to_string_pretty(&sweep.summary(a.metric))?;
             write_atomic(out, summary.as_bytes())?;
-            println!("wrote {}", out.display());
+            out!("wrote {}", out.display());
         }
         return Ok(());
     }
@@ -374,7 +429,7 @@ fn cmd_acdc(a: AcdcArgs) -> Result<()> {
             serde_json::json!({"method": "eap", "keep": a.keep, "eap_threshold": a.eap_threshold});
     }
     file.write(&out)?;
-    print!("{}", result.report(truth)?);
-    println!("wrote {} (steps: {})", out.display(), persist.log.display());
+    out!("{}", result.report(truth)?.trim_end());
+    out!("wrote {} (steps: {})", out.display(), persist.log.display());
     Ok(())
 }

@@ -186,3 +186,227 @@ fn errors_end_with_a_hint_naming_the_flag() {
     );
     assert!(!ok && stderr.contains("--keep"), "{stderr}");
 }
+
+/// Runs `eap` and returns its exit code, stdout and stderr.
+fn eap_code(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_eap"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Issue 13: a symlinked `--out` is written through and stays a symlink; the temporaries of a
+/// killed run beside the target are removed by the next write.
+#[cfg(unix)]
+#[test]
+fn outputs_write_through_symlinks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("real")).unwrap();
+    std::fs::write(d.join("real/ioi.jsonl"), "old\n").unwrap();
+    std::fs::write(d.join("real/.ioi.jsonl.4294967295.tmp"), "partial").unwrap();
+    std::os::unix::fs::symlink("real/ioi.jsonl", d.join("link.jsonl")).unwrap();
+    let (code, _, stderr) = eap_code(d, &["dataset", "ioi", "--n", "3", "--out", "link.jsonl"]);
+    assert_eq!(code, 0, "{stderr}");
+    let meta = std::fs::symlink_metadata(d.join("link.jsonl")).unwrap();
+    assert!(meta.file_type().is_symlink(), "the link was replaced");
+    let text = std::fs::read_to_string(d.join("real/ioi.jsonl")).unwrap();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    let left: Vec<_> = std::fs::read_dir(d.join("real")).unwrap().collect();
+    assert_eq!(left.len(), 1, "temporaries left: {left:?}");
+}
+
+/// Issue 13: a FIFO, a device or a directory as `--out` is refused before any work, naming the
+/// path; nothing is replaced.
+#[cfg(unix)]
+#[test]
+fn outputs_that_are_not_regular_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo = d.join("fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    std::fs::create_dir(d.join("adir")).unwrap();
+    let cases: [(&[&str], &str, &str); 5] = [
+        (&["dataset", "ioi", "--out", "fifo"], "fifo", "FIFO"),
+        (
+            &["dataset", "ioi", "--out", "/dev/null"],
+            "/dev/null",
+            "device",
+        ),
+        (&["dataset", "ioi", "--out", "adir"], "adir", "directory"),
+        (
+            &[
+                "roc",
+                "--scores",
+                "nothing.json",
+                "--truth",
+                "t",
+                "--svg",
+                "nodir/r.svg",
+            ],
+            "nodir/r.svg",
+            "does not exist",
+        ),
+        (
+            &[
+                "acdc",
+                "--planted",
+                "induction",
+                "--threshold",
+                "0.1",
+                "--out",
+                "fifo",
+            ],
+            "fifo",
+            "FIFO",
+        ),
+    ];
+    for (args, path, problem) in cases {
+        let started = std::time::Instant::now();
+        let (code, _, stderr) = eap_code(d, args);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(path) && stderr.contains(problem),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains(".tmp"), "{stderr}");
+        assert!(
+            started.elapsed().as_secs() < 5,
+            "{args:?} worked before refusing"
+        );
+    }
+    let meta = std::fs::symlink_metadata(&fifo).unwrap();
+    assert!(!meta.file_type().is_file(), "the FIFO was replaced");
+    assert!(std::fs::read_dir(d.join("adir")).unwrap().next().is_none());
+}
+
+/// Issue 13: `--out -` writes a single-file result to stdout (status lines go to stderr) and
+/// is a usage error (exit 2) where the output is more than one file or shares stdout.
+#[test]
+fn out_dash_is_stdout_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (code, stdout, stderr) = eap_code(d, &["dataset", "ioi", "--n", "4", "--out", "-"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+    assert!(
+        stdout.lines().all(|l| l.starts_with("{\"clean\"")),
+        "{stdout}"
+    );
+    assert!(!d.join("-").exists(), "a file named - was created");
+    let cases: [&[&str]; 3] = [
+        &[
+            "acdc",
+            "--planted",
+            "induction",
+            "--threshold",
+            "0.1",
+            "--out",
+            "-",
+        ],
+        &["discover", "--out-dir", "-"],
+        &[
+            "circuit", "--scores", "s.json", "--top-n", "3", "--out", "c.json", "--svg", "-",
+        ],
+    ];
+    for args in cases {
+        let (code, _, stderr) = eap_code(d, args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(" -:"), "{args:?}: {stderr}");
+    }
+    assert!(!d.join("-").exists());
+}
+
+/// Issue 13: `eap discover | head -1` ends quietly with exit 0 (a closed stdout is success, as
+/// in ripgrep), not a panic.
+#[cfg(unix)]
+#[test]
+fn broken_pipe_exits_zero_quietly() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eap"))
+        .args(["discover", "--out-dir", "run", "--no-acdc"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end at once: every write of the child fails with EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("error"),
+        "{stderr}"
+    );
+}
+
+/// Issue 13: `circuit` without a selection flag is a usage error, exit 2.
+#[test]
+fn circuit_without_selection_is_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = eap_code(
+        dir.path(),
+        &["circuit", "--scores", "s.json", "--out", "c.json"],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--top-n"), "{stderr}");
+}
+
+/// Issue 13: `roc`, `circuit` and `evaluate` refuse a scores file that lists only some edges;
+/// `--allow-missing` accepts it and says on stderr how many edges were filled with 0.
+#[test]
+fn partial_scores_files_need_allow_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (code, _, stderr) = eap_code(
+        d,
+        &["discover", "--out-dir", "run", "--no-acdc", "--no-exact"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let text = std::fs::read_to_string(d.join("run/circuit.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let edges = v["edges"].as_object_mut().unwrap();
+    let total = edges.len();
+    let drop: Vec<String> = edges
+        .keys()
+        .filter(|n| n.starts_with("input->"))
+        .cloned()
+        .collect();
+    for name in &drop {
+        edges.remove(name);
+    }
+    std::fs::write(d.join("partial.json"), v.to_string()).unwrap();
+    std::fs::write(d.join("truth.txt"), "a1.h2->logits\n").unwrap();
+    let roc = ["roc", "--scores", "partial.json", "--truth", "truth.txt"];
+    let circuit = [
+        "circuit",
+        "--scores",
+        "partial.json",
+        "--top-n",
+        "3",
+        "--out",
+        "c.json",
+        "--no-prune",
+    ];
+    for args in [&roc[..], &circuit[..]] {
+        let (code, _, stderr) = eap_code(d, args);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("partial.json") && stderr.contains("--allow-missing"),
+            "{stderr}"
+        );
+        let (code, _, stderr) = eap_code(d, &[args, &["--allow-missing"]].concat());
+        assert_eq!(code, 0, "{args:?}: {stderr}");
+        let said = format!("{} of {total} edges not listed", drop.len());
+        assert!(stderr.contains(&said), "{args:?}: {stderr}");
+    }
+}

@@ -748,3 +748,106 @@ fn logit_position_out_of_range() {
         &["logit positions", "positions below 3", "position 3"],
     );
 }
+
+// ---- score files (issue 13) ----
+
+fn eapig_scores() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/eapig_graph.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn read_scores_err(text: &str, missing: eap::graph::MissingEdges) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scores.json");
+    std::fs::write(&path, text).unwrap();
+    eap::graph::CircuitFile::read_scores(&path, missing)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn complete_eapig_scores_file_reads_strictly() {
+    use eap::graph::{CircuitFile, MissingEdges};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scores.json");
+    std::fs::write(&path, eapig_scores().to_string()).unwrap();
+    let read = CircuitFile::read_scores(&path, MissingEdges::Refuse).unwrap();
+    assert_eq!((read.missing, read.file.graph.n_edges()), (0, 193));
+}
+
+#[test]
+fn scores_file_missing_edges_is_refused_unless_allowed() {
+    use eap::graph::{CircuitFile, MissingEdges};
+    let mut v = eapig_scores();
+    let edges = v["edges"].as_object_mut().unwrap();
+    let names: Vec<String> = edges.keys().cloned().collect();
+    // Keep the edges into the logits so the file still names the last layer's heads.
+    for name in names.iter().filter(|n| !n.ends_with("->logits")).step_by(2) {
+        edges.remove(name);
+    }
+    let kept = edges.len();
+    let text = v.to_string();
+    let e = read_scores_err(&text, MissingEdges::Refuse);
+    assert_names(
+        &e,
+        &[
+            "scores.json",
+            &format!("{kept} of the 193 edges"),
+            "--allow-missing",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scores.json");
+    std::fs::write(&path, &text).unwrap();
+    let read = CircuitFile::read_scores(&path, MissingEdges::Fill).unwrap();
+    assert_eq!(read.missing, 193 - kept);
+
+    v["edges"] = serde_json::json!({});
+    let e = read_scores_err(&v.to_string(), MissingEdges::Refuse);
+    assert_names(&e, &["scores.json", "lists every edge"]);
+}
+
+#[test]
+fn scores_file_cfg_larger_than_its_contents_is_refused_before_allocating() {
+    use eap::graph::MissingEdges;
+    let mut v = eapig_scores();
+    v["cfg"]["n_layers"] = 200.into();
+    v["cfg"]["n_heads"] = 12.into();
+    for missing in [MissingEdges::Refuse, MissingEdges::Fill] {
+        let started = std::time::Instant::now();
+        let e = read_scores_err(&v.to_string(), missing);
+        assert_names(
+            &e,
+            &[
+                "scores.json",
+                "200 layers of 12 heads",
+                "only 3 layers and 4 heads",
+            ],
+        );
+        assert!(
+            started.elapsed().as_secs() < 2,
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn scores_file_edge_listed_twice_is_refused() {
+    use eap::graph::MissingEdges;
+    let text = eapig_scores().to_string();
+    let dup = text.replacen(
+        "\"edges\":{",
+        "\"edges\":{\"a0.h0->logits\":{\"score\":9.0,\"in_graph\":true},",
+        1,
+    );
+    assert_ne!(dup, text);
+    for missing in [
+        MissingEdges::Refuse,
+        MissingEdges::Fill,
+        MissingEdges::Circuit,
+    ] {
+        let e = read_scores_err(&dup, missing);
+        assert_names(&e, &["scores.json", "a0.h0->logits", "more than once"]);
+    }
+}

@@ -53,6 +53,28 @@ use crate::{Error, Result};
 /// a corrupt `cfg` must give an error, not an allocation failure.
 const MAX_CELLS: usize = 1 << 28;
 
+/// How a reader treats the real edges a file does not list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingEdges {
+    /// Every real edge must be listed exactly once (score files: a missing score would read as
+    /// 0 and silently move every ranking and AUC computed from the file).
+    Refuse,
+    /// Unlisted edges read as score 0 (`--allow-missing`); the graph is still bounded by the
+    /// names in the file, as under `Refuse`.
+    Fill,
+    /// A hand-written circuit or ground truth that lists only its edges: unlisted edges are out
+    /// of the circuit with score 0, and the graph is the one `cfg` describes.
+    Circuit,
+}
+
+/// A score file as read by [`CircuitFile::read_scores`]: the file, and how many real edges
+/// it did not list (filled with 0; always 0 under [`MissingEdges::Refuse`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoresRead {
+    pub file: CircuitFile,
+    pub missing: usize,
+}
+
 /// A graph with scores, a circuit over it and free-form metadata: one EAP-IG JSON file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CircuitFile {
@@ -187,6 +209,18 @@ impl CircuitFile {
     /// Every node and edge name is checked against the graph `cfg` describes, every score must
     /// be a finite number and every `in_graph` a boolean.
     pub fn from_json(value: &Value, source: &str) -> Result<CircuitFile> {
+        Ok(Self::from_json_with(value, source, MissingEdges::Circuit)?.file)
+    }
+
+    /// [`from_json`](Self::from_json), treating unlisted edges as `missing` says. Except for
+    /// [`MissingEdges::Circuit`] the graph must also be no larger than the names in the file
+    /// reach (its last layer and head are named), so a `cfg` that claims 200 layers over a few
+    /// edges is refused before anything the size of that graph is allocated.
+    pub fn from_json_with(
+        value: &Value,
+        source: &str,
+        missing: MissingEdges,
+    ) -> Result<ScoresRead> {
         let err = |message: String| Error::Parse {
             path: PathBuf::from(source),
             line: None,
@@ -253,6 +287,33 @@ impl CircuitFile {
             )));
         }
         let graph = Graph::new(n_layers, n_heads, has_mlp).with_parallel_attn_mlp(parallel);
+        let n_edges = graph.n_edges();
+        if missing != MissingEdges::Circuit {
+            let names = nodes
+                .keys()
+                .map(String::as_str)
+                .chain(edges.keys().flat_map(|e| e.split("->")));
+            let (layers, heads) = extent(names);
+            if n_layers > layers || n_heads > heads {
+                return Err(err(format!(
+                    "`cfg` describes {n_layers} layers of {n_heads} heads ({n_edges} edges), but \
+                     the file names nodes of only {layers} layers and {heads} heads ({} edges \
+                     listed); a scores file lists every edge of its graph",
+                    edges.len()
+                )));
+            }
+            if missing == MissingEdges::Refuse && edges.len() < n_edges {
+                return Err(err(format!(
+                    "{} of the {n_edges} edges of a graph of {n_layers} layers x {n_heads} \
+                     heads are listed{}; a scores file lists every edge (--allow-missing reads \
+                     the rest as score 0)",
+                    edges.len(),
+                    first_missing(&graph, edges)
+                        .map(|e| format!(", `{e}` and {} more missing", n_edges - edges.len() - 1))
+                        .unwrap_or_default()
+                )));
+            }
+        }
 
         for (name, node) in nodes {
             if name != "logits" {
@@ -287,10 +348,17 @@ impl CircuitFile {
         let mut scores = Scores::zeros(graph);
         let mut circuit = Circuit::empty(graph);
         let nr = graph.n_readers();
+        let mut listed = vec![false; graph.n_writers() * nr];
         for (name, edge) in edges {
             let (w, r) = graph
                 .parse_edge(name)
                 .map_err(|e| err(format!("edges: {e}")))?;
+            if std::mem::replace(&mut listed[w * nr + r], true) {
+                return Err(err(format!(
+                    "edge `{name}` is listed more than once (as `{}`)",
+                    graph.edge_name(w, r)
+                )));
+            }
             let edge = edge.as_object().ok_or_else(|| {
                 err(format!(
                     "edge `{name}` must be an object, found {}",
@@ -322,6 +390,9 @@ impl CircuitFile {
             circuit.set(w, r, in_graph);
         }
 
+        // Names parse to distinct real edges (JSON objects keep one value per key), so this
+        // counts the real edges the file did not list.
+        let missing = n_edges.saturating_sub(edges.len());
         let mut meta = top.get("meta").cloned().unwrap_or(Value::Null);
         if let Some(d) = d_model.filter(|&d| d > 0) {
             if meta.is_null() {
@@ -331,11 +402,14 @@ impl CircuitFile {
                 m.entry("d_model").or_insert(d.into());
             }
         }
-        Ok(CircuitFile {
-            graph,
-            scores,
-            circuit,
-            meta,
+        Ok(ScoresRead {
+            file: CircuitFile {
+                graph,
+                scores,
+                circuit,
+                meta,
+            },
+            missing,
         })
     }
 
@@ -351,9 +425,21 @@ impl CircuitFile {
         crate::fsutil::write_atomic(path, text.as_bytes())
     }
 
-    /// Reads a file written by [`CircuitFile::write`] or by EAP-IG's `Graph.to_json`.
+    /// Reads a file written by [`CircuitFile::write`] or by EAP-IG's `Graph.to_json`; edges it
+    /// does not list read as score 0 and out of the circuit (for hand-written circuits). Score
+    /// files go through [`CircuitFile::read_scores`].
     pub fn read(path: impl AsRef<Path>) -> Result<CircuitFile> {
-        let path = path.as_ref();
+        Ok(Self::read_with(path.as_ref(), MissingEdges::Circuit)?.file)
+    }
+
+    /// Reads a scores file: every real edge of the graph its `cfg` describes listed exactly
+    /// once with a finite score, unless `missing` is [`MissingEdges::Fill`]; then
+    /// [`ScoresRead::missing`] says how many were filled with 0.
+    pub fn read_scores(path: impl AsRef<Path>, missing: MissingEdges) -> Result<ScoresRead> {
+        Self::read_with(path.as_ref(), missing)
+    }
+
+    fn read_with(path: &Path, missing: MissingEdges) -> Result<ScoresRead> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let value: Value = serde_json::from_str(&text).map_err(|e| {
             // serde_json's message ends in "at line L column C"; the line goes in its field.
@@ -367,8 +453,84 @@ impl CircuitFile {
                 message: format!("invalid JSON: {message} (column {})", e.column()),
             }
         })?;
-        CircuitFile::from_json(&value, &path.display().to_string())
+        if let Some(name) = duplicate_edge(&text) {
+            return Err(Error::Parse {
+                path: path.to_path_buf(),
+                line: None,
+                message: format!("edge `{name}` is listed more than once"),
+            });
+        }
+        CircuitFile::from_json_with(&value, &path.display().to_string(), missing)
     }
+}
+
+/// The first edge name listed twice under the top-level `edges` object (serde_json keeps only
+/// the last value of a repeated key, so this reads the keys again, in file order).
+fn duplicate_edge(text: &str) -> Option<String> {
+    struct Keys(Vec<String>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> std::result::Result<Keys, A::Error> {
+                    let mut keys = Vec::new();
+                    while let Some(k) = map.next_key::<String>()? {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        keys.push(k);
+                    }
+                    Ok(Keys(keys))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Top {
+        edges: Keys,
+    }
+    // A file whose `edges` is not an object fails here and is reported by `from_json`.
+    let top: Top = serde_json::from_str(text).ok()?;
+    let mut seen = std::collections::HashSet::new();
+    top.edges.0.into_iter().find(|k| !seen.insert(k.clone()))
+}
+
+/// Layers and heads the node names reach: one more than the largest layer and head index
+/// named (`a3.h7`, `a3.h7<q>`, `m3`).
+fn extent<'a>(names: impl Iterator<Item = &'a str>) -> (usize, usize) {
+    let (mut layers, mut heads) = (0, 0);
+    for name in names {
+        let name = name.split('<').next().unwrap_or(name);
+        if let Some(rest) = name.strip_prefix('a') {
+            if let Some((l, h)) = rest.split_once(".h") {
+                if let (Ok(l), Ok(h)) = (l.parse::<usize>(), h.parse::<usize>()) {
+                    layers = layers.max(l.saturating_add(1));
+                    heads = heads.max(h.saturating_add(1));
+                }
+            }
+        } else if let Some(Ok(l)) = name.strip_prefix('m').map(str::parse::<usize>) {
+            layers = layers.max(l.saturating_add(1));
+        }
+    }
+    (layers, heads)
+}
+
+/// The first real edge of `graph` not among `edges`, for messages (only on graphs small
+/// enough to list).
+fn first_missing(graph: &Graph, edges: &Map<String, Value>) -> Option<String> {
+    if graph.n_edges() > 1 << 20 {
+        return None;
+    }
+    graph
+        .edges()
+        .map(|(w, r)| graph.edge_name(w, r))
+        .find(|name| !edges.contains_key(name))
 }
 
 /// A score as the shortest decimal that reads back as the same `f32` (`0.1`, not

@@ -24,7 +24,7 @@ pub mod json;
 pub mod select;
 
 pub use dot::{parse_dot, parse_dot_edges, to_dot};
-pub use json::CircuitFile;
+pub use json::{CircuitFile, MissingEdges, ScoresRead};
 pub use select::Selection;
 
 /// Which of a head's three inputs a reader is.
