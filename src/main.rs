@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Parser;
 
-use eap::acdc::{hybrid, run_acdc, threshold_sweep, AcdcOptions, Persist, PruneWith};
+use eap::acdc::{hybrid, run_acdc, threshold_sweep, AcdcOptions, Persist, PruneWith, RunIdentity};
 use eap::attribution::{attribute, AttributionOptions, Method};
 use eap::bench::BenchOptions;
 use eap::discover::{discover, DiscoverOptions};
@@ -279,7 +279,8 @@ fn cmd_discover(a: DiscoverArgs) -> Result<()> {
 const EXIT_AFTER_ENV: &str = "EAP_ACDC_EXIT_AFTER";
 
 fn cmd_acdc(a: AcdcArgs) -> Result<()> {
-    let job = load_job(&a.job.spec(), &Device::Cpu)?;
+    let spec = a.job.spec();
+    let job = load_job(&spec, &Device::Cpu)?;
     let (model, data, truth) = (&job.model, &job.data, job.truth.as_ref());
     let runner = Runner::new(model, data, a.ablation, a.batch_size, DEFAULT_MEMORY_BUDGET)?;
     let prepared = prepare(&runner)?;
@@ -287,6 +288,14 @@ fn cmd_acdc(a: AcdcArgs) -> Result<()> {
         threshold: a.threshold.unwrap_or(0.0),
         metric: a.metric,
         initial_patched: None,
+        identity: RunIdentity::of_job(&spec)?
+            .with("metric", a.metric)
+            .with("ablation", a.ablation)
+            .with("threshold", a.threshold.unwrap_or(0.0))
+            .with("batch size", a.batch_size)
+            .with("prune-with", a.prune_with.map_or("none", |_| "eap"))
+            .with("keep", format!("{:?}", a.keep))
+            .with("eap-threshold", format!("{:?}", a.eap_threshold)),
         progress: !a.no_progress,
     };
     if let Some(PruneWith::Eap) = a.prune_with {
