@@ -258,6 +258,7 @@ pub fn discover(
             metric: opts.metric,
             initial_patched: None,
             progress: false,
+            ..Default::default()
         };
         let hybrid = hybrid(&eap_scores, Some(keep), None, acdc.clone())?;
         for (method, base) in [

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use eap::acdc::PruneWith;
 use eap::attribution::MethodKind;
+use eap::job::{load_job, Examples, Job, JobSpec};
 use eap::planted::PlantedKind;
 use eap::runs::Ablation;
 use eap::tasks::{Metric, Task};
@@ -338,4 +339,62 @@ pub struct BenchArgs {
     /// Time only EAP (so the process's peak memory is EAP's).
     #[arg(long, conflicts_with = "no_eap")]
     pub eap_only: bool,
+}
+
+// From flags to the library's descriptions of a job (ripgrep's low-to-high step).
+
+impl SourceArgs {
+    pub fn examples(&self) -> Examples {
+        Examples {
+            data: self.data.clone(),
+            task: self.task,
+            n: self.n,
+            seed: self.seed,
+        }
+    }
+}
+
+impl JobArgs {
+    pub fn spec(&self) -> JobSpec {
+        JobSpec {
+            model: self.model.clone(),
+            planted: self.planted,
+            tokenizer: self.source.tokenizer.clone(),
+            examples: self.source.examples(),
+            truth: self.truth.clone(),
+        }
+    }
+}
+
+impl DataArgs {
+    /// The model, its examples and the metric (`--metric`, else the task's).
+    pub fn load(&self) -> anyhow::Result<(Job, Metric)> {
+        let spec = JobSpec {
+            model: Some(self.model.clone()),
+            tokenizer: self.source.tokenizer.clone(),
+            examples: self.source.examples(),
+            ..Default::default()
+        };
+        let job = load_job(&spec, &candle_core::Device::Cpu)?;
+        let metric = self.metric.unwrap_or(job.metric);
+        Ok((job, metric))
+    }
+}
+
+impl BenchArgs {
+    pub fn options(&self) -> eap::bench::BenchOptions {
+        eap::bench::BenchOptions {
+            like: self.like.clone(),
+            batch: self.batch,
+            seq: self.seq,
+            reps: self.reps,
+            no_eap: self.no_eap,
+            acdc_steps: self.acdc_steps,
+            acdc_samples: self.acdc_samples,
+            acdc_circuit_edges: self.acdc_circuit_edges,
+            acdc_threshold: self.acdc_threshold,
+            memory_budget: self.memory_budget << 20,
+            eap_only: self.eap_only,
+        }
+    }
 }

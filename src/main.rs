@@ -12,15 +12,14 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use clap::Parser;
 
-use eap::acdc::{hybrid, run_acdc, threshold_sweep, AcdcOptions, Persist, PruneWith};
+use eap::acdc::{hybrid, run_acdc, threshold_sweep, AcdcOptions, Persist, PruneWith, RunIdentity};
 use eap::attribution::{attribute, AttributionOptions, Method};
-use eap::bench::BenchOptions;
 use eap::discover::{discover, DiscoverOptions};
 use eap::eval::{roc_from_graph, FaithfulnessBaseline};
 use eap::fsutil::write_atomic;
-use eap::graph::{to_dot, Circuit, Selection};
-use eap::job::{load_job, read_truth, Examples, Job, JobSpec};
-use eap::runs::{prepare, Runner, DEFAULT_MEMORY_BUDGET};
+use eap::graph::{to_dot, Circuit, CircuitFile, Selection};
+use eap::job::{load_job, read_truth, Job};
+use eap::runs::{prepare, PreparedChunk, Runner, DEFAULT_MEMORY_BUDGET};
 use eap::tasks::{generate, write_jsonl, Metric, Tokenizer};
 
 use flags::*;
@@ -89,44 +88,6 @@ fn hint(err: &eap::Error) -> Option<&'static str> {
         E::Checkpoint { .. } => "delete the checkpoint, or run without --resume",
         _ => return None,
     })
-}
-
-impl SourceArgs {
-    fn examples(&self) -> Examples {
-        Examples {
-            data: self.data.clone(),
-            task: self.task,
-            n: self.n,
-            seed: self.seed,
-        }
-    }
-}
-
-impl JobArgs {
-    fn spec(&self) -> JobSpec {
-        JobSpec {
-            model: self.model.clone(),
-            planted: self.planted,
-            tokenizer: self.source.tokenizer.clone(),
-            examples: self.source.examples(),
-            truth: self.truth.clone(),
-        }
-    }
-}
-
-impl DataArgs {
-    /// The model, its examples and the metric (`--metric`, else the task's).
-    fn load(&self) -> Result<(Job, Metric)> {
-        let spec = JobSpec {
-            model: Some(self.model.clone()),
-            tokenizer: self.source.tokenizer.clone(),
-            examples: self.source.examples(),
-            ..Default::default()
-        };
-        let job = load_job(&spec, &Device::Cpu)?;
-        let metric = self.metric.unwrap_or(job.metric);
-        Ok((job, metric))
-    }
 }
 
 fn run(command: Command) -> Result<()> {
@@ -203,11 +164,18 @@ fn cmd_circuit(a: CircuitArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
-    let (job, metric) = a.data.load()?;
-    let file = read_scores(&a.circuit, a.allow_missing)?;
-    (job.model.graph()).expect(&file.graph, a.circuit.display().to_string())?;
-    let d = &a.data;
+/// What a faithfulness evaluation of the scores or circuit file at `path` runs on: the model
+/// and examples, the metric, the file (checked against the model's graph) and the prepared runs.
+fn prepared_for(
+    d: &DataArgs,
+    path: &std::path::Path,
+    allow_missing: bool,
+) -> Result<(Job, Metric, CircuitFile, Vec<PreparedChunk>)> {
+    let (job, metric) = d.load()?;
+    let file = read_scores(path, allow_missing)?;
+    job.model
+        .graph()
+        .expect(&file.graph, path.display().to_string())?;
     let runner = Runner::new(
         &job.model,
         &job.data,
@@ -216,6 +184,11 @@ fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
         d.memory_budget << 20,
     )?;
     let prepared = prepare(&runner)?;
+    Ok((job, metric, file, prepared))
+}
+
+fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
+    let (job, metric, file, prepared) = prepared_for(&a.data, &a.circuit, a.allow_missing)?;
     let baseline = FaithfulnessBaseline::new(&job.model, &prepared, metric)?;
     let f = baseline.of(&file.circuit)?;
     let edges = file.circuit.n_edges();
@@ -228,39 +201,24 @@ fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
 }
 
 fn cmd_mib(a: MibArgs) -> Result<()> {
-    let (job, metric) = a.data.load()?;
-    let file = read_circuit(&a.scores, job.model.graph())?;
-    let d = &a.data;
-    let runner = Runner::new(
-        &job.model,
-        &job.data,
-        d.ablation,
-        d.batch_size,
-        d.memory_budget << 20,
-    )?;
-    let prepared = prepare(&runner)?;
+    let (job, metric, file, prepared) = prepared_for(&a.data, &a.scores, false)?;
     let baseline = FaithfulnessBaseline::new(&job.model, &prepared, metric)?;
     let score = eap::eval::mib_score(&baseline, &file.scores)?;
-    let json = score.to_json();
+    let json = serde_json::to_string_pretty(&score.to_json())?;
     if let Some(out) = &a.out {
-        write_atomic(out, serde_json::to_string_pretty(&json)?.as_bytes())?;
+        write_atomic(out, json.as_bytes())?;
     }
     if let Some(svg) = &a.svg {
-        let curves = [
-            ("signed".to_string(), score.signed.curve.clone()),
-            ("|score|".to_string(), score.absolute.curve.clone()),
-        ];
-        write_atomic(svg, eap::report::faithfulness_svg(&curves).as_bytes())?;
+        write_atomic(svg, eap::report::mib_svg(&score).as_bytes())?;
     }
     if let (Some(dir), Some(task), Some(model)) = (&a.submit, &a.task_name, &a.model_name) {
         let path = eap::eval::mib::write_submission(dir, task, model, &file)?;
         eprintln!("wrote {}", path.display());
     }
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&json)?);
-        return Ok(());
+    match a.json {
+        true => out!("{json}"),
+        false => out!("{}", score.table(metric, a.data.ablation).trim_end()),
     }
-    print!("{}", score.table(metric, d.ablation));
     Ok(())
 }
 
@@ -277,20 +235,7 @@ fn cmd_dataset(a: DatasetArgs) -> Result<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    let opts = BenchOptions {
-        like: a.like,
-        batch: a.batch,
-        seq: a.seq,
-        reps: a.reps,
-        no_eap: a.no_eap,
-        acdc_steps: a.acdc_steps,
-        acdc_samples: a.acdc_samples,
-        acdc_circuit_edges: a.acdc_circuit_edges,
-        acdc_threshold: a.acdc_threshold,
-        memory_budget: a.memory_budget << 20,
-        eap_only: a.eap_only,
-    };
-    eap::bench::run(&opts, &Device::Cpu, &mut std::io::stdout().lock())?;
+    eap::bench::run(&a.options(), &Device::Cpu, &mut std::io::stdout().lock())?;
     Ok(())
 }
 
@@ -372,7 +317,8 @@ fn cmd_acdc(a: AcdcArgs) -> Result<()> {
     if !new_dir || a.out.as_deref().is_some_and(eap::fsutil::is_stdout) {
         check_outputs(&[("--out", a.out.as_deref(), false)])?;
     }
-    let job = load_job(&a.job.spec(), &Device::Cpu)?;
+    let spec = a.job.spec();
+    let job = load_job(&spec, &Device::Cpu)?;
     let (model, data, truth) = (&job.model, &job.data, job.truth.as_ref());
     let runner = Runner::new(model, data, a.ablation, a.batch_size, DEFAULT_MEMORY_BUDGET)?;
     let prepared = prepare(&runner)?;
@@ -380,6 +326,14 @@ fn cmd_acdc(a: AcdcArgs) -> Result<()> {
         threshold: a.threshold.unwrap_or(0.0),
         metric: a.metric,
         initial_patched: None,
+        identity: RunIdentity::of_job(&spec)?
+            .with("metric", a.metric)
+            .with("ablation", a.ablation)
+            .with("threshold", a.threshold.unwrap_or(0.0))
+            .with("batch size", a.batch_size)
+            .with("prune-with", a.prune_with.map_or("none", |_| "eap"))
+            .with("keep", format!("{:?}", a.keep))
+            .with("eap-threshold", format!("{:?}", a.eap_threshold)),
         progress: !a.no_progress,
     };
     if let Some(PruneWith::Eap) = a.prune_with {

@@ -290,7 +290,9 @@ fn interrupted_acdc_resumes_to_the_same_circuit() {
     let mut interruptions = 0;
     loop {
         let mut args = acdc_args(&parts);
-        args.push("--resume".into());
+        if persist.checkpoint.exists() {
+            args.push("--resume".into());
+        }
         let st = eap_bin()
             .args(&args)
             .env("EAP_ACDC_EXIT_AFTER", "3")
@@ -327,7 +329,9 @@ fn interrupted_acdc_resumes_to_the_same_circuit() {
     let mut delay_ms = 5u64;
     for round in 0.. {
         let mut args = acdc_args(&killed);
-        args.push("--resume".into());
+        if persist.checkpoint.exists() {
+            args.push("--resume".into());
+        }
         let mut child = eap_bin()
             .args(&args)
             .stdout(std::process::Stdio::null())
@@ -553,4 +557,266 @@ fn incremental_state_matches_full_forwards_on_every_fixture() {
             );
         }
     }
+}
+
+/// Runs `eap` with `args`; returns the exit code and stderr.
+fn eap_run(args: &[String], exit_after: Option<usize>) -> (Option<i32>, String) {
+    let mut c = eap_bin();
+    c.args(args);
+    if let Some(k) = exit_after {
+        c.env("EAP_ACDC_EXIT_AFTER", k.to_string());
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Starts `base` (interrupted after one reader), then resumes it with each of `changes`
+/// applied, asserting a refusal that names the field; finally the unchanged resume finishes.
+fn assert_resume_refuses(
+    base: &[String],
+    changes: &[(&str, Vec<String>)],
+    mutate: &mut dyn FnMut(usize),
+) {
+    let (code, err) = eap_run(base, Some(1));
+    assert_eq!(code, Some(75), "{err}");
+    for (k, (field, extra)) in changes.iter().enumerate() {
+        let mut args = base.to_vec();
+        // Later flags of the same name override earlier ones in clap only for single values:
+        // replace the flag's value where it is present.
+        let mut i = 0;
+        while i < extra.len() {
+            let flag = &extra[i];
+            let value = extra.get(i + 1).filter(|v| !v.starts_with("--"));
+            match args.iter().position(|a| a == flag) {
+                Some(p) => {
+                    if let Some(v) = value {
+                        args[p + 1] = v.clone();
+                    }
+                }
+                None => {
+                    args.push(flag.clone());
+                    if let Some(v) = value {
+                        args.push(v.clone());
+                    }
+                }
+            }
+            i += if value.is_some() { 2 } else { 1 };
+        }
+        mutate(k);
+        args.push("--resume".into());
+        let (code, err) = eap_run(&args, None);
+        assert_eq!(code, Some(1), "resume with {extra:?} must fail: {err}");
+        assert!(
+            err.contains("different ACDC run") && err.contains(&format!("{field}: ")),
+            "the refusal names `{field}`: {err}"
+        );
+        mutate(usize::MAX);
+    }
+    let mut args = base.to_vec();
+    args.push("--resume".into());
+    let (code, err) = eap_run(&args, None);
+    assert_eq!(code, Some(0), "the unchanged resume finishes: {err}");
+}
+
+/// Issue 13, acceptance 2: a resume with any recorded option, the data file or one weight
+/// byte changed is refused, naming what differs (old and new value).
+#[test]
+fn resume_refuses_a_different_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gpt2_hf");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
+    }
+    let data = dir.path().join("data.jsonl");
+    let lines = "{\"clean\": [1,2,3,4,5], \"corrupted\": [6,7,8,9,10], \"answer\": 11, \"wrong\": 12}\n\
+                 {\"clean\": [5,4,3,2,1], \"corrupted\": [10,9,8,7,6], \"answer\": 13, \"wrong\": 14}\n";
+    std::fs::write(&data, lines).unwrap();
+    let out = dir.path().join("out/circuit.json");
+    let base = strings(&[
+        "acdc",
+        "--model",
+        &model.display().to_string(),
+        "--data",
+        &data.display().to_string(),
+        "--metric",
+        "logit-diff",
+        "--threshold",
+        "0.01",
+        "--no-progress",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    let weights = model.join("model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let changes: Vec<(&str, Vec<String>)> = vec![
+        ("metric", strings(&["--metric", "prob-diff"])),
+        ("ablation", strings(&["--ablation", "zero"])),
+        ("threshold", strings(&["--threshold", "0.02"])),
+        ("batch size", strings(&["--batch-size", "1"])),
+        (
+            "prune-with",
+            strings(&["--prune-with", "eap", "--keep", "40"]),
+        ),
+        ("data", vec![]),
+        ("model file model.safetensors", vec![]),
+    ];
+    assert_resume_refuses(&base, &changes, &mut |k| match k {
+        5 => std::fs::write(&data, lines.replace("[1,2,3,4,5]", "[1,2,3,4,6]")).unwrap(),
+        6 => {
+            let mut bytes = original.clone();
+            let last = bytes.len() - 1;
+            bytes[last] ^= 1;
+            std::fs::write(&weights, bytes).unwrap();
+        }
+        _ => {
+            std::fs::write(&data, lines).unwrap();
+            std::fs::write(&weights, &original).unwrap();
+        }
+    });
+
+    // The hybrid's settings.
+    let out = dir.path().join("hybrid/circuit.json");
+    let mut hybrid = base.clone();
+    let n = hybrid.len();
+    hybrid[n - 1] = out.display().to_string();
+    hybrid.extend(strings(&["--prune-with", "eap", "--keep", "60"]));
+    let changes = vec![("keep", strings(&["--keep", "50"]))];
+    assert_resume_refuses(&hybrid, &changes, &mut |_| {});
+    let mut by_threshold = hybrid.clone();
+    let p = by_threshold.iter().position(|a| a == "--keep").unwrap();
+    by_threshold.drain(p..p + 2);
+    let out = dir.path().join("hybrid-t/circuit.json");
+    by_threshold[n - 1] = out.display().to_string();
+    by_threshold.extend(strings(&["--eap-threshold", "0.001"]));
+    let changes = vec![("eap-threshold", strings(&["--eap-threshold", "0.002"]))];
+    assert_resume_refuses(&by_threshold, &changes, &mut |_| {});
+
+    // Generated examples: the generator's seed and size.
+    let out = dir.path().join("planted/circuit.json");
+    let mut planted = acdc_args(&out);
+    planted.extend(strings(&["--seed", "3"]));
+    let changes = vec![
+        ("seed", strings(&["--seed", "7"])),
+        ("n", strings(&["--n", "6"])),
+    ];
+    assert_resume_refuses(&planted, &changes, &mut |_| {});
+}
+
+/// A checkpoint is held to what a run could have written; `--resume` without one is an
+/// error; temporaries a killed write left are removed.
+#[test]
+fn resume_refuses_corrupt_or_missing_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("circuit.json");
+    let mut resume = acdc_args(&out);
+    resume.push("--resume".into());
+    let (code, err) = eap_run(&resume, None);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no checkpoint to resume"), "{err}");
+
+    let (code, err) = eap_run(&acdc_args(&out), Some(2));
+    assert_eq!(code, Some(75), "{err}");
+    let persist = Persist::beside(&out, true);
+    let good = std::fs::read_to_string(&persist.checkpoint).unwrap();
+    let good_log = std::fs::read_to_string(&persist.log).unwrap();
+    let ck: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = ck.clone();
+        f(&mut v);
+        std::fs::write(&persist.checkpoint, v.to_string()).unwrap();
+        std::fs::write(&persist.log, &good_log).unwrap();
+    };
+    let n_steps = ck["steps_logged"].as_u64().unwrap();
+    let patched = ck["patched"].as_str().unwrap().to_string();
+    type Edit<'a> = Box<dyn Fn(&mut serde_json::Value) + 'a>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "next_position 1000000000 is beyond",
+            Box::new(|v| v["next_position"] = 1_000_000_000u64.into()),
+        ),
+        (
+            "not an ACDC checkpoint",
+            Box::new(|v| v["next_position"] = 1e9.into()),
+        ),
+        (
+            "the mask has",
+            Box::new(|v| v["patched"] = format!("{patched}0").into()),
+        ),
+        (
+            "which is not an edge",
+            Box::new(|v| {
+                // The first entry of the mask that is not an edge.
+                let g: eap::graph::Graph =
+                    serde_json::from_value(v["fingerprint"]["graph"].clone()).unwrap();
+                let real = g.real_edge_mask();
+                let i = real.iter().position(|r| !r).unwrap();
+                let mut m: Vec<char> = v["patched"].as_str().unwrap().chars().collect();
+                m[i] = '1';
+                v["patched"] = m.into_iter().collect::<String>().into();
+            }),
+        ),
+        (
+            "whose reader is not visited yet",
+            Box::new(|v| {
+                let g: eap::graph::Graph =
+                    serde_json::from_value(v["fingerprint"]["graph"].clone()).unwrap();
+                let order = visit_order(&g);
+                let r = *order.last().unwrap();
+                let i = (0..g.n_writers())
+                    .map(|w| w * g.n_readers() + r)
+                    .find(|&i| g.real_edge_mask()[i])
+                    .unwrap();
+                let mut m: Vec<char> = v["patched"].as_str().unwrap().chars().collect();
+                m[i] = '1';
+                v["patched"] = m.into_iter().collect::<String>().into();
+            }),
+        ),
+        (
+            "steps_logged is",
+            Box::new(move |v| v["steps_logged"] = (n_steps + 1).into()),
+        ),
+        ("format version", Box::new(|v| v["version"] = 1.into())),
+        (
+            "is not an edge ACDC has tried",
+            Box::new(|v| v["scores"] = serde_json::json!([[0, 0.5]])),
+        ),
+    ];
+    for (message, f) in &cases {
+        edit(f.as_ref());
+        let (code, err) = eap_run(&resume, None);
+        assert_eq!(code, Some(1), "{message}: {err}");
+        assert!(
+            err.contains(message) && err.contains("acdc-checkpoint.json"),
+            "expected `{message}`: {err}"
+        );
+    }
+    // A log that disagrees with the mask.
+    std::fs::write(&persist.checkpoint, &good).unwrap();
+    let flipped = good_log.replacen("\"removed\":true", "\"removed\":false", 1);
+    let flipped = if flipped == good_log {
+        good_log.replacen("\"removed\":false", "\"removed\":true", 1)
+    } else {
+        flipped
+    };
+    std::fs::write(&persist.log, flipped).unwrap();
+    let (code, err) = eap_run(&resume, None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("mask disagrees"), "{err}");
+
+    // Stale temporaries from a killed write go; the intact checkpoint resumes to the end.
+    std::fs::write(&persist.log, &good_log).unwrap();
+    let stale = dir.path().join(".circuit.acdc-checkpoint.json.99999.tmp");
+    std::fs::write(&stale, "{").unwrap();
+    let (code, err) = eap_run(&resume, None);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!stale.exists(), "the stale temporary is removed");
 }

@@ -1014,3 +1014,91 @@ fn transformers_variants() {
         assert!(err <= 1e-4, "{}: relative error {err:e}", dir.display());
     }
 }
+
+/// Issue 13, item 1: configs that disagree with their weights, and duplicated JSON keys, are
+/// errors naming the problem (each of these loaded silently wrong before).
+#[test]
+fn issue_13_configs_that_disagree_with_their_weights() {
+    // GPT-2 `n_layer` below the weights' layer count.
+    let dir = copy_fixture("gpt2_hf");
+    edit_config(dir.path(), |c| {
+        c.insert("n_layer".into(), json!(1));
+    });
+    let msg = load_err(dir.path());
+    assert_names(
+        &msg,
+        &["is not used", "layer 1, but the configuration has 1 layer"],
+    );
+
+    // A duplicated key: refused, naming the key, the file and the line.
+    let dir = copy_fixture("gpt2_hf");
+    let path = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let end = text.rfind('}').unwrap();
+    std::fs::write(
+        &path,
+        format!("{},\n  \"n_layer\": 1\n}}", text[..end].trim_end()),
+    )
+    .unwrap();
+    let msg = load_err(dir.path());
+    let lines = text.lines().count();
+    assert_names(&msg, &["config.json:", "duplicate key `n_layer`"]);
+    assert!(
+        msg.contains(&format!(":{lines}")),
+        "names line {lines}: {msg}"
+    );
+    // Nested objects too.
+    let err = eap::model::config::parse_json_unique(r#"{"a": {"b": 1, "b": 2}}"#).unwrap_err();
+    assert!(err.to_string().contains("duplicate key `b`"), "{err}");
+    assert_eq!(
+        eap::model::config::parse_json_unique(r#"{"a": [1, {"b": null}], "c": 1.5}"#).unwrap(),
+        json!({"a": [1, {"b": null}], "c": 1.5})
+    );
+
+    // A duplicated key in the shard index.
+    let dir = copy_fixture("mistral_sharded");
+    let index = dir.path().join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).unwrap();
+    let text = text.replacen(
+        "\"weight_map\": {",
+        "\"weight_map\": {\n    \"lm_head.weight\": \"model-00001-of-00003.safetensors\",",
+        1,
+    );
+    std::fs::write(&index, text).unwrap();
+    let msg = load_err(dir.path());
+    assert_names(
+        &msg,
+        &[
+            "model.safetensors.index.json:",
+            "duplicate key `lm_head.weight`",
+        ],
+    );
+
+    // TransformerLens `n_layers` below the weights' layer count.
+    let dir = copy_fixture("tl_attn_only_shortformer");
+    edit_config(dir.path(), |c| {
+        c.insert("n_layers".into(), json!(2));
+    });
+    let msg = load_err(dir.path());
+    assert_names(
+        &msg,
+        &["is not used", "layer 2, but the configuration has 2 layers"],
+    );
+
+    // `normalization_type: null` over LayerNorm weights.
+    let dir = copy_fixture("tl_attn_only_shortformer");
+    edit_config(dir.path(), |c| {
+        c.insert("normalization_type".into(), Value::Null);
+    });
+    let msg = load_err(dir.path());
+    assert_names(&msg, &["is not used"]);
+    assert!(msg.contains("ln"), "names a LayerNorm tensor: {msg}");
+
+    // GPT-2 `tie_word_embeddings: false` without `lm_head.weight`.
+    let dir = copy_fixture("gpt2_hf");
+    edit_config(dir.path(), |c| {
+        c.insert("tie_word_embeddings".into(), json!(false));
+    });
+    let msg = load_err(dir.path());
+    assert_names(&msg, &["tie_word_embeddings", "false", "lm_head.weight"]);
+}

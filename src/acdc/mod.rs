@@ -66,7 +66,7 @@ use serde::{Deserialize, Serialize};
 
 pub use hybrid::{hybrid, prune_mask, PruneWith};
 pub use incremental::AcdcState;
-pub use persist::{Checkpoint, Persist};
+pub use persist::{Checkpoint, Persist, RunIdentity};
 pub use sweep::{log_thresholds, metric_scale, rates, threshold_sweep, Sweep, SweepPoint};
 pub use timing::{time_steps, StepTiming};
 
@@ -75,7 +75,10 @@ use crate::model::Model;
 use crate::runs::{Ablation, PreparedChunk};
 use crate::tasks::{Dataset, Metric};
 use crate::{Error, Result};
-use persist::{fingerprint, mask_string, parse_mask, restore_log};
+use persist::{
+    fingerprint, mask_string, remove_stale_temporaries, restore_log, validate, validate_steps,
+    CHECKPOINT_VERSION,
+};
 
 /// Settings of one ACDC run.
 #[derive(Debug, Clone)]
@@ -87,6 +90,9 @@ pub struct AcdcOptions {
     /// Edges patched from the start and never tried (the hybrid's pre-pruning), as a
     /// `[n_writers, n_readers]` mask; `None`: start from the full model.
     pub initial_patched: Option<Vec<bool>>,
+    /// The model, examples and options behind the prepared runs, recorded in checkpoints so a
+    /// resume continues only the same run ([`RunIdentity`]).
+    pub identity: RunIdentity,
     pub progress: bool,
 }
 
@@ -109,6 +115,7 @@ impl Default for AcdcOptions {
             threshold: 0.01,
             metric: Metric::Kl,
             initial_patched: None,
+            identity: RunIdentity::default(),
             progress: false,
         }
     }
@@ -272,6 +279,7 @@ pub fn run_acdc(
         opts.metric,
         opts.initial_patched.as_ref(),
         prepared,
+        &opts.identity,
     );
     let start = Instant::now();
 
@@ -285,36 +293,38 @@ pub fn run_acdc(
     let mut checkpoint_metric = None;
     let mut initial_metric = None;
     let resumed = match persist {
-        Some(p) if p.resume && p.checkpoint.exists() => Some(Checkpoint::read(&p.checkpoint)?),
+        Some(p) if p.resume => {
+            remove_stale_temporaries(&p.checkpoint);
+            if !p.checkpoint.exists() {
+                return Err(Error::Checkpoint {
+                    path: p.checkpoint.clone(),
+                    message: "no checkpoint to resume from (run without --resume to start afresh)"
+                        .into(),
+                });
+            }
+            Some(Checkpoint::read(&p.checkpoint)?)
+        }
         _ => None,
     };
     if let (Some(ck), Some(p)) = (resumed, persist) {
-        if ck.fingerprint != fp {
-            return Err(Error::Checkpoint {
-                path: p.checkpoint.clone(),
-                message: format!(
-                    "written by a different ACDC run ({}); this run is {fp}",
-                    ck.fingerprint
-                ),
-            });
-        }
-        patched = parse_mask(&p.checkpoint, &ck.patched, nw * nr)?;
+        let ok = validate(&p.checkpoint, &ck, &fp, &graph, &initial)?;
+        patched = ok.patched;
         for &(i, v) in &ck.scores {
-            if i >= nw * nr {
-                return Err(Error::Checkpoint {
-                    path: p.checkpoint.clone(),
-                    message: format!("score index {i} is out of range"),
-                });
-            }
             scores.values[i] = v;
         }
-        position = ck.next_position.min(order.len());
+        position = ok.position;
         checkpoint_metric = Some(ck.metric);
         initial_metric = Some(ck.initial_metric);
         passes_before = ck.forward_passes;
         seconds_before = ck.seconds;
         steps = restore_log(&p.log, ck.steps_logged)?;
+        let logged: Vec<_> = steps
+            .iter()
+            .map(|s| (s.writer, s.reader, s.removed, s.edge.as_str()))
+            .collect();
+        validate_steps(&p.log, &logged, &graph, &patched, &initial)?;
     } else if let Some(p) = persist {
+        remove_stale_temporaries(&p.checkpoint);
         std::fs::File::create(&p.log).map_err(|e| Error::io(&p.log, e))?;
     }
     // The run under the current circuit; a resume rebuilds it from the checkpoint's mask.
@@ -383,7 +393,7 @@ pub fn run_acdc(
                 .map_err(|e| Error::io(&p.log, e))?;
             log.sync_data().map_err(|e| Error::io(&p.log, e))?;
             Checkpoint {
-                version: 1,
+                version: CHECKPOINT_VERSION,
                 fingerprint: fp.clone(),
                 next_position: position,
                 patched: mask_string(state.patched()),

@@ -17,6 +17,87 @@ use serde_json::Value;
 
 use crate::{Error, Result};
 
+/// Parses JSON like `serde_json::from_str::<Value>`, but a key repeated within one object is
+/// an error (``duplicate key `n_layer` ``, with its line and column) rather than silently
+/// taking the last value: a config whose two `n_layer`s disagree must not load either one.
+pub fn parse_json_unique(text: &str) -> serde_json::Result<Value> {
+    use serde::Deserialize;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = UniqueValue::deserialize(&mut de)?.0;
+    de.end()?;
+    Ok(value)
+}
+
+/// A [`Value`] whose objects were checked for repeated keys while parsing.
+struct UniqueValue(Value);
+
+impl<'de> serde::Deserialize<'de> for UniqueValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor).map(UniqueValue)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+        d.deserialize_any(UniqueVisitor)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(UniqueValue(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
+            }
+            let UniqueValue(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 /// Normalisation applied before attention, before the MLP and before the unembedding (and, with
 /// [`ModelConfig::post_norms`], after attention and after the MLP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,7 +440,7 @@ impl ModelConfig {
     /// [`from_file`](Self::from_file) and the layout of the checkpoint the file describes.
     pub fn read(path: &Path) -> Result<(ModelConfig, CheckpointLayout)> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| Error::Parse {
+        let value = parse_json_unique(&text).map_err(|e| Error::Parse {
             path: path.to_path_buf(),
             line: Some(e.line()),
             message: e.to_string(),
@@ -455,6 +536,15 @@ impl ModelConfig {
             if f.opt_bool(flag)?.unwrap_or(false) {
                 return Err(f.unsupported(flag, "true", ""));
             }
+        }
+        // eap's GPT-2 loader ties the unembedding to `wte`: an untied head would be read as the
+        // embedding (or, with no `lm_head.weight`, be random in transformers), so refuse it.
+        if f.opt_bool("tie_word_embeddings")? == Some(false) {
+            return Err(f.unsupported(
+                "tie_word_embeddings",
+                "false",
+                "eap reads GPT-2 with its unembedding tied to wte; a separate lm_head.weight is not read",
+            ));
         }
         let scale = f.opt_bool("scale_attn_weights")?.unwrap_or(true);
         let n_ctx = match f.opt_usize("n_positions")? {

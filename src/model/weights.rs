@@ -244,7 +244,7 @@ impl Checkpoint {
     /// shards too).
     pub fn sharded(index: &Path) -> Result<Checkpoint> {
         let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Parse {
+        let value = super::config::parse_json_unique(&text).map_err(|e| Error::Parse {
             path: index.to_path_buf(),
             line: Some(e.line()),
             message: e.to_string(),

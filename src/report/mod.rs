@@ -16,7 +16,7 @@ pub mod svg;
 use std::path::Path;
 
 pub use circuit::circuit_svg;
-pub use plots::{faithfulness_svg, roc_svg, scatter_svg};
+pub use plots::{faithfulness_svg, mib_svg, roc_svg, scatter_svg};
 
 use crate::Result;
 use svg::escape;

@@ -58,6 +58,15 @@ pub fn roc_svg(curves: &[(String, Roc)]) -> String {
 /// Faithfulness against the fraction of edges kept, one curve per method, with the `f = 1`
 /// line (the full model) and `f = 0` (the empty circuit). The x axis is log10 when every
 /// fraction is positive and they span more than a decade (MIB's 0.1 % … 100 %), else linear.
+/// MIB's two faithfulness curves of a scores file: edges selected by signed score (its area
+/// is the CPR) and by |score| (the CMD is its area from 1).
+pub fn mib_svg(score: &crate::eval::MibScore) -> String {
+    faithfulness_svg(&[
+        ("signed (CPR)".to_string(), score.signed.curve.clone()),
+        ("|score| (CMD)".to_string(), score.absolute.curve.clone()),
+    ])
+}
+
 pub fn faithfulness_svg(curves: &[(String, FaithfulnessCurve)]) -> String {
     let (w, h) = (700.0, 470.0 + 18.0 * curves.len() as f64);
     let xs = || curves.iter().flat_map(|(_, c)| c.fractions.iter().copied());
