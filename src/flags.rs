@@ -67,6 +67,13 @@ pub struct SourceArgs {
     /// Seed of the generated examples.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// --data holds a MIB task's rows (JSON lines, as `datasets` exports them): ioi, mcqa,
+    /// arc-easy, arc-challenge, arithmetic-addition, arithmetic-subtraction.
+    #[arg(long, requires = "data")]
+    pub mib_task: Option<eap::tasks::MibTask>,
+    /// MIB's counterfactual column (default: the task's, as MIB uses).
+    #[arg(long, requires = "mib_task")]
+    pub counterfactual: Option<String>,
 }
 
 /// Which model and examples a `discover` or `acdc` run works on.
@@ -350,6 +357,8 @@ impl SourceArgs {
             task: self.task,
             n: self.n,
             seed: self.seed,
+            mib_task: self.mib_task,
+            counterfactual: self.counterfactual.clone(),
         }
     }
 }

@@ -30,6 +30,10 @@ pub struct Examples {
     /// Examples to generate (tasks and planted models).
     pub n: usize,
     pub seed: u64,
+    /// `data` holds a MIB task's rows (JSON lines) rather than eap's JSONL.
+    pub mib_task: Option<crate::tasks::MibTask>,
+    /// The MIB counterfactual column (default: the task's, as MIB).
+    pub counterfactual: Option<String>,
 }
 
 /// Which model and examples a job runs on.
@@ -93,7 +97,19 @@ pub fn load_data(
 ) -> Result<(Dataset, Metric)> {
     match (&examples.data, examples.task) {
         (Some(path), None) => {
-            let data = Dataset::from_jsonl(path, tok)?;
+            let data = match (examples.mib_task, tok) {
+                (None, _) => Dataset::from_jsonl(path, tok)?,
+                (Some(task), Some(tok)) => {
+                    let cf = examples.counterfactual.as_deref();
+                    crate::tasks::read_mib_jsonl(path, task, tok, cf)?.dataset
+                }
+                (Some(_), None) => {
+                    return Err(Error::invalid(format!(
+                        "{}: MIB rows are text and need the model's tokenizer.json",
+                        path.display()
+                    )))
+                }
+            };
             Ok((data, metric.unwrap_or(Metric::LogitDiff)))
         }
         (None, Some(task)) => {

@@ -160,3 +160,56 @@ fn submission_folders_round_trip_and_read_eapig_files() {
     let e = read_submission(dir.path()).unwrap_err().to_string();
     assert!(e.contains("nounderscore"), "{e}");
 }
+
+/// MIB's task rows through the command line: `--mib-task` maps the columns as MIB does, with
+/// the model directory's tokenizer.
+#[test]
+fn mib_task_rows_run_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let row = |cf: &str| {
+        serde_json::json!({
+            "prompt": "after Mary and John ate John thanked",
+            "metadata": {"indirect_object": "Mary", "subject": "John", "random_c": "Paris"},
+            "s2_io_flip_counterfactual": {"prompt": cf},
+        })
+        .to_string()
+    };
+    let rows = [
+        row("after Mary and John ate Mary thanked"),
+        row("after Mary and John ate Mary"), // another length: skipped
+    ];
+    std::fs::write(d.join("ioi.jsonl"), rows.join("\n")).unwrap();
+    let model = fixture_dir("qwen2_bias");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eap"))
+        .args([
+            "attribute",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            "ioi.jsonl",
+        ])
+        .args(["--mib-task", "ioi", "--out", "s.json", "--json"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(meta["n_examples"], 1);
+    // The same example as the reference's second one: its clean metric is that example's.
+    let refs = reference("qwen2_bias");
+    let logits = flat(&refs["logits"]);
+    let (p, v) = (7, 96);
+    let (answer, wrong) = (
+        ids(&refs["answer"])[1] as usize,
+        ids(&refs["wrong"])[1] as usize,
+    );
+    let row1 = &logits[(p + p - 1) * v..(p + p) * v];
+    let want = (row1[answer] - row1[wrong]) as f64;
+    let got = meta["clean_metric"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() < 1e-4 * want.abs().max(1.0),
+        "{got} vs {want}"
+    );
+}
