@@ -6,6 +6,7 @@ mod cli;
 mod errors;
 mod families;
 mod formats;
+mod fuzz;
 mod layout;
 mod loading;
 mod mib;
