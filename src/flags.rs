@@ -62,12 +62,12 @@ pub struct SourceArgs {
     #[arg(long)]
     pub task: Option<Task>,
     /// Examples to generate (planted models and --task).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = examples)]
     pub n: usize,
     /// Seed of the generated examples.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// --data holds a MIB task's rows (JSON lines, as `datasets` exports them): ioi, mcqa,
+    /// Read --data as a MIB task's rows (JSON lines, as `datasets` exports them): ioi, mcqa,
     /// arc-easy, arc-challenge, arithmetic-addition, arithmetic-subtraction.
     #[arg(long, requires = "data")]
     pub mib_task: Option<eap::tasks::MibTask>,
@@ -98,10 +98,10 @@ pub struct AcdcArgs {
     #[command(flatten)]
     pub job: JobArgs,
     /// τ: remove an edge when the metric moves by less than this.
-    #[arg(long, required_unless_present = "thresholds")]
+    #[arg(long, required_unless_present = "thresholds", value_parser = finite, allow_negative_numbers = true)]
     pub threshold: Option<f32>,
     /// Threshold sweep: one ACDC run per τ, each giving one ROC point (comma-separated).
-    #[arg(long, value_delimiter = ',', conflicts_with = "threshold")]
+    #[arg(long, value_delimiter = ',', conflicts_with = "threshold", value_parser = finite, allow_negative_numbers = true)]
     pub thresholds: Option<Vec<f32>>,
     /// ACDC's metric: kl (default, KL to the clean run; remove when Δ < τ) or a task metric
     /// (logit-diff, prob-diff, nll; remove when |Δ| < τ).
@@ -110,16 +110,16 @@ pub struct AcdcArgs {
     /// What a removed edge carries: corrupted, zero, mean, mean-positional.
     #[arg(long, default_value = "corrupted")]
     pub ablation: Ablation,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     pub batch_size: usize,
     /// Pre-prune with attribution scores (the hybrid): only `eap`.
     #[arg(long)]
     pub prune_with: Option<PruneWith>,
     /// Hybrid: keep EAP's top N edges, patch the rest from the start.
-    #[arg(long, requires = "prune_with", conflicts_with = "eap_threshold")]
+    #[arg(long, requires = "prune_with", conflicts_with = "eap_threshold", value_parser = positive)]
     pub keep: Option<usize>,
     /// Hybrid: patch every edge with |EAP score| < T from the start.
-    #[arg(long, requires = "prune_with")]
+    #[arg(long, requires = "prune_with", value_parser = non_negative)]
     pub eap_threshold: Option<f32>,
     /// Circuit file to write (with --thresholds: a JSON summary of the sweep). The step log
     /// (`<stem>.acdc-steps.jsonl`) and checkpoint (`<stem>.acdc-checkpoint.json`) go beside it.
@@ -128,6 +128,7 @@ pub struct AcdcArgs {
     /// Continue an interrupted run from its checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Do not draw the progress bar.
     #[arg(long)]
     pub no_progress: bool,
 }
@@ -140,10 +141,10 @@ pub struct DiscoverArgs {
     pub metric: Option<Metric>,
     #[arg(long, default_value = "corrupted")]
     pub ablation: Ablation,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = positive)]
     pub ig_steps: usize,
     /// Circuit size (default: the ground truth's size, else 2% of the edges).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub top_n: Option<usize>,
     /// Skip exact per-edge patching (one forward per edge) on large models.
     #[arg(long)]
@@ -153,18 +154,18 @@ pub struct DiscoverArgs {
     pub no_acdc: bool,
     /// ACDC's τ for the circuit whose faithfulness is reported, as a fraction of
     /// |M(full) − M(∅)| of the task metric (default 0.1).
-    #[arg(long)]
+    #[arg(long, value_parser = finite, allow_negative_numbers = true)]
     pub acdc_threshold: Option<f32>,
     /// ACDC's threshold sweep for the ROC, fractions of |M(full) − M(∅)| (comma-separated).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = finite, allow_negative_numbers = true)]
     pub acdc_thresholds: Option<Vec<f32>>,
     /// Hybrid: EAP's top edges kept for ACDC (default max(3 × top-n, 20% of edges)).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     pub hybrid_keep: Option<usize>,
     /// Output folder (default: eap-out/<model>).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     pub batch_size: usize,
 }
 
@@ -199,10 +200,10 @@ pub struct DataArgs {
     #[arg(long, default_value = "corrupted")]
     pub ablation: Ablation,
     /// Examples per chunk (lowered further to fit --memory-budget).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     pub batch_size: usize,
     /// Memory budget for one chunk's activations, in MiB.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = positive)]
     pub memory_budget: usize,
 }
 
@@ -214,7 +215,7 @@ pub struct AttributeArgs {
     #[arg(long, default_value = "eap")]
     pub method: MethodKind,
     /// Integration steps of eap-ig.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = positive)]
     pub ig_steps: usize,
     /// Scores file to write (EAP-IG's JSON layout plus `meta`).
     #[arg(long)]
@@ -231,13 +232,13 @@ pub struct CircuitArgs {
     #[arg(long)]
     pub scores: PathBuf,
     /// Keep the N edges with the largest |score|.
-    #[arg(long, group = "select")]
+    #[arg(long, group = "select", value_parser = positive)]
     pub top_n: Option<usize>,
     /// Keep edges with |score| ≥ T.
-    #[arg(long, group = "select")]
+    #[arg(long, group = "select", value_parser = finite, allow_negative_numbers = true)]
     pub threshold: Option<f32>,
     /// Grow N edges greedily from the logits (connected).
-    #[arg(long, group = "select")]
+    #[arg(long, group = "select", value_parser = positive)]
     pub greedy: Option<usize>,
     /// Do not remove edges of nodes that lost all their inputs or outputs.
     #[arg(long)]
@@ -303,10 +304,13 @@ pub struct MibArgs {
 pub struct DatasetArgs {
     /// ioi, greater-than, docstring or induction.
     pub task: Task,
-    #[arg(long, default_value_t = 100)]
+    /// Examples to generate.
+    #[arg(long, default_value_t = 100, value_parser = examples)]
     pub n: usize,
+    /// Seed of the generator (the same seed gives the same file).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The JSONL file to write (`-`: standard output).
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -317,12 +321,12 @@ pub struct BenchArgs {
     /// pythia-160m.
     #[arg(long, default_value = "gpt2", value_parser = clap::builder::PossibleValuesParser::new(eap::model::random::PRESETS))]
     pub like: String,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     pub batch: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     pub seq: usize,
     /// Timed repetitions (the best is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive)]
     pub reps: usize,
     /// Skip the EAP timing.
     #[arg(long)]
@@ -338,10 +342,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000)]
     pub acdc_circuit_edges: usize,
     /// ACDC's τ on the KL divergence in the ACDC timing.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = finite, allow_negative_numbers = true)]
     pub acdc_threshold: f32,
     /// Memory budget for one chunk of EAP's activations, in MiB.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = positive)]
     pub memory_budget: usize,
     /// Time only EAP (so the process's peak memory is EAP's).
     #[arg(long, conflicts_with = "no_eap")]
@@ -406,4 +410,48 @@ impl BenchArgs {
             eap_only: self.eap_only,
         }
     }
+}
+
+/// Most examples `--n` may generate: ten million prompts are already gigabytes of tokens and
+/// activations; more is a typo (an `--n 18446744073709551615` would overflow an allocation).
+pub const MAX_EXAMPLES: usize = 10_000_000;
+
+/// A count that must be at least 1 (`--batch-size 0` would loop forever or do nothing).
+fn positive(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a whole number: {e}"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
+}
+
+/// A number of examples: at least 1 and at most [`MAX_EXAMPLES`].
+fn examples(s: &str) -> Result<usize, String> {
+    let n = positive(s)?;
+    if n > MAX_EXAMPLES {
+        return Err(format!("at most {MAX_EXAMPLES} examples, found {n}"));
+    }
+    Ok(n)
+}
+
+/// A finite number (NaN and infinities make every comparison with it meaningless).
+fn finite(s: &str) -> Result<f32, String> {
+    let x: f32 = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a number: {e}"))?;
+    if !x.is_finite() {
+        return Err(format!("must be a finite number, found {s}"));
+    }
+    Ok(x)
+}
+
+/// A finite number that is zero or more.
+fn non_negative(s: &str) -> Result<f32, String> {
+    let x = finite(s)?;
+    if x < 0.0 {
+        return Err(format!("must be zero or more, found {s}"));
+    }
+    Ok(x)
 }

@@ -137,17 +137,11 @@ fn errors_end_with_a_hint_naming_the_flag() {
     let model = model.to_str().unwrap();
     let base = ["attribute", "--model", model, "--data", "ok.jsonl"];
     let run = |extra: &[&str]| eap(d, &[&base[..], extra].concat());
+    // Zero integration steps are refused while parsing, naming the flag.
     let (ok, _, stderr) = run(&["--method", "eap-ig", "--ig-steps", "0", "--out", "s.json"]);
-    assert!(!ok, "{stderr}");
-    let (message, hint) = stderr
-        .split_once("\n\nhint: ")
-        .expect("a hint after a blank line");
-    assert!(
-        message.starts_with("error: ") && !message.contains("--"),
-        "{stderr}"
-    );
-    assert!(hint.contains("--ig-steps"), "{stderr}");
+    assert!(!ok && stderr.contains("--ig-steps"), "{stderr}");
 
+    // A library error: the message names no flag, the hint after a blank line does.
     // EAP-IG starts its path at any ablation's baseline; clean-corrupted needs the corrupted run.
     let (ok, _, stderr) = run(&[
         "--method",
@@ -157,10 +151,15 @@ fn errors_end_with_a_hint_naming_the_flag() {
         "--out",
         "s.json",
     ]);
+    assert!(!ok, "{stderr}");
+    let (message, hint) = stderr
+        .split_once("\n\nhint: ")
+        .expect("a hint after a blank line");
     assert!(
-        !ok && stderr.contains("hint: use --ablation corrupted"),
+        message.starts_with("error: ") && !message.contains("--"),
         "{stderr}"
     );
+    assert!(hint.contains("use --ablation corrupted"), "{stderr}");
 
     for extra in [
         &["--method", "eap-ig-inputs", "--ig-steps", "2"][..],
@@ -409,4 +408,139 @@ fn partial_scores_files_need_allow_missing() {
         let said = format!("{} of {total} edges not listed", drop.len());
         assert!(stderr.contains(&said), "{args:?}: {stderr}");
     }
+}
+
+/// Issue 13: `--help` of every subcommand documents every flag.
+#[test]
+fn every_flag_has_help() {
+    let dir = tempfile::tempdir().unwrap();
+    let commands = [
+        "attribute",
+        "circuit",
+        "evaluate",
+        "mib",
+        "dataset",
+        "bench",
+        "discover",
+        "roc",
+        "acdc",
+    ];
+    let mut undocumented = Vec::new();
+    for command in commands {
+        let (code, help, stderr) = eap_code(dir.path(), &[command, "--help"]);
+        assert_eq!(code, 0, "{stderr}");
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let trimmed = line.trim_start();
+            // Flags start with `-x` or `--x`; `- name: doc` lines list a flag's values.
+            if !trimmed.starts_with('-') || trimmed.starts_with("- ") {
+                continue;
+            }
+            let indent = line.len() - trimmed.len();
+            // `--flag <X>  Help`, or the help on the next, deeper-indented line.
+            let same_line = trimmed.contains("  ");
+            let next_line = lines.get(i + 1).is_some_and(|next| {
+                let t = next.trim_start();
+                !t.is_empty() && !t.starts_with('-') && next.len() - t.len() > indent
+            });
+            if !same_line && !next_line {
+                undocumented.push(format!("{command} {trimmed}"));
+            }
+        }
+    }
+    assert!(
+        undocumented.is_empty(),
+        "flags without help: {undocumented:#?}"
+    );
+}
+
+/// Issue 13: zero, non-finite and oversized values are usage errors (exit 2) naming the flag,
+/// and negative thresholds parse without `=`.
+#[test]
+fn nonsensical_flag_values_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str); 9] = [
+        (&["discover", "--batch-size", "0"], "--batch-size"),
+        (&["discover", "--top-n", "0"], "--top-n"),
+        (&["discover", "--ig-steps", "0"], "--ig-steps"),
+        (&["discover", "--hybrid-keep", "0"], "--hybrid-keep"),
+        (
+            &[
+                "attribute",
+                "--model",
+                "m",
+                "--data",
+                "d",
+                "--out",
+                "o",
+                "--memory-budget",
+                "0",
+            ],
+            "--memory-budget",
+        ),
+        (
+            &[
+                "acdc",
+                "--planted",
+                "induction",
+                "--out",
+                "o",
+                "--prune-with",
+                "eap",
+                "--eap-threshold",
+                "NaN",
+            ],
+            "--eap-threshold",
+        ),
+        (
+            &[
+                "circuit",
+                "--scores",
+                "s",
+                "--out",
+                "o",
+                "--threshold",
+                "NaN",
+            ],
+            "--threshold",
+        ),
+        (
+            &[
+                "dataset",
+                "ioi",
+                "--out",
+                "o",
+                "--n",
+                "18446744073709551615",
+            ],
+            "--n",
+        ),
+        (
+            &["dataset", "ioi", "--out", "o", "--n", "1000000000000"],
+            "--n",
+        ),
+    ];
+    for (args, flag) in cases {
+        let (code, _, stderr) = eap_code(dir.path(), args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(flag) && !stderr.contains("panicked"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // A negative threshold is a value, not a flag.
+    let (code, _, stderr) = eap_code(
+        dir.path(),
+        &[
+            "circuit",
+            "--scores",
+            "none.json",
+            "--threshold",
+            "-1",
+            "--out",
+            "c.json",
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("none.json"), "{stderr}");
 }
