@@ -110,6 +110,7 @@ pub struct AcdcArgs {
     /// What a removed edge carries: corrupted, zero, mean, mean-positional.
     #[arg(long, default_value = "corrupted")]
     pub ablation: Ablation,
+    /// Examples per chunk.
     #[arg(long, default_value_t = 32, value_parser = positive)]
     pub batch_size: usize,
     /// Pre-prune with attribution scores (the hybrid): only `eap`.
@@ -137,10 +138,13 @@ pub struct AcdcArgs {
 pub struct DiscoverArgs {
     #[command(flatten)]
     pub job: JobArgs,
+    /// The task metric every method is scored with (default: the task's own).
     #[arg(long)]
     pub metric: Option<Metric>,
+    /// What a removed edge carries: corrupted, zero, mean, mean-positional.
     #[arg(long, default_value = "corrupted")]
     pub ablation: Ablation,
+    /// Integration steps of EAP-IG.
     #[arg(long, default_value_t = 5, value_parser = positive)]
     pub ig_steps: usize,
     /// Circuit size (default: the ground truth's size, else 2% of the edges).
@@ -165,6 +169,7 @@ pub struct DiscoverArgs {
     /// Output folder (default: eap-out/<model>).
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
+    /// Examples per chunk.
     #[arg(long, default_value_t = 32, value_parser = positive)]
     pub batch_size: usize,
 }
