@@ -39,6 +39,9 @@ pub enum Command {
     Dataset(DatasetArgs),
     /// Time forward, backward, EAP and ACDC passes on a random model of a named shape (--like).
     Bench(BenchArgs),
+    /// Write a random-weight model of a named shape as a Hugging Face checkpoint (config.json,
+    /// model.safetensors), for benchmarks and tests at real sizes without downloads.
+    RandomModel(RandomModelArgs),
     /// The main job: exact patching, EAP and EAP-IG side by side; circuit, picture, report.
     /// With no options it runs on the embedded planted induction model.
     Discover(DiscoverArgs),
@@ -355,6 +358,72 @@ pub struct BenchArgs {
     /// Time only EAP (so the process's peak memory is EAP's).
     #[arg(long, conflicts_with = "no_eap")]
     pub eap_only: bool,
+}
+
+#[derive(Args)]
+pub struct RandomModelArgs {
+    /// The shape: its published config.json is written with random weights.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(eap::model::random::PRESETS))]
+    pub like: String,
+    /// Keep only the first N layers (the same weights as the full model's first N).
+    #[arg(long, value_parser = positive)]
+    pub layers: Option<usize>,
+    /// Storage type of the weights.
+    #[arg(long, value_enum, default_value_t = StoredDtypeArg::Bf16)]
+    pub dtype: StoredDtypeArg,
+    /// Seed of the weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The directory to write (created if missing; config.json and model.safetensors in it
+    /// are replaced).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum StoredDtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl RandomModelArgs {
+    /// Writes the checkpoint, reporting progress on stderr.
+    pub fn run(self) -> anyhow::Result<()> {
+        use eap::model::random::{write_random_checkpoint, StoredDtype};
+        let dtype = match self.dtype {
+            StoredDtypeArg::F32 => StoredDtype::F32,
+            StoredDtypeArg::F16 => StoredDtype::F16,
+            StoredDtypeArg::Bf16 => StoredDtype::Bf16,
+        };
+        let bar = indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(
+                "writing weights {bar:30} {binary_bytes}/{binary_total_bytes} {eta}",
+            )
+            .expect("a valid template"),
+        );
+        let written = write_random_checkpoint(
+            &self.like,
+            self.layers,
+            dtype,
+            self.seed,
+            &self.out,
+            &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            },
+        )?;
+        bar.finish_and_clear();
+        out!(
+            "{}: {} tensors, {:.3} B parameters, {:.2} GB",
+            written.weights.display(),
+            written.n_tensors,
+            written.n_params as f64 / 1e9,
+            written.bytes as f64 / 1e9
+        );
+        out!("wrote {}", written.config.display());
+        Ok(())
+    }
 }
 
 // From flags to the library's descriptions of a job (ripgrep's low-to-high step).

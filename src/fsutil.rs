@@ -118,6 +118,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .and_then(|()| out.flush())
             .map_err(|e| Error::io("standard output", e));
     }
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// [`write_atomic`] for contents too large to hold in memory: `write` streams them into the
+/// temporary file (`-` is not accepted: a stream cannot be taken back when `write` fails).
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
     check_output_path(path, "output", false)?;
     let target = resolve_symlinks(path)?;
     let name = target
@@ -139,7 +148,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let permissions = std::fs::metadata(&target).ok().map(|m| m.permissions());
     let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        write(&mut f)?;
         if let Some(p) = permissions {
             f.set_permissions(p)?;
         }

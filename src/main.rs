@@ -25,9 +25,9 @@ use eap::tasks::{generate, write_jsonl, Metric, Tokenizer};
 use flags::*;
 use output::{check_outputs, is_broken_pipe, read_scores, Usage};
 
-mod flags;
 #[macro_use]
 mod output;
+mod flags;
 
 /// glibc hands every allocation above 128 KiB to `mmap` and back to the kernel on free, so each
 /// activation buffer of a forward pass (megabytes, freed a few ops later) is faulted in and zeroed
@@ -101,6 +101,7 @@ fn run(command: Command) -> Result<()> {
         Command::Mib(a) => cmd_mib(a),
         Command::Dataset(a) => cmd_dataset(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::RandomModel(a) => a.run(),
     }
 }
 

@@ -245,48 +245,11 @@ impl CircuitFile {
                 .ok_or_else(|| err(format!("`nodes` must be an object, found {}", kind(v))))?,
         };
 
-        let count = |key: &str| -> Result<usize> {
-            let v = cfg
-                .get(key)
-                .ok_or_else(|| err(format!("missing `cfg.{key}`")))?;
-            match v.as_u64() {
-                Some(n) if n > 0 => Ok(n as usize),
-                _ => Err(err(format!(
-                    "`cfg.{key}` must be a positive integer, found {v}"
-                ))),
-            }
-        };
-        let optional_bool = |key: &str| -> Result<Option<bool>> {
-            match cfg.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::Bool(b)) => Ok(Some(*b)),
-                Some(v) => Err(err(format!("`cfg.{key}` must be true or false, found {v}"))),
-            }
-        };
-        let (n_layers, n_heads) = (count("n_layers")?, count("n_heads")?);
-        let parallel = optional_bool("parallel_attn_mlp")?.unwrap_or(false);
-        let d_model = match cfg.get("d_model") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .ok_or_else(|| err(format!("`cfg.d_model` must be an integer, found {v}")))?,
-            ),
-        };
-        let has_mlp = match optional_bool("attn_only")? {
-            Some(attn_only) => !attn_only,
-            None => {
-                nodes.keys().any(|n| is_mlp_name(n))
-                    || edges.keys().any(|e| e.split("->").any(is_mlp_name))
-            }
-        };
-        let cells = (1 + n_layers.saturating_mul(n_heads + 1))
-            .saturating_mul(n_layers.saturating_mul(3 * n_heads + 1) + 1);
-        if cells > MAX_CELLS {
-            return Err(err(format!(
-                "`cfg` describes {n_layers} layers of {n_heads} heads, too large a graph"
-            )));
-        }
-        let graph = Graph::new(n_layers, n_heads, has_mlp).with_parallel_attn_mlp(parallel);
+        let (graph, d_model) = parse_cfg(cfg, &err, || {
+            nodes.keys().any(|n| is_mlp_name(n))
+                || edges.keys().any(|e| e.split("->").any(is_mlp_name))
+        })?;
+        let (n_layers, n_heads) = (graph.n_layers, graph.n_heads);
         let n_edges = graph.n_edges();
         if missing != MissingEdges::Circuit {
             let names = nodes
@@ -415,9 +378,13 @@ impl CircuitFile {
 
     /// Writes the file atomically: a temporary file in the same directory, then a rename, so
     /// an interrupted run never leaves a truncated circuit behind. Compact JSON, as EAP-IG's
-    /// `json.dump` writes it.
+    /// `json.dump` writes it; the dense score matrix when `path` ends in `.safetensors`
+    /// ([`super::matrix`]).
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        if is_matrix_path(path) {
+            return crate::fsutil::write_atomic(path, &self.to_safetensors()?);
+        }
         self.check()?;
         let mut text = serde_json::to_string(&self.to_json())
             .map_err(|e| Error::invalid(format!("serialising circuit: {e}")))?;
@@ -440,6 +407,12 @@ impl CircuitFile {
     }
 
     fn read_with(path: &Path, missing: MissingEdges) -> Result<ScoresRead> {
+        if is_matrix_path(path) {
+            // A matrix has a cell for every edge: nothing can be missing.
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let file = CircuitFile::from_safetensors(&bytes, &path.display().to_string())?;
+            return Ok(ScoresRead { file, missing: 0 });
+        }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let value: Value = serde_json::from_str(&text).map_err(|e| {
             // serde_json's message ends in "at line L column C"; the line goes in its field.
@@ -462,6 +435,84 @@ impl CircuitFile {
         }
         CircuitFile::from_json_with(&value, &path.display().to_string(), missing)
     }
+}
+
+/// Score files named `*.safetensors` hold the dense matrix ([`super::matrix`]); every other
+/// name is EAP-IG's JSON.
+pub fn is_matrix_path(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "safetensors")
+}
+
+/// The graph a file's `cfg` object describes (and its `d_model`); `mlp_fallback` says whether
+/// the graph has MLPs when `cfg.attn_only` is absent (EAP-IG's files never say).
+fn parse_cfg(
+    cfg: &Map<String, Value>,
+    err: &dyn Fn(String) -> Error,
+    mlp_fallback: impl FnOnce() -> bool,
+) -> Result<(Graph, Option<u64>)> {
+    let count = |key: &str| -> Result<usize> {
+        let v = cfg
+            .get(key)
+            .ok_or_else(|| err(format!("missing `cfg.{key}`")))?;
+        match v.as_u64() {
+            Some(n) if n > 0 => Ok(n as usize),
+            _ => Err(err(format!(
+                "`cfg.{key}` must be a positive integer, found {v}"
+            ))),
+        }
+    };
+    let optional_bool = |key: &str| -> Result<Option<bool>> {
+        match cfg.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(err(format!("`cfg.{key}` must be true or false, found {v}"))),
+        }
+    };
+    let (n_layers, n_heads) = (count("n_layers")?, count("n_heads")?);
+    let parallel = optional_bool("parallel_attn_mlp")?.unwrap_or(false);
+    let d_model = match cfg.get("d_model") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| err(format!("`cfg.d_model` must be an integer, found {v}")))?,
+        ),
+    };
+    let has_mlp = match optional_bool("attn_only")? {
+        Some(attn_only) => !attn_only,
+        None => mlp_fallback(),
+    };
+    let cells = (1 + n_layers.saturating_mul(n_heads + 1))
+        .saturating_mul(n_layers.saturating_mul(3 * n_heads + 1) + 1);
+    if cells > MAX_CELLS {
+        return Err(err(format!(
+            "`cfg` describes {n_layers} layers of {n_heads} heads, too large a graph"
+        )));
+    }
+    Ok((
+        Graph::new(n_layers, n_heads, has_mlp).with_parallel_attn_mlp(parallel),
+        d_model,
+    ))
+}
+
+/// [`parse_cfg`] for a `cfg` given as a JSON value, for files that always state `attn_only`.
+pub(super) fn graph_from_cfg(cfg: &Value, source: &str) -> Result<(Graph, Option<u64>)> {
+    let err = |message: String| Error::Parse {
+        path: PathBuf::from(source),
+        line: None,
+        message,
+    };
+    let cfg = cfg
+        .as_object()
+        .ok_or_else(|| err("`cfg` must be an object".into()))?;
+    let mut stated = true;
+    let found = parse_cfg(cfg, &err, || {
+        stated = false;
+        false
+    })?;
+    if !stated {
+        return Err(err("missing `cfg.attn_only`".into()));
+    }
+    Ok(found)
 }
 
 /// The first edge name listed twice under the top-level `edges` object (serde_json keeps only

@@ -21,6 +21,7 @@ use crate::{Error, Result};
 
 pub mod dot;
 pub mod json;
+mod matrix;
 pub mod select;
 
 pub use dot::{parse_dot, parse_dot_edges, to_dot};

@@ -197,6 +197,15 @@ pub(crate) struct UnembedCache {
     tanh: Option<Tensor>,
 }
 
+/// The blocks of vocabulary rows a mapped unembedding converts at a time: 2,048 rows (32 MB of
+/// f32 at Llama-3.1-8B's d_model) keeps the converted block small beside the model.
+fn vocab_blocks(d_vocab: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    const BLOCK: usize = 2048;
+    (0..d_vocab)
+        .step_by(BLOCK)
+        .map(move |s| s..(s + BLOCK).min(d_vocab))
+}
+
 /// Activations the backward needs, from an unpatched forward.
 pub struct ForwardCache {
     layers: Vec<LayerCache>,
@@ -220,7 +229,20 @@ impl Model {
     /// logits `[R, d_vocab_out]` and what the backward needs.
     pub(crate) fn unembed(&self, x: &Tensor) -> Result<(Tensor, UnembedCache)> {
         let (xn, norm) = self.final_norm.forward(x)?;
-        let mut logits = xn.matmul(&self.embed.w_u)?;
+        let mut logits = match self.mapped_vocab() {
+            None => xn.matmul(&self.embed.w_u)?,
+            Some(loader) => {
+                // Blocks of vocabulary rows [len, d], converted one at a time: x · rowsᵀ.
+                let xn = xn.contiguous()?;
+                let blocks = vocab_blocks(self.cfg.d_vocab_out)
+                    .map(|r| -> Result<Tensor> {
+                        let rows = loader.vocab_rows(true, &mut r.clone())?;
+                        Ok(xn.matmul(&rows.t()?)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&blocks, 1)?
+            }
+        };
         if let Some(bu) = &self.embed.b_u {
             logits = logits.broadcast_add(bu)?;
         }
@@ -297,7 +319,13 @@ impl Model {
 
     /// Token (and, for standard positions, positional) embedding: the `input` writer, `[N, d]`.
     pub fn embed(&self, batch: &Batch) -> Result<Tensor> {
-        let mut tok = self.embed.w_e.embedding(&batch.tokens.flatten_all()?)?;
+        let mut tok = match self.mapped_vocab() {
+            None => self.embed.w_e.embedding(&batch.tokens.flatten_all()?)?,
+            Some(loader) => {
+                let ids = batch.tokens.flatten_all()?.to_vec1::<u32>()?;
+                loader.vocab_rows(false, &mut ids.iter().map(|&t| t as usize))?
+            }
+        };
         if self.cfg.embed_scale != 1.0 {
             tok = (tok * self.cfg.embed_scale as f64)?;
         }
@@ -585,7 +613,21 @@ impl Model {
         if let Some(t) = &cache.unembed.tanh {
             dlogits = ops::softcap_backward(&dlogits, t)?;
         }
-        let dxf = ops::matmul_nt(&dlogits, &self.embed.w_u.contiguous()?)?;
+        let dxf = match self.mapped_vocab() {
+            None => ops::matmul_nt(&dlogits, &self.embed.w_u.contiguous()?)?,
+            Some(loader) => {
+                let mut dxf: Option<Tensor> = None;
+                for r in vocab_blocks(cfg.d_vocab_out) {
+                    let rows = loader.vocab_rows(true, &mut r.clone())?;
+                    let part = dlogits.narrow(1, r.start, r.len())?.matmul(&rows)?;
+                    dxf = Some(match dxf {
+                        None => part,
+                        Some(acc) => (acc + part)?,
+                    });
+                }
+                dxf.ok_or_else(|| Error::invalid("a model with an empty vocabulary"))?
+            }
+        };
         let dxf = self.final_norm.backward(&dxf, &cache.unembed.norm)?;
         let mut g = Tensor::zeros((n, d), DType::F32, &self.device)?.index_add(
             &cache.logit_rows,

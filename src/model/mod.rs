@@ -30,7 +30,7 @@ pub use block::{
     Attention, AttentionCache, AttentionWeights, Block, Mlp, MlpCache, MlpWeights, NormLayer,
     NormWeights, RowPositions,
 };
-pub use config::{Activation, ModelConfig, Norm, Positions, WeightFormat};
+pub use config::{Activation, CheckpointLayout, ModelConfig, Norm, Positions, WeightFormat};
 pub use forward::{
     AdditiveDeltas, Batch, ForwardCache, ForwardOptions, ForwardOutput, PatchPlan, Prefix,
     ReaderGrads, ReaderIntervention, SublayerOverride, WriterSink,
@@ -106,6 +106,18 @@ impl Model {
     }
 
     pub fn load_dir(dir: &Path, device: &Device) -> Result<Model> {
+        let budget = std::env::var("EAP_RESIDENT_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_RESIDENT_BYTES);
+        Self::load_dir_with(dir, device, budget)
+    }
+
+    /// [`load_dir`](Self::load_dir), keeping the weights resident as f32 only when they take at
+    /// most `resident_bytes`; otherwise they stay memory-mapped and each pass converts one layer
+    /// at a time, and reads only the embedding rows of its tokens and the unembedding in blocks
+    /// of rows (Hugging Face Llama and NeoX layouts).
+    pub fn load_dir_with(dir: &Path, device: &Device, resident_bytes: usize) -> Result<Model> {
         let config_path = dir.join("config.json");
         if !config_path.exists() {
             return Err(Error::Config {
@@ -115,12 +127,12 @@ impl Model {
         }
         let (cfg, layout) = ModelConfig::read(&config_path)?;
         let loader = WeightLoader::new(Checkpoint::discover(dir)?, &cfg, layout, device)?;
-        let embed = loader.embed()?;
-        let budget = std::env::var("EAP_RESIDENT_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_RESIDENT_BYTES);
-        let layers = if cfg.n_params() * 4 <= budget {
+        let resident = cfg.n_params().saturating_mul(4) <= resident_bytes;
+        let embed = match resident || !loader.can_map_vocab() {
+            true => loader.embed()?,
+            false => loader.embed_mapped()?,
+        };
+        let layers = if resident {
             let layers = (0..cfg.n_layers)
                 .map(|i| loader.layer(i).map(Arc::new))
                 .collect::<Result<Vec<_>>>()?;
@@ -129,7 +141,7 @@ impl Model {
         } else {
             // Check every layer's tensors up front so a malformed file fails at load time.
             for i in 0..cfg.n_layers {
-                loader.layer(i)?;
+                loader.check_layer(i)?;
             }
             loader.check_all_used()?;
             LayerStore::Streamed(Box::new(loader))
@@ -154,6 +166,14 @@ impl Model {
 
     pub fn embed_weights(&self) -> &EmbedWeights {
         &self.embed
+    }
+
+    /// The loader of a streamed model whose vocabulary matrices stay mapped (read by rows).
+    pub(crate) fn mapped_vocab(&self) -> Option<&WeightLoader> {
+        match &self.layers {
+            LayerStore::Streamed(loader) if self.embed.w_e.dim(0).ok() == Some(0) => Some(loader),
+            _ => None,
+        }
     }
 
     /// The edge graph of this model (DESIGN §2).

@@ -1,0 +1,398 @@
+//! Models at scale without downloads: random checkpoints eap writes itself (`eap random-model`),
+//! streamed loading (weights memory-mapped, one layer converted at a time, vocabulary read by
+//! rows) giving the resident model's numbers, and score files as a dense safetensors matrix.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use eap::attribution::{attribute, AttributionOptions};
+use eap::graph::{Circuit, CircuitFile, Graph, MissingEdges, Scores};
+use eap::model::random::{hub_config, write_random_checkpoint_of, StoredDtype, PRESETS};
+use eap::model::{Batch, ForwardOptions, Model};
+use eap::tasks::{Dataset, Example, Target};
+use serde_json::{json, Value};
+
+use crate::util::*;
+
+/// A preset's published config shrunk to a few layers of a small width, with every
+/// architectural setting (rotary scaling, grouping, biases, tying, post-norms, soft-caps,
+/// partial rotary, parallel blocks) kept.
+fn tiny_config(preset: &str) -> Value {
+    let mut c: Value = serde_json::from_str(hub_config(preset).unwrap()).unwrap();
+    let set = |c: &mut Value, k: &str, v: Value| c[k] = v;
+    match c["model_type"].as_str().unwrap() {
+        "gpt2" => {
+            for (k, v) in [
+                ("n_embd", 64),
+                ("n_head", 4),
+                ("n_layer", 2),
+                ("vocab_size", 300),
+            ] {
+                set(&mut c, k, json!(v));
+            }
+            set(&mut c, "n_positions", json!(32));
+            set(&mut c, "n_ctx", json!(32));
+        }
+        _ => {
+            let kv = c["num_key_value_heads"].as_u64().map(|_| 2);
+            set(&mut c, "hidden_size", json!(64));
+            set(&mut c, "intermediate_size", json!(96));
+            set(&mut c, "num_attention_heads", json!(4));
+            if let Some(kv) = kv {
+                set(&mut c, "num_key_value_heads", json!(kv));
+            }
+            set(&mut c, "num_hidden_layers", json!(2));
+            set(&mut c, "vocab_size", json!(300));
+            if c.get("head_dim").is_some() {
+                set(&mut c, "head_dim", json!(16));
+                set(&mut c, "query_pre_attn_scalar", json!(16));
+            }
+            if let Some(w) = c.get("sliding_window").and_then(Value::as_u64) {
+                // Gemma-2 alternates windowed layers: a window shorter than the prompts
+                // exercises it.
+                if c["model_type"] == "gemma2" && w > 0 {
+                    set(&mut c, "sliding_window", json!(4));
+                }
+            }
+        }
+    }
+    c
+}
+
+fn write(config: Value, dtype: StoredDtype, dir: &Path) {
+    write_random_checkpoint_of(config, dtype, 7, dir, &mut |_, _| {}).unwrap();
+}
+
+fn dataset(vocab: u32) -> Dataset {
+    let examples = (0..3u32)
+        .map(|b| {
+            let clean: Vec<u32> = (0..7).map(|p| (b * 37 + p * 101 + 5) % vocab).collect();
+            Example {
+                corrupted: clean.iter().map(|t| (t + 1) % vocab).collect(),
+                clean,
+                target: Target {
+                    answers: vec![(b * 13 + 2) % vocab],
+                    wrongs: vec![(b * 13 + 3) % vocab],
+                },
+            }
+        })
+        .collect();
+    Dataset {
+        name: "scale".into(),
+        examples,
+    }
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Every preset's checkpoint, as eap writes it, loads with every tensor accounted for and
+/// the configuration the preset names.
+#[test]
+fn random_checkpoints_of_every_preset_load_as_written() {
+    for preset in PRESETS {
+        let dir = tempfile::tempdir().unwrap();
+        write(tiny_config(preset), StoredDtype::Bf16, dir.path());
+        let model =
+            Model::load_dir(dir.path(), &Device::Cpu).unwrap_or_else(|e| panic!("{preset}: {e}"));
+        let want = eap::model::random::preset(preset).unwrap().cfg;
+        let cfg = &model.cfg;
+        assert_eq!(cfg.n_layers, 2, "{preset}");
+        assert_eq!(cfg.d_model, 64, "{preset}");
+        assert_eq!(cfg.d_vocab, 300, "{preset}");
+        assert_eq!(cfg.norm, want.norm, "{preset}");
+        assert_eq!(cfg.act, want.act, "{preset}");
+        assert_eq!(cfg.gated_mlp, want.gated_mlp, "{preset}");
+        assert_eq!(cfg.post_norms, want.post_norms, "{preset}");
+        assert_eq!(cfg.parallel_attn_mlp, want.parallel_attn_mlp, "{preset}");
+        assert_eq!(
+            cfg.n_kv_heads < cfg.n_heads,
+            want.n_kv_heads < want.n_heads,
+            "{preset}: grouped-query attention"
+        );
+        // Seeded: the same seed writes the same bytes; another seed, others.
+        let again = tempfile::tempdir().unwrap();
+        write(tiny_config(preset), StoredDtype::Bf16, again.path());
+        let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+        assert_eq!(bytes(dir.path()), bytes(again.path()), "{preset}");
+        write_random_checkpoint_of(
+            tiny_config(preset),
+            StoredDtype::Bf16,
+            8,
+            again.path(),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_ne!(bytes(dir.path()), bytes(again.path()), "{preset}");
+    }
+}
+
+/// A streamed model (layers converted on use, vocabulary read by rows) computes the resident
+/// model's logits and EAP scores.
+#[test]
+fn streamed_models_match_resident_ones() {
+    for preset in [
+        "llama-3.1-8b",
+        "qwen2.5-0.5b",
+        "gemma-2-2b",
+        "pythia-160m",
+        "gpt2",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write(tiny_config(preset), StoredDtype::Bf16, dir.path());
+        let resident = Model::load_dir_with(dir.path(), &Device::Cpu, usize::MAX).unwrap();
+        let streamed = Model::load_dir_with(dir.path(), &Device::Cpu, 0).unwrap();
+        let data = dataset(300);
+        let tokens: Vec<Vec<u32>> = data.examples.iter().map(|e| e.clean.clone()).collect();
+        let batch = Batch::new(&tokens, &Device::Cpu).unwrap();
+        let logits = |m: &Model| {
+            m.forward(&batch, &ForwardOptions::default())
+                .unwrap()
+                .logits
+        };
+        let (a, b) = (logits(&resident), logits(&streamed));
+        let err = max_abs(&(&a - &b).unwrap());
+        assert!(
+            err <= 1e-5 * max_abs(&a),
+            "{preset}: logits differ by {err}"
+        );
+
+        let opts = AttributionOptions::default();
+        let sa = attribute(&resident, &data, &opts).unwrap().scores;
+        let sb = attribute(&streamed, &data, &opts).unwrap().scores;
+        let scale = sa.values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = sa
+            .values
+            .iter()
+            .zip(&sb.values)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(scale > 0.0, "{preset}: the test needs nonzero scores");
+        assert!(
+            err <= 1e-5 * scale,
+            "{preset}: scores differ by {err} (max {scale})"
+        );
+    }
+}
+
+/// Stored dtypes are read exactly: a bf16 checkpoint and the f32 checkpoint of the same seed
+/// give the same model up to bf16 rounding.
+#[test]
+fn bf16_and_f32_checkpoints_of_one_seed_agree() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write(tiny_config("llama-3.1-8b"), StoredDtype::Bf16, a.path());
+    write(tiny_config("llama-3.1-8b"), StoredDtype::F32, b.path());
+    let size = |d: &Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(size(b.path()) > 2 * size(a.path()) - 4096);
+    let tokens = vec![vec![1u32, 5, 9, 200]];
+    let batch = Batch::new(&tokens, &Device::Cpu).unwrap();
+    let logits = |d: &Path| {
+        Model::load_dir(d, &Device::Cpu)
+            .unwrap()
+            .forward(&batch, &ForwardOptions::default())
+            .unwrap()
+            .logits
+    };
+    let (la, lb) = (logits(a.path()), logits(b.path()));
+    let err = max_abs(&(&la - &lb).unwrap());
+    assert!(
+        err > 0.0 && err <= 0.02 * max_abs(&lb),
+        "bf16 vs f32 logits: {err}"
+    );
+}
+
+/// Changes a score matrix's values, circuit mask or metadata before it is written back.
+type Edit<'a> =
+    dyn Fn(&mut Vec<f32>, &mut Vec<u8>, &mut std::collections::HashMap<String, String>) + 'a;
+
+fn sample_file() -> CircuitFile {
+    let graph = Graph::new(2, 3, true);
+    let mut scores = Scores::zeros(graph);
+    let mut circuit = Circuit::empty(graph);
+    for (i, (w, r)) in graph.edges().enumerate() {
+        scores.values[w * graph.n_readers() + r] = (i as f32 * 0.37).sin();
+        if i % 3 == 0 {
+            circuit.set(w, r, true);
+        }
+    }
+    CircuitFile::new(scores, circuit, json!({"method": "eap", "d_model": 16})).unwrap()
+}
+
+#[test]
+fn score_matrices_round_trip_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scores.safetensors");
+    let file = sample_file();
+    file.write(&path).unwrap();
+    let back = CircuitFile::read_scores(&path, MissingEdges::Refuse).unwrap();
+    assert_eq!(back.missing, 0);
+    assert_eq!(back.file, file);
+
+    // What Python's `safetensors.numpy.load_file` sees: one matrix, writers x readers.
+    let raw = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
+    let g = file.graph;
+    assert_eq!(
+        st.tensor("scores").unwrap().shape(),
+        [g.n_writers(), g.n_readers()]
+    );
+
+    let rewrite = |edit: &Edit<'_>| {
+        let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&raw).unwrap();
+        let mut meta = header.metadata().clone().unwrap();
+        let mut values: Vec<f32> = st
+            .tensor("scores")
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let mut mask = st.tensor("in_graph").unwrap().data().to_vec();
+        edit(&mut values, &mut mask, &mut meta);
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let n = mask.len();
+        let rows = g.n_writers();
+        let shape = |len: usize| vec![rows, len / rows];
+        let out = safetensors::serialize(
+            [
+                (
+                    "scores",
+                    safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        shape(bytes.len() / 4),
+                        &bytes,
+                    )
+                    .unwrap(),
+                ),
+                (
+                    "in_graph",
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::U8, shape(n), &mask)
+                        .unwrap(),
+                ),
+            ],
+            Some(meta),
+        )
+        .unwrap();
+        let bad = dir.path().join("bad.safetensors");
+        std::fs::write(&bad, out).unwrap();
+        CircuitFile::read_scores(&bad, MissingEdges::Refuse)
+            .unwrap_err()
+            .to_string()
+    };
+    let (w, r) = g.edges().next().unwrap();
+    let nr = g.n_readers();
+    let e = rewrite(&|v, _, _| v[w * nr + r] = f32::NAN);
+    assert!(e.contains("has score NaN"), "{e}");
+    // Writer 0 (`input`) → the last reader exists; a head cannot feed its own layer's reader.
+    let non_edge = (0..g.n_writers() * nr)
+        .find(|&i| !g.is_edge(i / nr, i % nr))
+        .unwrap();
+    let e = rewrite(&|v, _, _| v[non_edge] = 1.0);
+    assert!(e.contains("is not an edge"), "{e}");
+    let e = rewrite(&|_, m, _| m[non_edge] = 1);
+    assert!(e.contains("is not an edge"), "{e}");
+    let e = rewrite(&|_, _, meta| {
+        meta.insert(
+            "cfg".into(),
+            json!({"n_layers": 3, "n_heads": 3, "attn_only": false}).to_string(),
+        );
+    });
+    assert!(e.contains("[") && e.contains("needs F32"), "{e}");
+    let e = rewrite(&|_, _, meta| {
+        meta.insert("format".into(), "pt".into());
+    });
+    assert!(e.contains("not an eap score matrix"), "{e}");
+    let e = rewrite(&|_, _, meta| {
+        meta.remove("cfg");
+    });
+    assert!(e.contains("no `cfg`"), "{e}");
+    std::fs::write(dir.path().join("trunc.safetensors"), &raw[..raw.len() / 2]).unwrap();
+    let e = CircuitFile::read_scores(dir.path().join("trunc.safetensors"), MissingEdges::Refuse)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("trunc.safetensors") && e.contains("not a safetensors file"),
+        "{e}"
+    );
+}
+
+/// `eap attribute --out x.safetensors` writes the matrix; `circuit` reads it and selects what
+/// it selects from the JSON scores of the same run.
+#[test]
+fn cli_writes_and_reads_score_matrices() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_eap"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let model = fixture_dir("llama_gqa");
+    let model = model.to_str().unwrap();
+    let data = dir.path().join("d.jsonl");
+    let lines: Vec<String> = dataset(100)
+        .examples
+        .iter()
+        .map(|e| {
+            json!({"clean": e.clean, "corrupted": e.corrupted,
+                   "answer": e.target.answers[0], "wrong": e.target.wrongs[0]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let data = data.to_str().unwrap();
+    run(&[
+        "attribute",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        "s.json",
+    ]);
+    run(&[
+        "attribute",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        "s.safetensors",
+    ]);
+    let json = CircuitFile::read(dir.path().join("s.json")).unwrap();
+    let matrix = CircuitFile::read(dir.path().join("s.safetensors")).unwrap();
+    assert_eq!(json.scores, matrix.scores);
+    for scores in ["s.json", "s.safetensors"] {
+        run(&[
+            "circuit",
+            "--scores",
+            scores,
+            "--top-n",
+            "12",
+            "--out",
+            &format!("{scores}.circuit.json"),
+        ]);
+    }
+    let a = CircuitFile::read(dir.path().join("s.json.circuit.json")).unwrap();
+    let b = CircuitFile::read(dir.path().join("s.safetensors.circuit.json")).unwrap();
+    assert_eq!(a.circuit, b.circuit);
+    assert!(a.circuit.n_edges() > 0);
+}
