@@ -137,6 +137,9 @@ pub struct MethodResult {
 /// Everything a discovery run found.
 pub struct Discovery {
     pub model_name: String,
+    /// The model's width, written to `circuit.json`'s `cfg.d_model` (EAP-IG sizes neuron
+    /// tensors by it; 0 would say "unknown").
+    pub d_model: usize,
     pub task_name: String,
     pub metric: Metric,
     pub n_examples: usize,
@@ -257,7 +260,8 @@ pub fn discover(
             threshold: tau,
             metric: opts.metric,
             initial_patched: None,
-            progress: false,
+            // Each sweep shows one progress over its thresholds.
+            progress: opts.progress,
             ..Default::default()
         };
         let hybrid = hybrid(&eap_scores, Some(keep), None, acdc.clone())?;
@@ -343,6 +347,7 @@ pub fn discover(
     let circuit = Circuit::top_n(&eap.scores, top_n).prune();
     Ok(Discovery {
         model_name: model.name.clone(),
+        d_model: model.cfg.d_model,
         task_name: data.name.clone(),
         metric: opts.metric,
         n_examples: data.examples.len(),
@@ -590,6 +595,7 @@ impl Discovery {
         let meta = serde_json::json!({
             "method": "eap", "metric": self.metric.to_string(), "n_examples": self.n_examples,
             "top_n": self.top_n, "task": self.task_name, "model": self.model_name,
+            "d_model": self.d_model,
             "score_convention": "score estimates M(edge patched) - M(clean) (EAP-IG sign)",
         });
         let json = dir.join("circuit.json");

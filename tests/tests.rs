@@ -11,4 +11,5 @@ mod layout;
 mod loading;
 mod mib;
 mod model;
+mod output;
 mod util;
