@@ -23,7 +23,7 @@ use eap::runs::{prepare, PreparedChunk, Runner, DEFAULT_MEMORY_BUDGET};
 use eap::tasks::{generate, write_jsonl, Metric, Tokenizer};
 
 use flags::*;
-use output::{check_outputs, is_broken_pipe, read_scores, Usage};
+use output::{check_outputs, is_broken_pipe, pruning_note, read_scores, Usage};
 
 mod flags;
 #[macro_use]
@@ -159,15 +159,8 @@ fn cmd_circuit(a: CircuitArgs) -> Result<()> {
         write_atomic(svg, eap::report::circuit_svg(circuit, scores).as_bytes())?;
     }
     let (edges, nodes, out) = (circuit.n_edges(), circuit.nodes().len(), a.out.display());
-    status!(to_stdout, "{edges} edges, {nodes} nodes: {out}");
-    if pruned > 0 {
-        let why = "their nodes lost every input or output; --no-prune keeps them";
-        status!(
-            to_stdout,
-            "pruning removed {pruned} of the {} selected edges ({why})",
-            edges + pruned
-        );
-    }
+    let note = pruning_note(pruned, edges);
+    status!(to_stdout, "{edges} edges, {nodes} nodes: {out}{note}");
     Ok(())
 }
 
@@ -207,6 +200,10 @@ fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
 }
 
 fn cmd_mib(a: MibArgs) -> Result<()> {
+    check_outputs(&[
+        ("--out", a.out.as_deref(), false),
+        ("--svg", a.svg.as_deref(), false),
+    ])?;
     let (job, metric, file, prepared) = prepared_for(&a.data, &a.scores, false)?;
     let baseline = FaithfulnessBaseline::new(&job.model, &prepared, metric)?;
     let score = eap::eval::mib_score(&baseline, &file.scores)?;

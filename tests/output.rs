@@ -248,3 +248,26 @@ fn a_failed_task_run_leaves_nothing_behind() {
         assert!(left.is_empty(), "{}: {left:?}", d.display());
     }
 }
+
+/// `mib` checks its output paths before loading anything, as the other commands do; its
+/// table owns standard output, so `-` is refused.
+#[test]
+fn mib_checks_its_outputs_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = ["mib", "--model", "none", "--data", "none.jsonl"];
+    let cases: [(&[&str], i32, &str); 2] = [
+        (
+            &["--scores", "s.json", "--out", "nodir/m.json"],
+            1,
+            "nodir/m.json",
+        ),
+        (&["--scores", "s.json", "--svg", "-"], 2, "--svg -"),
+    ];
+    for (args, want, names) in cases {
+        let (code, stdout, stderr) = eap(dir.path(), &[&base[..], args].concat());
+        assert_eq!(code, want, "{args:?}: {stderr}");
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+        assert!(!stderr.contains("none"), "checked before loading: {stderr}");
+        assert_eq!(stdout, "");
+    }
+}
