@@ -303,6 +303,13 @@ pub fn discover(
             .collect()
     });
     let mut methods = Vec::new();
+    // One patched run per fraction of the curve and one for the circuit, per method.
+    let mut bar = crate::progress::Progress::new(
+        opts.progress,
+        "faithfulness",
+        runs.len() * (fractions.len() + 1),
+        "patched runs",
+    );
     for run in runs {
         let roc = match &run.acdc {
             Some((roc, _)) => roc.clone(),
@@ -312,7 +319,9 @@ pub fn discover(
             .iter()
             .map(|f| {
                 let k = ((f * n_edges as f64).ceil() as usize).clamp(1, n_edges);
-                Ok(baseline.of_top(&run.scores, k)?.faithfulness)
+                let f = baseline.of_top(&run.scores, k)?.faithfulness;
+                bar.inc(1);
+                Ok(f)
             })
             .collect::<Result<Vec<_>>>()?;
         let curve = FaithfulnessCurve::new(fractions.clone(), curve_values)?;
@@ -321,6 +330,7 @@ pub fn discover(
             None => baseline.of_top(&run.scores, top_n)?,
         }
         .faithfulness;
+        bar.inc(1);
         let vs_exact = match &exact_values {
             Some(ex) if run.method != DiscoverMethod::ExactPatching => {
                 let ys: Vec<f64> = run.scores.edge_values().iter().map(|&v| v as f64).collect();
@@ -340,6 +350,7 @@ pub fn discover(
             vs_exact,
         });
     }
+    bar.finish();
     let eap = methods
         .iter()
         .find(|m| m.method == DiscoverMethod::Eap)
