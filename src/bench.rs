@@ -63,6 +63,7 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
         ))
     })?;
     let cfg = preset.cfg.clone();
+    check_size(&cfg, opts)?;
     let t = Instant::now();
     let model = crate::model::random::random_preset(&preset, 0, device)?;
     say!(
@@ -95,6 +96,17 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
         Ok(best)
     };
     let gf = |flops: f64, s: f64| flops / s / 1e9;
+    // One step per timed stage: forward, forward+backward, EAP, ACDC from the start, EAP's
+    // circuit for the sample points, and each point.
+    let acdc = opts.acdc_steps > 0 && !opts.eap_only;
+    let acdc_stages = match opts.acdc_samples {
+        0 => 1,
+        k => 2 + k,
+    };
+    let stages = 2 * usize::from(!opts.eap_only)
+        + usize::from(!opts.no_eap)
+        + usize::from(acdc) * acdc_stages;
+    let mut bar = crate::progress::Progress::new(true, "bench", stages, "stages");
     if !opts.eap_only {
         let fwd = time(&mut || {
             model.forward(&batch, &ForwardOptions::default())?;
@@ -112,6 +124,7 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
             model.backward(out.cache.as_ref().unwrap(), &dl, &mut |_| Ok(()))?;
             Ok(())
         })?;
+        bar.inc(2);
         say!(
             out,
             "forward          {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s",
@@ -148,6 +161,7 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
             )?;
             Ok(())
         })?;
+        bar.inc(1);
         say!(
             out,
             "EAP              {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s  ({} edges)",
@@ -158,8 +172,47 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
         );
     }
     // `eap_only` measures EAP's peak memory: nothing else may run after it.
-    if opts.acdc_steps > 0 && !opts.eap_only {
-        bench_acdc(&model, &seqs, opts, out)?;
+    if acdc {
+        bench_acdc(&model, &seqs, opts, out, &mut bar)?;
+    }
+    bar.finish();
+    Ok(())
+}
+
+/// Refuses a batch the model cannot take or whose forward would not fit the memory budget,
+/// before anything is allocated: a typo such as `--batch 100000` would otherwise end in an
+/// allocation failure (an abort, not an error) minutes into building the model.
+fn check_size(cfg: &crate::model::ModelConfig, opts: &BenchOptions) -> Result<()> {
+    if opts.seq > cfg.n_ctx {
+        return Err(Error::invalid(format!(
+            "bench: --seq {} is longer than the {}-shaped model's {} positions (n_ctx)",
+            opts.seq, opts.like, cfg.n_ctx
+        )));
+    }
+    // One forward with the backward's caches: per token and layer the residual stream, the
+    // attention inputs and outputs, the MLP's hidden layer and the attention pattern; then the
+    // logits. Saturating, so an absurd size reads as "too big" rather than wrapping.
+    let per_layer = 6usize
+        .saturating_mul(cfg.d_model)
+        .saturating_add(cfg.d_mlp.unwrap_or(0))
+        .saturating_add(4usize.saturating_mul(cfg.n_heads).saturating_mul(opts.seq));
+    let per_token = cfg
+        .n_layers
+        .saturating_mul(per_layer)
+        .saturating_add(cfg.d_vocab_out);
+    let bytes = 4usize
+        .saturating_mul(opts.batch)
+        .saturating_mul(opts.seq)
+        .saturating_mul(per_token);
+    if bytes > opts.memory_budget {
+        return Err(Error::invalid(format!(
+            "bench: a batch of {} × {} tokens needs about {} MiB for one forward's activations, \
+             more than the memory budget of {} MiB; lower --batch or --seq, or raise --memory-budget",
+            opts.batch,
+            opts.seq,
+            bytes >> 20,
+            opts.memory_budget >> 20
+        )));
     }
     Ok(())
 }
@@ -192,6 +245,7 @@ fn bench_acdc(
     seqs: &[Vec<u32>],
     a: &BenchOptions,
     out: &mut dyn Write,
+    bar: &mut crate::progress::Progress,
 ) -> Result<()> {
     let data = bench_data(seqs, model.cfg.d_vocab);
     let runner = Runner::new(
@@ -225,6 +279,7 @@ fn bench_acdc(
     let none = vec![false; g.n_writers() * g.n_readers()];
     let top = time_steps(model, &prepared, &opts, none.clone(), 0, a.acdc_steps)?;
     report("from the start (logits first)", &top)?;
+    bar.inc(1);
     if a.acdc_samples == 0 {
         return Ok(());
     }
@@ -238,6 +293,7 @@ fn bench_acdc(
         },
     )?
     .scores;
+    bar.inc(1);
     let kept = Circuit::top_n(&scores, a.acdc_circuit_edges);
     let order = visit_order(&g);
     let nr = g.n_readers();
@@ -259,6 +315,7 @@ fn bench_acdc(
         }
         let t = time_steps(model, &prepared, &opts, patched, position, a.acdc_steps)?;
         report(&format!("at {}", g.reader_name(order[position])), &t)?;
+        bar.inc(1);
         seconds += t.seconds;
         passes += t.passes;
     }

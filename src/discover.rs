@@ -137,6 +137,9 @@ pub struct MethodResult {
 /// Everything a discovery run found.
 pub struct Discovery {
     pub model_name: String,
+    /// The model's width, written to `circuit.json`'s `cfg.d_model` (EAP-IG sizes neuron
+    /// tensors by it; 0 would say "unknown").
+    pub d_model: usize,
     pub task_name: String,
     pub metric: Metric,
     pub n_examples: usize,
@@ -257,7 +260,8 @@ pub fn discover(
             threshold: tau,
             metric: opts.metric,
             initial_patched: None,
-            progress: false,
+            // Each sweep shows one progress over its thresholds.
+            progress: opts.progress,
             ..Default::default()
         };
         let hybrid = hybrid(&eap_scores, Some(keep), None, acdc.clone())?;
@@ -299,6 +303,13 @@ pub fn discover(
             .collect()
     });
     let mut methods = Vec::new();
+    // One patched run per fraction of the curve and one for the circuit, per method.
+    let mut bar = crate::progress::Progress::new(
+        opts.progress,
+        "faithfulness",
+        runs.len() * (fractions.len() + 1),
+        "patched runs",
+    );
     for run in runs {
         let roc = match &run.acdc {
             Some((roc, _)) => roc.clone(),
@@ -308,7 +319,9 @@ pub fn discover(
             .iter()
             .map(|f| {
                 let k = ((f * n_edges as f64).ceil() as usize).clamp(1, n_edges);
-                Ok(baseline.of_top(&run.scores, k)?.faithfulness)
+                let f = baseline.of_top(&run.scores, k)?.faithfulness;
+                bar.inc(1);
+                Ok(f)
             })
             .collect::<Result<Vec<_>>>()?;
         let curve = FaithfulnessCurve::new(fractions.clone(), curve_values)?;
@@ -317,6 +330,7 @@ pub fn discover(
             None => baseline.of_top(&run.scores, top_n)?,
         }
         .faithfulness;
+        bar.inc(1);
         let vs_exact = match &exact_values {
             Some(ex) if run.method != DiscoverMethod::ExactPatching => {
                 let ys: Vec<f64> = run.scores.edge_values().iter().map(|&v| v as f64).collect();
@@ -336,6 +350,7 @@ pub fn discover(
             vs_exact,
         });
     }
+    bar.finish();
     let eap = methods
         .iter()
         .find(|m| m.method == DiscoverMethod::Eap)
@@ -343,6 +358,7 @@ pub fn discover(
     let circuit = Circuit::top_n(&eap.scores, top_n).prune();
     Ok(Discovery {
         model_name: model.name.clone(),
+        d_model: model.cfg.d_model,
         task_name: data.name.clone(),
         metric: opts.metric,
         n_examples: data.examples.len(),
@@ -590,6 +606,7 @@ impl Discovery {
         let meta = serde_json::json!({
             "method": "eap", "metric": self.metric.to_string(), "n_examples": self.n_examples,
             "top_n": self.top_n, "task": self.task_name, "model": self.model_name,
+            "d_model": self.d_model,
             "score_convention": "score estimates M(edge patched) - M(clean) (EAP-IG sign)",
         });
         let json = dir.join("circuit.json");

@@ -22,6 +22,9 @@ use eap::tasks::{Metric, Task};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Show no progress on stderr (a bar on a terminal, else a line every few seconds).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -132,7 +135,7 @@ pub struct AcdcArgs {
     /// Continue an interrupted run from its checkpoint.
     #[arg(long)]
     pub resume: bool,
-    /// Do not draw the progress bar.
+    /// Show no progress (as --quiet).
     #[arg(long)]
     pub no_progress: bool,
 }
@@ -179,6 +182,7 @@ pub struct DiscoverArgs {
 
 #[derive(Args)]
 pub struct RocArgs {
+    /// Scores file (EAP-IG JSON layout, e.g. from `eap attribute`).
     #[arg(long)]
     pub scores: PathBuf,
     /// Ground-truth circuit: a circuit JSON or a text file of edge names.
@@ -211,7 +215,8 @@ pub struct DataArgs {
     #[arg(long, default_value_t = 32, value_parser = positive)]
     pub batch_size: usize,
     /// Memory budget for one chunk's activations, in MiB.
-    #[arg(long, default_value_t = 4096, value_parser = positive)]
+    // Parsed into bytes.
+    #[arg(long, default_value_t = 4096, value_parser = mebibytes)]
     pub memory_budget: usize,
 }
 
@@ -251,6 +256,7 @@ pub struct CircuitArgs {
     /// Do not remove edges of nodes that lost all their inputs or outputs.
     #[arg(long)]
     pub no_prune: bool,
+    /// Circuit file to write (the scores with `in_graph` marking the circuit; `-`: stdout).
     #[arg(long)]
     pub out: PathBuf,
     /// Also write Graphviz DOT.
@@ -329,8 +335,10 @@ pub struct BenchArgs {
     /// pythia-160m.
     #[arg(long, default_value = "gpt2", value_parser = clap::builder::PossibleValuesParser::new(eap::model::random::PRESETS))]
     pub like: String,
+    /// Sequences in the timed batch.
     #[arg(long, default_value_t = 32, value_parser = positive)]
     pub batch: usize,
+    /// Tokens per sequence (at most the shape's context length).
     #[arg(long, default_value_t = 16, value_parser = positive)]
     pub seq: usize,
     /// Timed repetitions (the best is reported).
@@ -352,8 +360,9 @@ pub struct BenchArgs {
     /// ACDC's τ on the KL divergence in the ACDC timing.
     #[arg(long, default_value_t = 1e-4, value_parser = finite, allow_negative_numbers = true)]
     pub acdc_threshold: f32,
-    /// Memory budget for one chunk of EAP's activations, in MiB.
-    #[arg(long, default_value_t = 4096, value_parser = positive)]
+    /// Memory budget for one chunk of EAP's activations and for the timed batch, in MiB.
+    // Parsed into bytes.
+    #[arg(long, default_value_t = 4096, value_parser = mebibytes)]
     pub memory_budget: usize,
     /// Time only EAP (so the process's peak memory is EAP's).
     #[arg(long, conflicts_with = "no_eap")]
@@ -396,12 +405,9 @@ impl RandomModelArgs {
             StoredDtypeArg::F16 => StoredDtype::F16,
             StoredDtypeArg::Bf16 => StoredDtype::Bf16,
         };
-        let bar = indicatif::ProgressBar::new(0).with_style(
-            indicatif::ProgressStyle::with_template(
-                "writing weights {bar:30} {binary_bytes}/{binary_total_bytes} {eta}",
-            )
-            .expect("a valid template"),
-        );
+        // The total is known once the header is laid out, at the first tensor.
+        let mut progress: Option<eap::progress::Progress> = None;
+        let mut shown = 0;
         let written = write_random_checkpoint(
             &self.like,
             self.layers,
@@ -409,11 +415,18 @@ impl RandomModelArgs {
             self.seed,
             &self.out,
             &mut |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
+                let mb = |b: u64| (b / 1_000_000) as usize;
+                progress
+                    .get_or_insert_with(|| {
+                        eap::progress::Progress::new(true, "writing weights", mb(total), "MB")
+                    })
+                    .inc(mb(done) - shown);
+                shown = mb(done);
             },
         )?;
-        bar.finish_and_clear();
+        if let Some(p) = progress {
+            p.finish();
+        }
         out!(
             "{}: {} tensors, {:.3} B parameters, {:.2} GB",
             written.weights.display(),
@@ -480,7 +493,7 @@ impl BenchArgs {
             acdc_samples: self.acdc_samples,
             acdc_circuit_edges: self.acdc_circuit_edges,
             acdc_threshold: self.acdc_threshold,
-            memory_budget: self.memory_budget << 20,
+            memory_budget: self.memory_budget,
             eap_only: self.eap_only,
         }
     }
@@ -508,6 +521,14 @@ fn examples(s: &str) -> Result<usize, String> {
         return Err(format!("at most {MAX_EXAMPLES} examples, found {n}"));
     }
     Ok(n)
+}
+
+/// A size in MiB, returned in bytes; one whose bytes do not fit a `usize` is refused (a
+/// shift by 20 would silently wrap it to a tiny budget).
+fn mebibytes(s: &str) -> Result<usize, String> {
+    let mib = positive(s)?;
+    mib.checked_mul(1 << 20)
+        .ok_or_else(|| format!("at most {} MiB, found {mib}", usize::MAX >> 20))
 }
 
 /// A finite number (NaN and infinities make every comparison with it meaningless).

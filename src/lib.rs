@@ -26,6 +26,7 @@
 //! * [`discover`] — the main job: the methods side by side against a ground truth.
 //! * [`job`] — what a command runs on: model, examples, metric, ground truth.
 //! * [`bench`](mod@bench) — the timing harness behind `eap bench`.
+//! * [`progress`] — progress of long loops on standard error (a bar, a plain log, or nothing).
 //! * [`error`] — [`Error`], one enum whose variants carry the shapes, paths and names involved.
 //!
 //! `runs` sits below both `attribution` and `patching`, which do not use each other; no module
@@ -44,6 +45,7 @@ pub mod job;
 pub mod model;
 pub mod patching;
 pub mod planted;
+pub mod progress;
 pub mod report;
 pub mod runs;
 pub mod tasks;

@@ -23,7 +23,7 @@ use eap::runs::{prepare, PreparedChunk, Runner, DEFAULT_MEMORY_BUDGET};
 use eap::tasks::{generate, write_jsonl, Metric, Tokenizer};
 
 use flags::*;
-use output::{check_outputs, is_broken_pipe, read_scores, Usage};
+use output::{check_outputs, is_broken_pipe, pruning_note, read_scores, Usage};
 
 #[macro_use]
 mod output;
@@ -51,7 +51,9 @@ fn main() -> ExitCode {
     // action instead would kill the process by signal: exit status 141, not 0, and no chance
     // to remove a temporary file.)
     // No arguments: the main job, with `eap discover`'s defaults.
-    let command = match Cli::parse().command {
+    let cli = Cli::parse();
+    eap::progress::set_quiet(cli.quiet);
+    let command = match cli.command {
         Some(command) => command,
         None => Cli::parse_from(["eap", "discover"])
             .command
@@ -114,8 +116,8 @@ fn cmd_attribute(a: AttributeArgs) -> Result<()> {
         metric,
         ablation: a.data.ablation,
         batch_size: a.data.batch_size,
-        memory_budget: a.data.memory_budget << 20,
-        progress: !a.json,
+        memory_budget: a.data.memory_budget,
+        progress: true,
     };
     let att = attribute(&job.model, &job.data, &opts)?;
     let meta = att.write(&job.model, &a.out)?;
@@ -144,7 +146,8 @@ fn cmd_circuit(a: CircuitArgs) -> Result<()> {
             "choose how to select edges: --top-n N, --threshold T or --greedy N".into()
         )),
     };
-    file.circuit = Circuit::select(&file.scores, selection, !a.no_prune)?;
+    let (circuit, pruned) = Circuit::select_counting(&file.scores, selection, !a.no_prune)?;
+    file.circuit = circuit;
     file.meta["selection"] = serde_json::json!({
         "top_n": a.top_n, "threshold": a.threshold, "greedy": a.greedy, "pruned": !a.no_prune,
     });
@@ -156,12 +159,9 @@ fn cmd_circuit(a: CircuitArgs) -> Result<()> {
     if let Some(svg) = &a.svg {
         write_atomic(svg, eap::report::circuit_svg(circuit, scores).as_bytes())?;
     }
-    let (edges, nodes) = (circuit.n_edges(), circuit.nodes().len());
-    status!(
-        to_stdout,
-        "{edges} edges, {nodes} nodes: {}",
-        a.out.display()
-    );
+    let (edges, nodes, out) = (circuit.n_edges(), circuit.nodes().len(), a.out.display());
+    let note = pruning_note(pruned, edges);
+    status!(to_stdout, "{edges} edges, {nodes} nodes: {out}{note}");
     Ok(())
 }
 
@@ -182,7 +182,7 @@ fn prepared_for(
         &job.data,
         d.ablation,
         d.batch_size,
-        d.memory_budget << 20,
+        d.memory_budget,
     )?;
     let prepared = prepare(&runner)?;
     Ok((job, metric, file, prepared))
@@ -190,8 +190,7 @@ fn prepared_for(
 
 fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
     let (job, metric, file, prepared) = prepared_for(&a.data, &a.circuit, a.allow_missing)?;
-    let baseline = FaithfulnessBaseline::new(&job.model, &prepared, metric)?;
-    let f = baseline.of(&file.circuit)?;
+    let f = eap::eval::evaluate_circuit(&job.model, &prepared, metric, &file.circuit)?;
     let edges = file.circuit.n_edges();
     if a.json {
         out!("{}", f.to_json(edges, metric));
@@ -202,6 +201,10 @@ fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
 }
 
 fn cmd_mib(a: MibArgs) -> Result<()> {
+    check_outputs(&[
+        ("--out", a.out.as_deref(), false),
+        ("--svg", a.svg.as_deref(), false),
+    ])?;
     let (job, metric, file, prepared) = prepared_for(&a.data, &a.scores, false)?;
     let baseline = FaithfulnessBaseline::new(&job.model, &prepared, metric)?;
     let score = eap::eval::mib_score(&baseline, &file.scores)?;

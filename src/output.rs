@@ -2,8 +2,8 @@
 //! pipe is an error `main` treats as success, not a panic), status lines that move to
 //! standard error when the result itself goes to standard output (`--out -`), usage errors
 //! (exit 2) the flag parser cannot express, the check of every output path before a command
-//! starts, and the notice of `--allow-missing` when a score file is read. A module of
-//! `src/main.rs`, not of the library.
+//! starts, the notice of `--allow-missing` when a score file is read, and the note on what
+//! pruning removed. A module of `src/main.rs`, not of the library.
 
 use std::path::Path;
 
@@ -69,6 +69,18 @@ pub fn check_outputs(outputs: &[(&str, Option<&std::path::Path>, bool)]) -> Resu
         eap::fsutil::check_output_path(path, flag, stdout_ok)?;
     }
     Ok(())
+}
+
+/// What `eap circuit` adds to its status line when pruning removed some of the `kept +
+/// pruned` edges the selection chose (so `--top-n 20` giving 10 edges is explained).
+pub fn pruning_note(pruned: usize, kept: usize) -> String {
+    match pruned {
+        0 => String::new(),
+        _ => format!(
+            "; pruning removed {pruned} of the {} selected edges (their nodes lost every input or output; --no-prune keeps them)",
+            kept + pruned
+        ),
+    }
 }
 
 /// Reads a scores (or circuit) file that must list every edge of its graph, unless

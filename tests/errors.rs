@@ -481,6 +481,18 @@ fn missing_or_mistyped_config_fields() {
     let msg = load_err(dir.path());
     assert_names(&msg, &["config.json", "missing field `n_embd`"]);
 
+    // Issue 13: GPT-2's field is `n_positions` (`n_ctx` its older alias, still read).
+    let dir = copy_fixture("gpt2_hf");
+    edit_config(&dir, |c| {
+        c.remove("n_positions");
+    });
+    let msg = load_err(dir.path());
+    assert_names(&msg, &["config.json", "missing field `n_positions`"]);
+    edit_config(&dir, |c| {
+        c.insert("n_ctx".into(), 16.into());
+    });
+    Model::load_dir(dir.path(), &Device::Cpu).unwrap();
+
     let msg = with_field("gpt2_hf", "n_layer", "two".into());
     assert_names(
         &msg,

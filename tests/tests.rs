@@ -11,5 +11,6 @@ mod layout;
 mod loading;
 mod mib;
 mod model;
+mod output;
 mod scale;
 mod util;

@@ -93,6 +93,8 @@ pub struct AcdcOptions {
     /// The model, examples and options behind the prepared runs, recorded in checkpoints so a
     /// resume continues only the same run ([`RunIdentity`]).
     pub identity: RunIdentity,
+    /// Progress on stderr: over the readers of one run; over the thresholds of a sweep
+    /// ([`threshold_sweep`], whose runs then show none).
     pub progress: bool,
 }
 
@@ -354,20 +356,9 @@ pub fn run_acdc(
         None => None,
     };
 
-    let bar = if opts.progress {
-        let bar = indicatif::ProgressBar::new(order.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "ACDC τ={msg} [{bar:30}] {pos}/{len} readers, {elapsed}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        bar.set_position(position as u64);
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let label = format!("ACDC τ={}", opts.threshold);
+    let mut bar = crate::progress::Progress::new(opts.progress, label, order.len(), "readers");
+    bar.set_position(position);
     let mut done_here = 0usize;
     while position < order.len() {
         let first_new_step = steps.len();
@@ -413,8 +404,7 @@ pub fn run_acdc(
             .write_atomic(&p.checkpoint)?;
         }
         bar.set_message(format!(
-            "{} {} edges kept, {:.0} passes/s",
-            opts.threshold,
+            "{} edges kept, {:.0} passes/s",
             real.iter()
                 .zip(state.patched())
                 .filter(|(&r, &p)| r && !p)
@@ -424,7 +414,7 @@ pub fn run_acdc(
         bar.inc(1);
         on_reader(done_here);
     }
-    bar.finish_and_clear();
+    bar.finish();
     let circuit = Circuit {
         graph,
         edges: real

@@ -12,6 +12,7 @@ use super::{run_acdc, AcdcOptions, AcdcResult};
 use crate::eval::{roc_from_points, FaithfulnessBaseline, Roc};
 use crate::graph::Circuit;
 use crate::model::Model;
+use crate::progress::Progress;
 use crate::runs::PreparedChunk;
 use crate::tasks::Metric;
 use crate::{Error, Result};
@@ -126,12 +127,21 @@ pub fn threshold_sweep(
     let start = Instant::now();
     let mut points = Vec::new();
     let mut runs = Vec::new();
+    // One progress over the thresholds: a bar per run would be a screenful of bars.
+    let label = match base.initial_patched {
+        Some(_) => "EAP→ACDC sweep",
+        None => "ACDC sweep",
+    };
+    let mut bar = Progress::new(base.progress, label, thresholds.len(), "thresholds");
     for &threshold in thresholds {
         let opts = AcdcOptions {
             threshold,
+            progress: false,
             ..base.clone()
         };
         let run = run_acdc(model, prepared, &opts, None, &mut |_| {})?;
+        bar.set_message(format!("τ={threshold}: {} edges", run.circuit.n_edges()));
+        bar.inc(1);
         let (fpr, tpr) = match truth {
             Some(t) => {
                 let (f, p) = rates(&run.circuit, t)?;
@@ -150,6 +160,7 @@ pub fn threshold_sweep(
         });
         runs.push(run);
     }
+    bar.finish();
     let roc = match truth {
         Some(_) => Some(roc_from_points(
             points

@@ -34,7 +34,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::graph::{Circuit, CircuitFile, Scores};
 use crate::model::ops::to_vec;
@@ -224,18 +223,8 @@ pub fn attribute(model: &Model, data: &Dataset, opts: &AttributionOptions) -> Re
     let mut scores = Scores::zeros(graph);
     let total = data.examples.len();
     let chunks = runner.chunks()?;
-    let bar = if opts.progress {
-        let bar = ProgressBar::new(total as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} examples, {elapsed}")
-                .expect("static template")
-                .progress_chars("=> "),
-        );
-        bar.set_message(format!("{} scores", opts.method.name()));
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let label = format!("{} scores", opts.method.name());
+    let mut bar = crate::progress::Progress::new(opts.progress, label, total, "examples");
     let (mut clean_sum, mut corrupted_sum) = (0f64, 0f64);
     let (mut fwd, mut bwd) = (0usize, 0usize);
     let mut sublayer_integrals: Vec<f64> = Vec::new();
@@ -251,9 +240,9 @@ pub fn attribute(model: &Model, data: &Dataset, opts: &AttributionOptions) -> Re
         }
         fwd += stats.forward_passes;
         bwd += stats.backward_passes;
-        bar.inc(chunk.indices.len() as u64);
+        bar.inc(chunk.indices.len());
     }
-    bar.finish_and_clear();
+    bar.finish();
     if let Some(bad) = scores.values.iter().find(|v| !v.is_finite()) {
         return Err(Error::NonFinite {
             metric: opts.metric.to_string(),

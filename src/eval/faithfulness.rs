@@ -8,6 +8,7 @@
 use crate::graph::{Circuit, Scores};
 use crate::model::Model;
 use crate::patching::{complement, metric_with_patch};
+use crate::progress::Progress;
 use crate::runs::PreparedChunk;
 use crate::tasks::Metric;
 use crate::Result;
@@ -39,6 +40,23 @@ impl Faithfulness {
             self.full, self.empty, self.circuit, self.faithfulness
         )
     }
+}
+
+/// Faithfulness of one circuit, as `eap evaluate` measures it: `M(full)`, `M(∅)`, then the
+/// circuit's, one patched run over the data each, with progress on stderr.
+pub fn evaluate_circuit(
+    model: &Model,
+    prepared: &[PreparedChunk],
+    metric: Metric,
+    circuit: &Circuit,
+) -> Result<Faithfulness> {
+    let mut bar = Progress::new(true, "faithfulness", 3, "patched runs");
+    let baseline = FaithfulnessBaseline::new(model, prepared, metric)?;
+    bar.inc(2);
+    let f = baseline.of(circuit)?;
+    bar.inc(1);
+    bar.finish();
+    Ok(f)
 }
 
 /// The two ends faithfulness is measured between, for one model, dataset and metric.

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use super::{FaithfulnessBaseline, FaithfulnessCurve};
 use crate::graph::{Circuit, CircuitFile, Scores};
+use crate::progress::Progress;
 use crate::{Error, Result};
 
 /// MIB's edge budgets, as fractions of the real edges.
@@ -154,6 +155,16 @@ pub fn mib_curve(
     scores: &Scores,
     absolute: bool,
 ) -> Result<MibCurve> {
+    curve_with(baseline, scores, absolute, &mut Progress::hidden())
+}
+
+/// [`mib_curve`], one step of `bar` per budget.
+fn curve_with(
+    baseline: &FaithfulnessBaseline,
+    scores: &Scores,
+    absolute: bool,
+    bar: &mut Progress,
+) -> Result<MibCurve> {
     let n = scores.graph.n_edges();
     let mut budgets = Vec::with_capacity(MIB_PERCENTAGES.len());
     for &fraction in &MIB_PERCENTAGES {
@@ -167,6 +178,7 @@ pub fn mib_curve(
             metric: f.circuit,
             faithfulness: f.faithfulness,
         });
+        bar.inc(1);
     }
     let values: Vec<f64> = budgets.iter().map(|b| b.faithfulness).collect();
     let average = values.iter().sum::<f64>() / values.len() as f64;
@@ -179,15 +191,18 @@ pub fn mib_curve(
 }
 
 /// MIB's CPR and CMD of `scores`: both selections over every budget (20 patched runs per chunk
-/// beside the baseline's two).
+/// beside the baseline's two), with progress on stderr.
 pub fn mib_score(baseline: &FaithfulnessBaseline, scores: &Scores) -> Result<MibScore> {
-    Ok(MibScore {
+    let mut bar = Progress::new(true, "MIB", 2 * MIB_PERCENTAGES.len(), "budgets");
+    let score = MibScore {
         n_edges: scores.graph.n_edges(),
         m_full: baseline.full,
         m_empty: baseline.empty,
-        signed: mib_curve(baseline, scores, false)?,
-        absolute: mib_curve(baseline, scores, true)?,
-    })
+        signed: curve_with(baseline, scores, false, &mut bar)?,
+        absolute: curve_with(baseline, scores, true, &mut bar)?,
+    };
+    bar.finish();
+    Ok(score)
 }
 
 /// The folder MIB expects for one task and model: `<task>_<model>`, the task's underscores as

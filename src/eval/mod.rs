@@ -20,7 +20,7 @@
 mod faithfulness;
 pub mod mib;
 
-pub use faithfulness::{Faithfulness, FaithfulnessBaseline};
+pub use faithfulness::{evaluate_circuit, Faithfulness, FaithfulnessBaseline};
 pub use mib::{mib_score, MibScore};
 
 use crate::graph::{Circuit, Scores};

@@ -112,16 +112,28 @@ impl Circuit {
     /// The circuit `selection` chooses from `scores`, pruned ([`Circuit::prune`]) when `prune`;
     /// an error when it holds no edge.
     pub fn select(scores: &Scores, selection: Selection, prune: bool) -> Result<Circuit> {
+        Ok(Self::select_counting(scores, selection, prune)?.0)
+    }
+
+    /// [`Circuit::select`], and how many of the selected edges pruning removed (so `eap
+    /// circuit --top-n 20` can say why it kept fewer than 20).
+    pub fn select_counting(
+        scores: &Scores,
+        selection: Selection,
+        prune: bool,
+    ) -> Result<(Circuit, usize)> {
         let circuit = match selection {
             Selection::TopN(n) => Circuit::top_n(scores, n),
             Selection::Threshold(t) => Circuit::threshold(scores, t),
             Selection::Greedy(n) => Circuit::greedy(scores, n),
         };
+        let selected = circuit.n_edges();
         let circuit = if prune { circuit.prune() } else { circuit };
         if circuit.n_edges() == 0 {
             return Err(Error::EmptySelection);
         }
-        Ok(circuit)
+        let removed = selected - circuit.n_edges();
+        Ok((circuit, removed))
     }
 
     /// The `n` real edges with the largest |score| (EAP-IG's `apply_topn(n, prune=False)`).

@@ -547,10 +547,10 @@ impl ModelConfig {
             ));
         }
         let scale = f.opt_bool("scale_attn_weights")?.unwrap_or(true);
-        let n_ctx = match f.opt_usize("n_positions")? {
-            Some(n) => n,
-            None => f.usize("n_ctx")?,
-        };
+        // transformers writes `n_positions`; `n_ctx` is its older alias, read only when
+        // `n_positions` is absent, so a config with neither is missing `n_positions`.
+        let old_name = f.opt_usize("n_positions")?.is_none() && f.opt_usize("n_ctx")?.is_some();
+        let n_ctx = f.usize(if old_name { "n_ctx" } else { "n_positions" })?;
         let d_vocab = f.usize("vocab_size")?;
         let d_mlp = f.opt_usize("n_inner")?.unwrap_or(4 * d_model);
         Ok(ModelConfig {

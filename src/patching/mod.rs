@@ -126,19 +126,7 @@ pub fn exact_edge_scores_prepared(
     let none = vec![false; graph.n_writers() * graph.n_readers()];
     let clean = metric_with_patch(model, prepared, metric, &none)?;
     let edges: Vec<(usize, usize)> = graph.edges().collect();
-    let bar = if progress {
-        let bar = indicatif::ProgressBar::new(edges.len() as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "exact patching [{bar:30}] {pos}/{len} edges, {elapsed}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let mut bar = crate::progress::Progress::new(progress, "exact patching", edges.len(), "edges");
     let mut scores = crate::graph::Scores::zeros(graph);
     let nr = graph.n_readers();
     let mut mask = none;
@@ -149,6 +137,6 @@ pub fn exact_edge_scores_prepared(
         scores.values[w * nr + r] = value - clean;
         bar.inc(1);
     }
-    bar.finish_and_clear();
+    bar.finish();
     Ok(scores)
 }

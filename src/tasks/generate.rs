@@ -171,6 +171,7 @@ fn collect_equal_lengths(
 ) -> Result<Vec<Record>> {
     let mut out = Vec::with_capacity(n);
     let mut failures = 0usize;
+    let mut bar = generation_progress(task, n);
     while out.len() < n {
         let r = make()?;
         let len = |p: &PromptSpec| -> Result<usize> {
@@ -181,6 +182,7 @@ fn collect_equal_lengths(
         };
         if len(&r.clean)? == len(&r.corrupted)? {
             out.push(r);
+            bar.inc(1);
         } else {
             failures += 1;
             if failures > 100 * n.max(1) {
@@ -190,7 +192,17 @@ fn collect_equal_lengths(
             }
         }
     }
+    bar.finish();
     Ok(out)
+}
+
+/// Below this many examples generation takes well under a second (IOI's tokenizing costs
+/// ~0.1 ms an example): no progress is shown.
+pub const PROGRESS_MIN_EXAMPLES: usize = 10_000;
+
+fn generation_progress(task: &str, n: usize) -> crate::progress::Progress {
+    let enabled = n >= PROGRESS_MIN_EXAMPLES;
+    crate::progress::Progress::new(enabled, format!("generating {task}"), n, "examples")
 }
 
 // ---------------------------------------------------------------- IOI
@@ -406,6 +418,7 @@ fn induction(
         )));
     }
     let mut out = Vec::with_capacity(n);
+    let mut bar = generation_progress("induction", n);
     for _ in 0..n {
         let mut seq: Vec<u32> = Vec::with_capacity(2 * k);
         while seq.len() < 2 * k {
@@ -423,7 +436,9 @@ fn induction(
             answer: AnswerSpec::One(TokenSpec::Id(first[k - 1])),
             wrong: AnswerSpec::One(TokenSpec::Id(fresh[k - 1])),
         });
+        bar.inc(1);
     }
+    bar.finish();
     Ok(out)
 }
 

@@ -71,7 +71,7 @@ pub struct MetricValue {
 ///
 /// `logits`: row-major `[n, vocab]`, one row per example. `clean_logits`: the same shape, needed
 /// by [`Metric::Kl`] (`KL(clean ‖ this)`), ignored otherwise. `targets` has one entry per row;
-/// [`Metric::Kl`] ignores it (it may be empty).
+/// [`Metric::Kl`] ignores it (it may be empty). Errors number the rows from 1.
 pub fn metric_value(
     metric: Metric,
     logits: &[f32],
@@ -198,7 +198,7 @@ impl KlReference {
                 let lp = log_softmax(&logits[rows.clone()]);
                 let pc = self.p[rows.clone()].iter().copied();
                 let kl = kl_divergence(&self.log_p[rows], pc, &lp);
-                finite(Metric::Kl, kl, format!("(example {i})"))?;
+                finite(Metric::Kl, kl, format!("(example {})", i + 1))?;
                 Ok(kl)
             })
             .collect::<Result<Vec<f64>>>()?;
@@ -262,7 +262,8 @@ fn check(
                 .find(|&&id| id as usize >= vocab)
             {
                 return Err(Error::invalid(format!(
-                    "metric {metric}: example {i} names token {bad}, outside the vocabulary of {vocab}"
+                    "metric {metric}: example {} names token {bad}, outside the vocabulary of {vocab}",
+                    i + 1
                 )));
             }
             let missing = match metric {
@@ -273,7 +274,8 @@ fn check(
             };
             if let Some(what) = missing {
                 return Err(Error::invalid(format!(
-                    "metric {metric}: example {i} has no {what}"
+                    "metric {metric}: example {} has no {what}",
+                    i + 1
                 )));
             }
         }
@@ -288,7 +290,11 @@ fn check_finite(metric: Metric, values: &[f32], vocab: usize, what: &str) -> Res
         Some(k) => Err(Error::NonFinite {
             metric: metric.name().to_string(),
             value: values[k],
-            context: format!("({what} of token {} in example {})", k % vocab, k / vocab),
+            context: format!(
+                "({what} of token {} in example {})",
+                k % vocab,
+                k / vocab + 1
+            ),
         }),
     }
 }
@@ -386,7 +392,7 @@ fn row(
             kl
         }
     };
-    finite(metric, value, format!("(example {i})"))?;
+    finite(metric, value, format!("(example {})", i + 1))?;
     Ok(value)
 }
 
@@ -438,6 +444,22 @@ mod tests {
 
     fn close(a: f32, b: f64) {
         assert!((a as f64 - b).abs() < 1e-6, "{a} vs {b}");
+    }
+
+    /// Issue 13: errors number examples from 1, as dataset errors number lines.
+    #[test]
+    fn errors_number_examples_from_one() {
+        let (mut l, mut tg) = fixture();
+        tg[1] = t(&[7], &[2]);
+        let e = metric_value(Metric::LogitDiff, &l, 3, &tg, None).unwrap_err();
+        assert!(e.to_string().contains("example 2 names token 7"), "{e}");
+        tg[1] = t(&[], &[2]);
+        let e = metric_value(Metric::LogitDiff, &l, 3, &tg, None).unwrap_err();
+        assert!(e.to_string().contains("example 2 has no answer"), "{e}");
+        let (_, tg) = fixture();
+        l[4] = f32::NAN;
+        let e = metric_value(Metric::LogitDiff, &l, 3, &tg, None).unwrap_err();
+        assert!(e.to_string().contains("token 1 in example 2"), "{e}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub use circuits::{
 pub use dataset::{year_tokens, AnswerSpec, Dataset, Example, PromptSpec, Record, TokenSpec};
 pub use generate::{
     generate, generate_induction, greater_than_years, write_jsonl, Task, INDUCTION_LEN,
+    PROGRESS_MIN_EXAMPLES,
 };
 pub use metric::{metric_gradient, metric_value, KlReference, Metric, MetricValue, Target};
 pub use mib::{read_mib_jsonl, MibImport, MibTask};
