@@ -87,8 +87,8 @@ pub struct JobArgs {
     pub model: Option<String>,
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Ground-truth circuit: a circuit JSON or a text file of edge names (planted models have
-    /// their own).
+    /// Ground-truth circuit: a circuit JSON or a text file of edge names (planted models and
+    /// InterpBench case folders, through their edges.pkl, have their own).
     #[arg(long)]
     pub truth: Option<PathBuf>,
 }

@@ -1,9 +1,11 @@
-//! Weights: memory-mapped safetensors files read in their stored dtype (f32, f16, bf16) and
-//! converted to f32 one tensor at a time, laid out the way the forward pass wants them.
+//! Weights: memory-mapped safetensors files and PyTorch `.pth` state dicts, read in their stored
+//! dtype (f32, f16, bf16; f64 from `.pth`) and converted to f32 one tensor at a time, laid out
+//! the way the forward pass wants them.
 //!
 //! * [`SafetensorsFile`] — one memory-mapped file with a checked header.
-//! * [`Checkpoint`] — the files of one model: `model.safetensors`, or the shards that
-//!   `model.safetensors.index.json` names, each mapped once; tensors are looked up across them.
+//! * [`Checkpoint`] — the files of one model: `model.safetensors`, the shards that
+//!   `model.safetensors.index.json` names, or a PyTorch `.pth` state dict ([`super::pth`]),
+//!   each mapped once; tensors are looked up across them.
 //! * [`WeightLoader`] — knows a format's tensor names and layouts and builds [`Block`]s:
 //!   Hugging Face GPT-2 (`Conv1D` layout: `c_attn.weight [d, 3d]`, keys with or without the
 //!   `transformer.` prefix, tied unembedding), TransformerLens state dicts
@@ -23,6 +25,7 @@ use safetensors::tensor::{Metadata, SafeTensors};
 
 use super::block::{AttentionWeights, Block, MlpWeights, NormWeights};
 use super::config::{CheckpointLayout, ModelConfig, Norm, WeightFormat};
+use super::pth::PthFile;
 use crate::{Error, Result};
 
 /// Embedding, final norm and unembedding.
@@ -186,11 +189,47 @@ fn describe_header_error(bytes: &[u8], e: safetensors::SafeTensorError) -> Strin
     }
 }
 
-/// The safetensors files of one checkpoint — a single `model.safetensors`, or the shards a
-/// `model.safetensors.index.json` names — each memory-mapped once, and the file each tensor
-/// lives in.
+/// One weight file: safetensors, or a PyTorch state dict ([`PthFile`]).
+pub enum TensorFile {
+    Safetensors(SafetensorsFile),
+    Pth(PthFile),
+}
+
+impl TensorFile {
+    pub fn path(&self) -> &Path {
+        match self {
+            TensorFile::Safetensors(f) => f.path(),
+            TensorFile::Pth(f) => f.path(),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            TensorFile::Safetensors(f) => f.contains(name),
+            TensorFile::Pth(f) => f.contains(name),
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            TensorFile::Safetensors(f) => f.names(),
+            TensorFile::Pth(f) => f.names(),
+        }
+    }
+
+    pub fn load(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        match self {
+            TensorFile::Safetensors(f) => f.load(name, shape, device),
+            TensorFile::Pth(f) => f.load(name, shape, device),
+        }
+    }
+}
+
+/// The weight files of one checkpoint — a single `model.safetensors`, the shards a
+/// `model.safetensors.index.json` names, or one PyTorch `.pth` state dict — each
+/// memory-mapped once, and the file each tensor lives in.
 pub struct Checkpoint {
-    files: Vec<SafetensorsFile>,
+    files: Vec<TensorFile>,
     /// Tensor name → index into `files`.
     location: HashMap<String, usize>,
     /// Named in errors about a tensor no file holds: the single file, or the index.
@@ -199,7 +238,8 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// The weight files of a model directory: `model.safetensors`, else the shards that
-    /// `model.safetensors.index.json` names.
+    /// `model.safetensors.index.json` names, else the one `*.pth` / `*.pt` state dict
+    /// (TransformerLens names, as InterpBench's `ll_model.pth`).
     pub fn discover(dir: &Path) -> Result<Checkpoint> {
         let single = dir.join("model.safetensors");
         if single.exists() {
@@ -208,6 +248,15 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         if index.exists() {
             return Checkpoint::sharded(&index);
+        }
+        if let Some(pth) = find_pth(dir)? {
+            let file = PthFile::open(&pth)?;
+            let location = file.names().into_iter().map(|n| (n, 0)).collect();
+            return Ok(Checkpoint {
+                path: pth,
+                files: vec![TensorFile::Pth(file)],
+                location,
+            });
         }
         let hint = if dir.join("pytorch_model.bin").exists() {
             "only pytorch_model.bin is present; convert it with `python -c \"import torch; \
@@ -219,7 +268,8 @@ impl Checkpoint {
              safe_serialization=True)`"
         } else {
             "expected model.safetensors beside config.json (or a sharded checkpoint: \
-             model.safetensors.index.json and the shards it names)"
+             model.safetensors.index.json and the shards it names, or a TransformerLens \
+             state dict saved with torch.save as *.pth)"
         };
         Err(Error::Config {
             path: single,
@@ -233,7 +283,7 @@ impl Checkpoint {
         let location = file.names().into_iter().map(|n| (n, 0)).collect();
         Ok(Checkpoint {
             path: path.to_path_buf(),
-            files: vec![file],
+            files: vec![TensorFile::Safetensors(file)],
             location,
         })
     }
@@ -310,7 +360,7 @@ impl Checkpoint {
                     ),
                 });
             }
-            files.push(SafetensorsFile::open(&path)?);
+            files.push(TensorFile::Safetensors(SafetensorsFile::open(&path)?));
         }
         let mut location = HashMap::new();
         for (i, file) in files.iter().enumerate() {
@@ -369,6 +419,40 @@ impl Checkpoint {
                 name: name.to_string(),
             }),
         }
+    }
+}
+
+/// The one PyTorch state dict (`*.pth`, `*.pt`) in `dir`, if any; several are an error, since
+/// which one is the model cannot be guessed.
+fn find_pth(dir: &Path) -> Result<Option<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .is_some_and(|x| x.eq_ignore_ascii_case("pth") || x.eq_ignore_ascii_case("pt"))
+        })
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(Error::Config {
+            path: dir.to_path_buf(),
+            message: format!(
+                "several PyTorch state dicts ({}); keep the model's one in the directory",
+                found
+                    .iter()
+                    .filter_map(|p| p.file_name())
+                    .map(|n| n.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
     }
 }
 
