@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use eap::acdc::PruneWith;
-use eap::attribution::MethodKind;
+use eap::attribution::{attribute, AttributionOptions, Method, MethodKind};
+use eap::graph::CircuitFile;
 use eap::job::{load_job, Examples, Job, JobSpec};
 use eap::planted::PlantedKind;
 use eap::runs::Ablation;
@@ -282,9 +283,19 @@ pub struct EvaluateArgs {
 pub struct MibArgs {
     #[command(flatten)]
     pub data: DataArgs,
-    /// Scores file (EAP-IG JSON layout, e.g. from `eap attribute`).
+    /// Scores file (EAP-IG JSON layout, e.g. from `eap attribute`); or give --method.
+    #[arg(long, required_unless_present = "method", conflicts_with = "method")]
+    pub scores: Option<PathBuf>,
+    /// Run this method on --model and --data instead of reading --scores: eap, eap-ig,
+    /// eap-ig-activations or clean-corrupted (with --ablation as the run's ablation).
     #[arg(long)]
-    pub scores: PathBuf,
+    pub method: Option<MethodKind>,
+    /// Integration steps of eap-ig and eap-ig-activations (with --method).
+    #[arg(long, default_value_t = 5, value_parser = positive, requires = "method")]
+    pub ig_steps: usize,
+    /// Also write the method's scores file here (with --method).
+    #[arg(long, requires = "method")]
+    pub scores_out: Option<PathBuf>,
     /// Write the scores, CPR, CMD and every budget's values as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -396,6 +407,56 @@ impl DataArgs {
         let job = load_job(&spec, &candle_core::Device::Cpu)?;
         let metric = self.metric.unwrap_or(job.metric);
         Ok((job, metric))
+    }
+}
+
+impl MibArgs {
+    /// The scores' name in errors: the file, or the method run.
+    pub fn scores_name(&self) -> String {
+        match (&self.scores, self.method) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(m)) => match clap::ValueEnum::to_possible_value(&m) {
+                Some(v) => format!("the scores of --method {}", v.get_name()),
+                None => "the method's scores".into(),
+            },
+            (None, None) => "the scores".into(),
+        }
+    }
+
+    /// ROC AUC (trapezoid) of the scores against the job's ground truth, when it has one (an
+    /// InterpBench case folder's `edges.pkl`): MIB ranks methods on InterpBench by it.
+    pub fn truth_auc(job: &Job, file: &CircuitFile) -> anyhow::Result<Option<f64>> {
+        let Some(truth) = &job.truth else {
+            return Ok(None);
+        };
+        Ok(Some(
+            eap::eval::roc_from_graph(&file.scores, truth)?.auc_trapezoid,
+        ))
+    }
+
+    /// The scores to evaluate: --scores read (missing edges refused, as MIB needs every edge),
+    /// or --method run on the job, its file written to --scores-out.
+    pub fn scores_file(&self, job: &Job, metric: Metric) -> anyhow::Result<CircuitFile> {
+        let (Some(kind), None) = (self.method, &self.scores) else {
+            let path = self.scores.as_deref().expect("clap: --scores or --method");
+            return crate::output::read_scores(path, false);
+        };
+        let opts = AttributionOptions {
+            method: Method::new(kind, self.ig_steps)?,
+            metric,
+            ablation: self.data.ablation,
+            batch_size: self.data.batch_size,
+            memory_budget: self.data.memory_budget << 20,
+            progress: !self.json,
+        };
+        let att = attribute(&job.model, &job.data, &opts)?;
+        eprintln!("{}", att.summary().trim_end());
+        let file = att.to_file(&job.model)?;
+        if let Some(out) = &self.scores_out {
+            file.write(out)?;
+            eprintln!("wrote {}", out.display());
+        }
+        Ok(file)
     }
 }
 

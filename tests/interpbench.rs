@@ -335,3 +335,78 @@ fn broken_zips_and_tensor_records_are_clear_errors() {
     let e = load_error(pth, &deflated);
     assert!(e.contains("compressed (method 8)"), "{e}");
 }
+
+/// `eap mib --method M` is `eap attribute --method M` followed by `eap mib --scores`; on a
+/// case folder it also reports the ROC AUC against the case's truth, as MIB ranks InterpBench.
+#[test]
+fn mib_with_a_method_equals_attribute_then_mib() {
+    let refs = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let clean = tokens(&refs["tokens"]);
+    let corrupted = tokens(&refs["corrupted_tokens"]);
+    let (answers, wrongs) = (ids(&refs["answer"]), ids(&refs["wrong"]));
+    let jsonl: String = (0..clean.len())
+        .map(|i| {
+            format!(
+                "{{\"clean\": {:?}, \"corrupted\": {:?}, \"answer\": {}, \"wrong\": {}}}\n",
+                clean[i], corrupted[i], answers[i], wrongs[i]
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("data.jsonl"), jsonl).unwrap();
+    let model = case();
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_eap"))
+            .current_dir(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let m = model.to_str().unwrap();
+    let common = ["--model", m, "--data", "data.jsonl"];
+    for method in ["eap", "eap-ig"] {
+        let (ok, _, err) = run(&[
+            &["attribute"],
+            &common[..],
+            &["--method", method, "--out", "s.json"],
+        ]
+        .concat());
+        assert!(ok, "{err}");
+        let (ok, from_file, err) =
+            run(&[&["mib"], &common[..], &["--scores", "s.json", "--json"]].concat());
+        assert!(ok, "{err}");
+        let (ok, from_method, err) = run(&[
+            &["mib"],
+            &common[..],
+            &["--method", method, "--json", "--scores-out", "t.json"],
+        ]
+        .concat());
+        assert!(ok, "{err}");
+        let a: serde_json::Value = serde_json::from_str(&from_file).unwrap();
+        let b: serde_json::Value = serde_json::from_str(&from_method).unwrap();
+        assert_eq!(a, b, "{method}");
+        let auc = b["roc_auc"].as_f64().expect("a case folder has a truth");
+        assert!((0.0..=1.0).contains(&auc));
+        let scores = |f: &str| {
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.path().join(f)).unwrap())
+                    .unwrap();
+            v["edges"].clone()
+        };
+        assert_eq!(scores("s.json"), scores("t.json"), "{method}: --scores-out");
+    }
+    let (ok, _, err) = run(&[
+        &["mib"],
+        &common[..],
+        &["--method", "eap", "--scores", "s.json"],
+    ]
+    .concat());
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+    let (ok, _, err) = run(&[&["mib"], &common[..]].concat());
+    assert!(!ok && err.contains("--scores"), "{err}");
+}
