@@ -214,6 +214,7 @@ impl Pickle {
             stack: Vec::new(),
             marks: Vec::new(),
             memo: HashMap::new(),
+            dict_keys: HashMap::new(),
         }
         .run()
     }
@@ -396,6 +397,16 @@ struct Machine<'a> {
     /// Stack lengths at each `MARK`.
     marks: Vec<usize>,
     memo: HashMap<u32, Id>,
+    /// Per dict, key → position in its items (built on the dict's first SETITEM).
+    dict_keys: HashMap<Id, HashMap<Key, usize>>,
+}
+
+/// A dict key eap can compare.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Str(String),
+    Int(i64),
+    None,
 }
 
 impl<'a> Machine<'a> {
@@ -870,22 +881,29 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, dict: Id, pairs: Vec<(Id, Id)>, at: usize) -> Result<()> {
-        // Python semantics: a repeated key replaces the value in place.
-        let keys: Vec<Option<Obj>> = pairs.iter().map(|&(k, _)| self.key(k)).collect();
-        let existing: Vec<Option<Obj>> = match &self.objs[dict] {
-            Obj::Dict(items) => items.iter().map(|&(k, _)| self.key(k)).collect(),
-            _ => return Err(self.err(at, format!("SETITEM(S) on {}", self.describe(dict)))),
-        };
+        if !matches!(self.objs[dict], Obj::Dict(_)) {
+            return Err(self.err(at, format!("SETITEM(S) on {}", self.describe(dict))));
+        }
+        // Python semantics: a repeated key replaces the value in place. Each dict's key index
+        // is built once and kept, so a file of many single SETITEMs stays linear.
+        if !self.dict_keys.contains_key(&dict) {
+            let Obj::Dict(items) = &self.objs[dict] else {
+                unreachable!("checked above")
+            };
+            let index = items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, &(k, _))| self.key(k).map(|k| (k, i)))
+                .collect();
+            self.dict_keys.insert(dict, index);
+        }
+        let keys: Vec<Option<Key>> = pairs.iter().map(|&(k, _)| self.key(k)).collect();
+        let index = self.dict_keys.get_mut(&dict).expect("inserted above");
         let Obj::Dict(items) = &mut self.objs[dict] else {
             unreachable!("checked above")
         };
-        let mut index: HashMap<String, usize> = existing
-            .iter()
-            .enumerate()
-            .filter_map(|(i, k)| k.as_ref().map(|k| (format!("{k:?}"), i)))
-            .collect();
         for ((k, v), key) in pairs.into_iter().zip(keys) {
-            match key.map(|k| format!("{k:?}")) {
+            match key {
                 Some(key) => match index.get(&key) {
                     Some(&i) => items[i] = (k, v),
                     None => {
@@ -899,10 +917,14 @@ impl<'a> Machine<'a> {
         Ok(())
     }
 
-    /// A hashable key's value (strings, numbers), for replacing repeated dict keys.
-    fn key(&self, id: Id) -> Option<Obj> {
+    /// A hashable key's value (strings, ints, bools, None), for replacing repeated dict keys.
+    fn key(&self, id: Id) -> Option<Key> {
         match &self.objs[id] {
-            o @ (Obj::Str(_) | Obj::Int(_) | Obj::Bool(_) | Obj::None) => Some(o.clone()),
+            Obj::Str(s) => Some(Key::Str(s.clone())),
+            Obj::Int(i) => Some(Key::Int(*i)),
+            // Python: True == 1 and False == 0 as dict keys.
+            Obj::Bool(b) => Some(Key::Int(*b as i64)),
+            Obj::None => Some(Key::None),
             _ => None,
         }
     }
@@ -1105,6 +1127,37 @@ mod tests {
         assert!(e.contains("before its STOP"), "{e}");
         let e = parse(b"\x80\x04\xfe.").unwrap_err().to_string();
         assert!(e.contains("unknown opcode 0xfe"), "{e}");
+    }
+
+    #[test]
+    fn repeated_dict_keys_replace_in_place() {
+        // EMPTY_DICT, then SETITEM 'a'=1, 'b'=2, 'a'=3 one at a time: {'a': 3, 'b': 2}.
+        let b = b"\x80\x04}\x8c\x01aK\x01s\x8c\x01bK\x02s\x8c\x01aK\x03s.";
+        let p = parse(b).unwrap();
+        assert_eq!(
+            p.to_json(p.root()).unwrap(),
+            serde_json::json!({"a": 3, "b": 2})
+        );
+        let Obj::Dict(items) = p.get(p.root()) else {
+            panic!("a dict")
+        };
+        assert_eq!(items.len(), 2);
+    }
+
+    #[test]
+    fn many_single_setitems_stay_linear() {
+        // 100,000 one-at-a-time SETITEMs (int keys): linear work, not one index per SETITEM.
+        let mut b = b"\x80\x04}".to_vec();
+        for i in 0..100_000u32 {
+            b.push(b'J');
+            b.extend_from_slice(&i.to_le_bytes());
+            b.extend_from_slice(b"Ns");
+        }
+        b.push(b'.');
+        let start = std::time::Instant::now();
+        let p = parse(&b).unwrap();
+        assert!(matches!(p.get(p.root()), Obj::Dict(v) if v.len() == 100_000));
+        assert!(start.elapsed().as_secs_f64() < 5.0, "{:?}", start.elapsed());
     }
 
     #[test]
