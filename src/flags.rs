@@ -83,13 +83,13 @@ pub struct JobArgs {
     /// A built-in planted-circuit model: induction, greater-than, weighted-vote.
     #[arg(long, conflicts_with = "model")]
     pub planted: Option<PlantedKind>,
-    /// Model directory or hub id (with --data or --task).
+    /// Model directory, InterpBench case folder or hub id (with --data or --task).
     #[arg(long)]
     pub model: Option<String>,
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Ground-truth circuit: a circuit JSON or a text file of edge names (planted models and
-    /// InterpBench case folders, through their edges.pkl, have their own).
+    /// Ground-truth circuit: a circuit JSON, a text file of edge names or an InterpBench
+    /// edges.pkl (planted models and InterpBench case folders have their own).
     #[arg(long)]
     pub truth: Option<PathBuf>,
 }
@@ -179,7 +179,8 @@ pub struct DiscoverArgs {
 pub struct RocArgs {
     #[arg(long)]
     pub scores: PathBuf,
-    /// Ground-truth circuit: a circuit JSON or a text file of edge names.
+    /// Ground-truth circuit: a circuit JSON, a text file of edge names, or an InterpBench
+    /// edges.pkl.
     #[arg(long)]
     pub truth: PathBuf,
     /// Also write the ROC curve as SVG.
@@ -194,7 +195,9 @@ pub struct RocArgs {
 /// A model and its examples, for `attribute` and `evaluate`.
 #[derive(Args)]
 pub struct DataArgs {
-    /// Model directory (config.json + model.safetensors) or hub id in the local HF cache.
+    /// Model directory (config.json + model.safetensors or a TransformerLens *.pth), an
+    /// InterpBench case folder (ll_model.pth + ll_model_cfg.pkl), or a hub id in the local HF
+    /// cache.
     #[arg(long)]
     pub model: String,
     #[command(flatten)]

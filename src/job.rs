@@ -136,9 +136,16 @@ pub fn read_circuit(path: &Path, graph: Graph) -> Result<CircuitFile> {
     Ok(file)
 }
 
-/// Reads a ground truth for `graph`: a circuit JSON (its in-graph edges) or a text file of
-/// edge names. It must hold an edge.
+/// Reads a ground truth for `graph`: a circuit JSON (its in-graph edges), a text file of edge
+/// names, or an InterpBench `edges.pkl` (promoted to the head level, as for a case folder). It
+/// must hold an edge.
 pub fn read_truth(path: &Path, graph: Graph) -> Result<Circuit> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("pkl"))
+    {
+        return crate::eval::interpbench::read_edges_pkl(path, graph, true);
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let circuit = if text.trim_start().starts_with('{') {
         read_circuit(path, graph)?.circuit

@@ -145,6 +145,9 @@ fn ground_truth_is_read_and_mapped_to_eap_edges() {
     assert!(letters.n_edges() < truth.n_edges());
     // Other directories have no truth of their own.
     assert!(case_truth(&root(), graph).unwrap().is_none());
+    // --truth accepts the pickle itself.
+    let given = eap::job::read_truth(&case().join("edges.pkl"), graph).unwrap();
+    assert_eq!(edge_names(&given), lines("truth_edges.txt"));
 }
 
 #[test]
