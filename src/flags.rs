@@ -426,8 +426,9 @@ impl MibArgs {
         }
     }
 
-    /// ROC AUC (trapezoid) of the scores against the job's ground truth, when it has one (an
-    /// InterpBench case folder's `edges.pkl`): MIB ranks methods on InterpBench by it.
+    /// ROC AUC (eap's sweep over every |score|, trapezoid) of the scores against the job's
+    /// ground truth, when it has one (an InterpBench case folder's `edges.pkl`). Not MIB's
+    /// InterpBench AUROC, which takes greedy circuits at its ten budgets.
     pub fn truth_auc(job: &Job, file: &CircuitFile) -> anyhow::Result<Option<f64>> {
         let Some(truth) = &job.truth else {
             return Ok(None);

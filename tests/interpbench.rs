@@ -340,7 +340,7 @@ fn broken_zips_and_tensor_records_are_clear_errors() {
 }
 
 /// `eap mib --method M` is `eap attribute --method M` followed by `eap mib --scores`; on a
-/// case folder it also reports the ROC AUC against the case's truth, as MIB ranks InterpBench.
+/// case folder it also reports the ROC AUC against the case's truth.
 #[test]
 fn mib_with_a_method_equals_attribute_then_mib() {
     let refs = reference();
@@ -395,6 +395,20 @@ fn mib_with_a_method_equals_attribute_then_mib() {
         assert_eq!(a, b, "{method}");
         let auc = b["roc_auc"].as_f64().expect("a case folder has a truth");
         assert!((0.0..=1.0).contains(&auc));
+        // The same number `eap roc` gives against the pickle as --truth.
+        let edges = model.join("edges.pkl");
+        let (ok, roc, err) = run(&[
+            "roc",
+            "--scores",
+            "s.json",
+            "--truth",
+            edges.to_str().unwrap(),
+        ]);
+        assert!(ok, "{err}");
+        assert!(
+            roc.contains(&format!("ROC AUC {auc:.4} (trapezoid)")),
+            "{auc}: {roc}"
+        );
         let scores = |f: &str| {
             let v: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(dir.path().join(f)).unwrap())
