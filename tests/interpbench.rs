@@ -427,3 +427,49 @@ fn mib_with_a_method_equals_attribute_then_mib() {
     let (ok, _, err) = run(&[&["mib"], &common[..]].concat());
     assert!(!ok && err.contains("--scores"), "{err}");
 }
+
+#[test]
+fn several_state_dicts_are_refused_and_hf_bins_keep_their_hint() {
+    let pth = std::fs::read(case().join("ll_model.pth")).unwrap();
+    let dir = with_file("rng_state.pth", &pth);
+    let e = load(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("several PyTorch state dicts (ll_model.pth, rng_state.pth)"),
+        "{e}"
+    );
+    std::fs::write(dir.path().join("pytorch_model.bin"), b"").unwrap();
+    let e = load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("only pytorch_model.bin is present"), "{e}");
+}
+
+/// torch.save writes a zip64 end-of-directory record beside the classic one; with the classic
+/// fields saturated (as in files past 4 GiB) the directory is found through the zip64 record.
+#[test]
+fn zip64_directory_is_read() {
+    let good = std::fs::read(case().join("ll_model.pth")).unwrap();
+    let eocd = good.windows(4).rposition(|w| w == b"PK\x05\x06").unwrap();
+    let mut z = good.clone();
+    z[eocd + 10..eocd + 12].copy_from_slice(&[0xff; 2]);
+    z[eocd + 12..eocd + 20].copy_from_slice(&[0xff; 8]);
+    let dir = with_file("ll_model.pth", &z);
+    let model = load(dir.path()).unwrap();
+    let reference = load(&case()).unwrap();
+    let refs = reference_tensors_of(&reference);
+    assert_eq!(refs, reference_tensors_of(&model));
+    // Without the zip64 locator the saturated fields are an error, not a guess.
+    let loc = z.windows(4).rposition(|w| w == b"PK\x06\x07").unwrap();
+    z[loc] = b'X';
+    let e = load_error("ll_model.pth", &z);
+    assert!(e.contains("zip64"), "{e}");
+}
+
+/// The logits of the case's clean tokens, as a fingerprint of a loaded model.
+fn reference_tensors_of(model: &Model) -> Vec<f32> {
+    let refs = reference();
+    let batch = Batch::new(&tokens(&refs["tokens"]), &Device::Cpu).unwrap();
+    let opts = ForwardOptions {
+        logit_positions: (0..batch.seq_len).collect(),
+        ..Default::default()
+    };
+    flat(&model.forward(&batch, &opts).unwrap().logits)
+}

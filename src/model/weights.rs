@@ -249,7 +249,11 @@ impl Checkpoint {
         if index.exists() {
             return Checkpoint::sharded(&index);
         }
-        if let Some(pth) = find_pth(dir)? {
+        // A Hugging Face PyTorch checkpoint (pytorch_model.bin, often beside the trainer's
+        // optimizer.pt and rng_state.pth) gets the conversion hint below, not a .pth search.
+        let hf_bin = dir.join("pytorch_model.bin").exists()
+            || dir.join("pytorch_model.bin.index.json").exists();
+        if let Some(pth) = (!hf_bin).then(|| find_pth(dir)).transpose()?.flatten() {
             let file = PthFile::open(&pth)?;
             let location = file.names().into_iter().map(|n| (n, 0)).collect();
             return Ok(Checkpoint {
