@@ -224,6 +224,7 @@ fn mutated_inputs_never_panic_or_hang() {
     let mut failures = Vec::new();
     let mut n = 0;
     let mut accepted = 0;
+    let mut per_class = Vec::new();
     for (class, count) in CASES {
         for k in 0..count {
             let case_dir = dir.path().join(format!("case-{n}"));
@@ -286,7 +287,13 @@ fn mutated_inputs_never_panic_or_hang() {
                 }
             });
             match result {
-                Ok(true) => accepted += 1,
+                Ok(true) => {
+                    accepted += 1;
+                    match per_class.last_mut() {
+                        Some((c, n)) if *c == class => *n += 1,
+                        _ => per_class.push((class, 1)),
+                    }
+                }
                 Ok(false) => {}
                 Err(why) => {
                     failures.push(format!("{class:?} case {k} ({}): {why}", what.join("; ")))
@@ -296,6 +303,7 @@ fn mutated_inputs_never_panic_or_hang() {
     }
     let seconds = start.elapsed().as_secs_f64();
     eprintln!("fuzz: {n} cases ({accepted} accepted, the rest clean errors) in {seconds:.1} s");
+    eprintln!("fuzz: accepted per class {per_class:?}");
     assert!(
         failures.is_empty(),
         "{} failures:\n{}",
