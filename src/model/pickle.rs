@@ -129,6 +129,24 @@ pub enum Global {
     TlConfig,
 }
 
+impl Global {
+    /// The Python name, for messages.
+    pub fn python_name(self) -> String {
+        match self {
+            Global::RebuildTensor => "torch._utils._rebuild_tensor_v2".into(),
+            Global::RebuildParameter => "torch._utils._rebuild_parameter".into(),
+            Global::OrderedDict => "collections.OrderedDict".into(),
+            Global::Set => "builtins.set".into(),
+            Global::Storage(d) => format!("torch storage of {}", d.name()),
+            Global::Dtype(d) => format!("torch.{}", d.name()),
+            Global::Device => "torch.device".into(),
+            Global::TlConfig => {
+                "transformer_lens.HookedTransformerConfig.HookedTransformerConfig".into()
+            }
+        }
+    }
+}
+
 /// The allow-list: the [`Global`] for `module.name`, or `None` for anything else.
 pub fn resolve_global(module: &str, name: &str) -> Option<Global> {
     Some(match (module, name) {
@@ -835,7 +853,7 @@ impl<'a> Machine<'a> {
 
     fn describe(&self, id: Id) -> String {
         match &self.objs[id] {
-            Obj::Global(g) => format!("{g:?}"),
+            Obj::Global(g) => format!("`{}`", g.python_name()),
             Obj::None => "None".into(),
             Obj::Int(i) => format!("the int {i}"),
             Obj::Str(s) => format!("the string {:?}", s.chars().take(40).collect::<String>()),
@@ -1020,7 +1038,10 @@ impl<'a> Machine<'a> {
             },
             Global::Storage(_) | Global::Dtype(_) | Global::TlConfig => Err(self.err(
                 at,
-                format!("REDUCE calls {g:?}, which eap reads only as a name, never calls"),
+                format!(
+                    "REDUCE calls `{}`, which eap reads only as a name, never calls",
+                    g.python_name()
+                ),
             )),
         }
     }
