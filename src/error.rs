@@ -51,6 +51,20 @@ pub enum Error {
         hint: String,
     },
 
+    /// A pickle (`.pkl`, or the `data.pkl` inside a PyTorch `.pth`) that eap will not read:
+    /// malformed, truncated, or asking for an opcode or a global outside the data-only subset
+    /// eap interprets. Nothing in a pickle is ever executed.
+    #[error("{}: pickle byte {offset}: {message}", path.display())]
+    Pickle {
+        path: PathBuf,
+        offset: usize,
+        message: String,
+    },
+
+    /// A PyTorch `.pth` file whose zip container or tensor records are malformed.
+    #[error("{}: malformed PyTorch file: {message}", path.display())]
+    Pth { path: PathBuf, message: String },
+
     /// A tensor the model needs is absent from the weight file.
     #[error("{}: missing tensor `{name}`", path.display())]
     MissingTensor { path: PathBuf, name: String },

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use eap::acdc::PruneWith;
-use eap::attribution::MethodKind;
+use eap::attribution::{attribute, AttributionOptions, Method, MethodKind};
+use eap::graph::CircuitFile;
 use eap::job::{load_job, Examples, Job, JobSpec};
 use eap::planted::PlantedKind;
 use eap::runs::Ablation;
@@ -88,13 +89,13 @@ pub struct JobArgs {
     /// A built-in planted-circuit model: induction, greater-than, weighted-vote.
     #[arg(long, conflicts_with = "model")]
     pub planted: Option<PlantedKind>,
-    /// Model directory or hub id (with --data or --task).
+    /// Model directory, InterpBench case folder or hub id (with --data or --task).
     #[arg(long)]
     pub model: Option<String>,
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Ground-truth circuit: a circuit JSON or a text file of edge names (planted models have
-    /// their own).
+    /// Ground-truth circuit: a circuit JSON, a text file of edge names or an InterpBench
+    /// edges.pkl (planted models and InterpBench case folders have their own).
     #[arg(long)]
     pub truth: Option<PathBuf>,
 }
@@ -185,7 +186,8 @@ pub struct RocArgs {
     /// Scores file (EAP-IG JSON layout, e.g. from `eap attribute`).
     #[arg(long)]
     pub scores: PathBuf,
-    /// Ground-truth circuit: a circuit JSON or a text file of edge names.
+    /// Ground-truth circuit: a circuit JSON, a text file of edge names, or an InterpBench
+    /// edges.pkl.
     #[arg(long)]
     pub truth: PathBuf,
     /// Also write the ROC curve as SVG.
@@ -200,7 +202,9 @@ pub struct RocArgs {
 /// A model and its examples, for `attribute` and `evaluate`.
 #[derive(Args)]
 pub struct DataArgs {
-    /// Model directory (config.json + model.safetensors) or hub id in the local HF cache.
+    /// Model directory (config.json + model.safetensors or a TransformerLens *.pth), an
+    /// InterpBench case folder (ll_model.pth + ll_model_cfg.pkl), or a hub id in the local HF
+    /// cache.
     #[arg(long)]
     pub model: String,
     #[command(flatten)]
@@ -291,9 +295,19 @@ pub struct EvaluateArgs {
 pub struct MibArgs {
     #[command(flatten)]
     pub data: DataArgs,
-    /// Scores file (EAP-IG JSON layout, e.g. from `eap attribute`).
+    /// Scores file (EAP-IG JSON layout, e.g. from `eap attribute`); or give --method.
+    #[arg(long, required_unless_present = "method", conflicts_with = "method")]
+    pub scores: Option<PathBuf>,
+    /// Run this method on --model and --data instead of reading --scores: eap, eap-ig,
+    /// eap-ig-activations or clean-corrupted (with --ablation as the run's ablation).
     #[arg(long)]
-    pub scores: PathBuf,
+    pub method: Option<MethodKind>,
+    /// Integration steps of eap-ig and eap-ig-activations (with --method).
+    #[arg(long, default_value_t = 5, value_parser = positive, requires = "method")]
+    pub ig_steps: usize,
+    /// Also write the method's scores file here (with --method).
+    #[arg(long, requires = "method")]
+    pub scores_out: Option<PathBuf>,
     /// Write the scores, CPR, CMD and every budget's values as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -478,6 +492,57 @@ impl DataArgs {
         let job = load_job(&spec, &candle_core::Device::Cpu)?;
         let metric = self.metric.unwrap_or(job.metric);
         Ok((job, metric))
+    }
+}
+
+impl MibArgs {
+    /// The scores' name in errors: the file, or the method run.
+    pub fn scores_name(&self) -> String {
+        match (&self.scores, self.method) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(m)) => match clap::ValueEnum::to_possible_value(&m) {
+                Some(v) => format!("the scores of --method {}", v.get_name()),
+                None => "the method's scores".into(),
+            },
+            (None, None) => "the scores".into(),
+        }
+    }
+
+    /// ROC AUC (eap's sweep over every |score|, trapezoid) of the scores against the job's
+    /// ground truth, when it has one (an InterpBench case folder's `edges.pkl`). Not MIB's
+    /// InterpBench AUROC, which takes greedy circuits at its ten budgets.
+    pub fn truth_auc(job: &Job, file: &CircuitFile) -> anyhow::Result<Option<f64>> {
+        let Some(truth) = &job.truth else {
+            return Ok(None);
+        };
+        Ok(Some(
+            eap::eval::roc_from_graph(&file.scores, truth)?.auc_trapezoid,
+        ))
+    }
+
+    /// The scores to evaluate: --scores read (missing edges refused, as MIB needs every edge),
+    /// or --method run on the job, its file written to --scores-out.
+    pub fn scores_file(&self, job: &Job, metric: Metric) -> anyhow::Result<CircuitFile> {
+        let (Some(kind), None) = (self.method, &self.scores) else {
+            let path = self.scores.as_deref().expect("clap: --scores or --method");
+            return crate::output::read_scores(path, false);
+        };
+        let opts = AttributionOptions {
+            method: Method::new(kind, self.ig_steps)?,
+            metric,
+            ablation: self.data.ablation,
+            batch_size: self.data.batch_size,
+            memory_budget: self.data.memory_budget << 20,
+            progress: !self.json,
+        };
+        let att = attribute(&job.model, &job.data, &opts)?;
+        eprintln!("{}", att.summary().trim_end());
+        let file = att.to_file(&job.model)?;
+        if let Some(out) = &self.scores_out {
+            file.write(out)?;
+            eprintln!("wrote {}", out.display());
+        }
+        Ok(file)
     }
 }
 

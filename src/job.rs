@@ -46,8 +46,8 @@ pub struct JobSpec {
     /// `tokenizer.json` for text prompts (default: beside the model, else GPT-2's).
     pub tokenizer: Option<PathBuf>,
     pub examples: Examples,
-    /// Ground-truth circuit: a circuit JSON or a text file of edge names (planted models have
-    /// their own).
+    /// Ground-truth circuit: a circuit JSON or a text file of edge names (planted models and
+    /// InterpBench case folders have their own).
     pub truth: Option<PathBuf>,
 }
 
@@ -136,9 +136,16 @@ pub fn read_circuit(path: &Path, graph: Graph) -> Result<CircuitFile> {
     Ok(file)
 }
 
-/// Reads a ground truth for `graph`: a circuit JSON (its in-graph edges) or a text file of
-/// edge names. It must hold an edge.
+/// Reads a ground truth for `graph`: a circuit JSON (its in-graph edges), a text file of edge
+/// names, or an InterpBench `edges.pkl` (promoted to the head level, as for a case folder). It
+/// must hold an edge.
 pub fn read_truth(path: &Path, graph: Graph) -> Result<Circuit> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("pkl"))
+    {
+        return crate::eval::interpbench::read_edges_pkl(path, graph, true);
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let circuit = if text.trim_start().starts_with('{') {
         read_circuit(path, graph)?.circuit
@@ -165,11 +172,11 @@ pub fn load_job(spec: &JobSpec, device: &Device) -> Result<Job> {
         let model = load_model(name, device)?;
         let tok = tokenizer_for(&model, spec.tokenizer.as_deref())?;
         let (data, metric) = load_data(&spec.examples, None, tok.as_ref())?;
-        let truth = spec
-            .truth
-            .as_deref()
-            .map(|p| read_truth(p, model.graph()))
-            .transpose()?;
+        // Without --truth, an InterpBench case folder brings its own (`edges.pkl`).
+        let truth = match spec.truth.as_deref() {
+            Some(p) => Some(read_truth(p, model.graph())?),
+            None => crate::eval::interpbench::case_truth(Path::new(&model.name), model.graph())?,
+        };
         let label = Path::new(name)
             .file_name()
             .map_or(name.clone(), |f| f.to_string_lossy().into_owned());

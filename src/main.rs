@@ -169,14 +169,12 @@ fn cmd_circuit(a: CircuitArgs) -> Result<()> {
 /// and examples, the metric, the file (checked against the model's graph) and the prepared runs.
 fn prepared_for(
     d: &DataArgs,
-    path: &std::path::Path,
-    allow_missing: bool,
+    what: String,
+    file: impl FnOnce(&Job, Metric) -> Result<CircuitFile>,
 ) -> Result<(Job, Metric, CircuitFile, Vec<PreparedChunk>)> {
     let (job, metric) = d.load()?;
-    let file = read_scores(path, allow_missing)?;
-    job.model
-        .graph()
-        .expect(&file.graph, path.display().to_string())?;
+    let file = file(&job, metric)?;
+    job.model.graph().expect(&file.graph, what)?;
     let runner = Runner::new(
         &job.model,
         &job.data,
@@ -189,7 +187,9 @@ fn prepared_for(
 }
 
 fn cmd_evaluate(a: EvaluateArgs) -> Result<()> {
-    let (job, metric, file, prepared) = prepared_for(&a.data, &a.circuit, a.allow_missing)?;
+    let read = |_: &Job, _| read_scores(&a.circuit, a.allow_missing);
+    let (job, metric, file, prepared) =
+        prepared_for(&a.data, a.circuit.display().to_string(), read)?;
     let f = eap::eval::evaluate_circuit(&job.model, &prepared, metric, &file.circuit)?;
     let edges = file.circuit.n_edges();
     if a.json {
@@ -205,10 +205,14 @@ fn cmd_mib(a: MibArgs) -> Result<()> {
         ("--out", a.out.as_deref(), false),
         ("--svg", a.svg.as_deref(), false),
     ])?;
-    let (job, metric, file, prepared) = prepared_for(&a.data, &a.scores, false)?;
+    let read = |j: &Job, m| a.scores_file(j, m);
+    let (job, metric, file, prepared) = prepared_for(&a.data, a.scores_name(), read)?;
     let baseline = FaithfulnessBaseline::new(&job.model, &prepared, metric)?;
     let score = eap::eval::mib_score(&baseline, &file.scores)?;
-    let json = serde_json::to_string_pretty(&score.to_json())?;
+    let auc = MibArgs::truth_auc(&job, &file)?;
+    let mut value = score.to_json();
+    value["roc_auc"] = serde_json::json!(auc);
+    let json = serde_json::to_string_pretty(&value)?;
     if let Some(out) = &a.out {
         write_atomic(out, json.as_bytes())?;
     }
@@ -222,6 +226,9 @@ fn cmd_mib(a: MibArgs) -> Result<()> {
     match a.json {
         true => out!("{json}"),
         false => out!("{}", score.table(metric, a.data.ablation).trim_end()),
+    }
+    if let (Some(auc), false) = (auc, a.json) {
+        out!("ROC AUC against the model's ground truth: {auc:.4}");
     }
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! A deterministic, seeded mutation suite (issue 13): every input class eap reads — safetensors
 //! files (header length, header JSON, offsets, truncation), `config.json`, JSONL datasets,
-//! circuit/score files and ACDC checkpoints — is mutated from a valid seed file and handed to
-//! the library's reader. Each case must end in `Ok` or a clean `Err`: a panic fails the suite,
+//! circuit/score files, ACDC checkpoints, and an InterpBench case's PyTorch zip, the pickle
+//! inside it, its pickled config and its pickled edge list — is mutated from a valid seed file
+//! and handed to the library's reader. Each case must end in `Ok` or a clean `Err`: a panic fails the suite,
 //! and so does a case that runs past [`CASE_LIMIT`] (a hang).
 //!
-//! 2,000 cases (`CASES` below); measured at 1.3–1.5 s for all 2,000 in release on 2 shared cores, well
+//! 3,000 cases (`CASES` below; 1,000 of them InterpBench files); measured at 1.4 s for all
+//! 3,000 in release on 2 shared cores (1.3–1.5 s for the first 2,000 before), well
 //! inside the two-minute budget of `.ci/run`. The seed is fixed, so a failure reproduces; the
 //! failing case's class, index and mutation are in the message.
 
@@ -25,13 +27,17 @@ use eap::tasks::Dataset;
 const CASE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Cases per input class.
-const CASES: [(Class, usize); 6] = [
+const CASES: [(Class, usize); 10] = [
     (Class::Safetensors, 500),
     (Class::SafetensorsHeader, 300),
     (Class::Config, 300),
     (Class::Jsonl, 300),
     (Class::Circuit, 300),
     (Class::Checkpoint, 300),
+    (Class::Pth, 300),
+    (Class::PthPickle, 300),
+    (Class::CfgPickle, 200),
+    (Class::EdgesPickle, 200),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +50,15 @@ enum Class {
     Jsonl,
     Circuit,
     Checkpoint,
+    /// Random bytes of an InterpBench case's `ll_model.pth`: zip directory, headers, records.
+    Pth,
+    /// The pickle inside that `.pth` (`data.pkl`, stored uncompressed): opcodes, lengths,
+    /// persistent ids, shapes, strides and offsets.
+    PthPickle,
+    /// The case's pickled config, `ll_model_cfg.pkl`.
+    CfgPickle,
+    /// The case's pickled ground truth, `edges.pkl`.
+    EdgesPickle,
 }
 
 /// One mutation of `bytes`, described for the failure message.
@@ -194,12 +209,22 @@ fn mutated_inputs_never_panic_or_hang() {
             .to_vec();
     let (circuit, checkpoint) = acdc_outputs(dir.path());
     let eapig = std::fs::read(fixture("tests/fixtures/eapig_graph.json")).unwrap();
+    let case = fixture("tests/fixtures/interpbench/case_gelu_causal");
+    let case_files = ["ll_model.pth", "ll_model_cfg.pkl", "edges.pkl"]
+        .map(|f| (f, std::fs::read(case.join(f)).unwrap()));
+    let pth = case_files[0].1.clone();
+    // torch.save writes `data.pkl` first, stored: its bytes follow the first local header.
+    let le16 = |at: usize| u16::from_le_bytes([pth[at], pth[at + 1]]) as usize;
+    let pkl_start = 30 + le16(26) + le16(28);
+    let pkl_len = u32::from_le_bytes(pth[18..22].try_into().unwrap()) as usize;
+    assert_eq!(pth[pkl_start], 0x80, "data.pkl starts with PROTO");
 
     let mut rng = ChaCha8Rng::seed_from_u64(13);
     let start = Instant::now();
     let mut failures = Vec::new();
     let mut n = 0;
     let mut accepted = 0;
+    let mut per_class = Vec::new();
     for (class, count) in CASES {
         for k in 0..count {
             let case_dir = dir.path().join(format!("case-{n}"));
@@ -213,7 +238,28 @@ fn mutated_inputs_never_panic_or_hang() {
                 Class::Circuit if k % 4 == 0 => (&eapig, 0..eapig.len(), "circuit.json"),
                 Class::Circuit => (&circuit, 0..circuit.len(), "circuit.json"),
                 Class::Checkpoint => (&checkpoint, 0..checkpoint.len(), "ck.json"),
+                Class::Pth => (&case_files[0].1, 0..pth.len(), "ll_model.pth"),
+                Class::PthPickle => (
+                    &case_files[0].1,
+                    pkl_start..pkl_start + pkl_len,
+                    "ll_model.pth",
+                ),
+                Class::CfgPickle => (
+                    &case_files[1].1,
+                    0..case_files[1].1.len(),
+                    "ll_model_cfg.pkl",
+                ),
+                Class::EdgesPickle => (&case_files[2].1, 0..case_files[2].1.len(), "edges.pkl"),
             };
+            let interpbench = matches!(
+                class,
+                Class::Pth | Class::PthPickle | Class::CfgPickle | Class::EdgesPickle
+            );
+            if interpbench {
+                for (f, b) in &case_files {
+                    std::fs::write(case_dir.join(f), b).unwrap();
+                }
+            }
             let mut bytes = seed.clone();
             let mut what = Vec::new();
             for _ in 0..rng.random_range(1..4) {
@@ -234,9 +280,20 @@ fn mutated_inputs_never_panic_or_hang() {
                 Class::Jsonl => Dataset::from_jsonl(&path, None).is_ok(),
                 Class::Circuit => CircuitFile::read(&path).is_ok(),
                 Class::Checkpoint => Checkpoint::read(&path).is_ok(),
+                Class::Pth | Class::PthPickle | Class::CfgPickle | Class::EdgesPickle => {
+                    Model::load_dir(&case_dir, &Device::Cpu).is_ok_and(|m| {
+                        eap::eval::interpbench::case_truth(&case_dir, m.graph()).is_ok()
+                    })
+                }
             });
             match result {
-                Ok(true) => accepted += 1,
+                Ok(true) => {
+                    accepted += 1;
+                    match per_class.last_mut() {
+                        Some((c, n)) if *c == class => *n += 1,
+                        _ => per_class.push((class, 1)),
+                    }
+                }
                 Ok(false) => {}
                 Err(why) => {
                     failures.push(format!("{class:?} case {k} ({}): {why}", what.join("; ")))
@@ -246,6 +303,7 @@ fn mutated_inputs_never_panic_or_hang() {
     }
     let seconds = start.elapsed().as_secs_f64();
     eprintln!("fuzz: {n} cases ({accepted} accepted, the rest clean errors) in {seconds:.1} s");
+    eprintln!("fuzz: accepted per class {per_class:?}");
     assert!(
         failures.is_empty(),
         "{} failures:\n{}",

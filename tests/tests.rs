@@ -7,6 +7,7 @@ mod errors;
 mod families;
 mod formats;
 mod fuzz;
+mod interpbench;
 mod layout;
 mod loading;
 mod mib;

@@ -161,12 +161,19 @@ impl Attribution {
     /// Writes the scores file (EAP-IG's JSON layout, the full circuit, and [`Attribution::meta`]
     /// naming `model`) and returns the `meta` written.
     pub fn write(&self, model: &Model, path: &Path) -> Result<serde_json::Value> {
+        let file = self.to_file(model)?;
+        file.write(path)?;
+        Ok(file.meta)
+    }
+
+    /// The scores file [`write`](Self::write) writes, in memory: the scores, the full
+    /// circuit and [`Attribution::meta`] naming `model`.
+    pub fn to_file(&self, model: &Model) -> Result<CircuitFile> {
         let mut meta = self.meta();
         meta["model"] = serde_json::json!(model.name);
         meta["d_model"] = serde_json::json!(model.cfg.d_model);
         let circuit = Circuit::full(self.scores.graph);
-        CircuitFile::new(self.scores.clone(), circuit, meta.clone())?.write(path)?;
-        Ok(meta)
+        CircuitFile::new(self.scores.clone(), circuit, meta)
     }
 
     /// What ran, and the ten edges of largest |score|, as `eap attribute` prints them.

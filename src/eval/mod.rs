@@ -14,10 +14,12 @@
 //!   `M(full)` and `M(∅)` run once for all of them (the one part of this module that runs the
 //!   model, through [`crate::patching`]).
 //! * [`correlation`] → [`Correlation`]: Pearson, R², Spearman.
+//! * [`interpbench`]: InterpBench's ground-truth `edges.pkl` in eap's edge names.
 //! * [`mib`]: the MIB circuit track's CPR and CMD exactly as its evaluation code computes them
 //!   ([`mib_score`] → [`MibScore`]), and its submission folders.
 
 mod faithfulness;
+pub mod interpbench;
 pub mod mib;
 
 pub use faithfulness::{evaluate_circuit, Faithfulness, FaithfulnessBaseline};

@@ -448,6 +448,34 @@ impl ModelConfig {
         Self::parse(&value, path)
     }
 
+    /// Reads a pickled TransformerLens config (InterpBench's `ll_model_cfg.pkl`): the dict
+    /// `HookedTransformerConfig.to_dict()` returns, or the `HookedTransformerConfig` object
+    /// itself. Its fields are `config.json`'s TransformerLens fields, so after the data-only
+    /// unpickling ([`super::pickle`]) this is [`parse`](Self::parse).
+    pub fn read_pickle(path: &Path) -> Result<(ModelConfig, CheckpointLayout)> {
+        let pickle = super::pickle::Pickle::read(path)?;
+        let value = pickle.to_json(pickle.root()).map_err(|why| Error::Config {
+            path: path.to_path_buf(),
+            message: format!("not a TransformerLens config: {why}"),
+        })?;
+        if !value.is_object() {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "expected a dict or a HookedTransformerConfig, found {}",
+                    pickle.kind(pickle.root())
+                ),
+            });
+        }
+        if value.get("model_type").is_some() || value.get("d_head").is_none() {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: "not a TransformerLens config (no `n_layers` and `d_head`)".into(),
+            });
+        }
+        Self::parse(&value, path)
+    }
+
     pub fn from_json(value: &Value, path: &Path) -> Result<ModelConfig> {
         Ok(Self::parse(value, path)?.0)
     }
@@ -643,11 +671,20 @@ impl ModelConfig {
             "use_normalization_before_and_after",
             "scale_attn_by_inverse_layer_idx",
             "use_NTK_by_parts_rope",
+            // A LayerNorm right after the embedding (TransformerLens' `ln_embed`).
+            "post_embedding_ln",
         ];
         for flag in must_be_false {
             if f.opt_bool(flag)?.unwrap_or(false) {
                 return Err(f.unsupported(flag, "true", ""));
             }
+        }
+        if let Some(n) = f.opt_usize("num_experts")? {
+            return Err(f.unsupported(
+                "num_experts",
+                &n.to_string(),
+                "mixture-of-experts MLPs are not implemented",
+            ));
         }
         if let Some(kv) = f.opt_usize("n_key_value_heads")? {
             if kv != n_heads {

@@ -7,7 +7,8 @@
 //!   `config.json` ([`config`]).
 //! * [`Model`] — embedding, blocks and unembedding; [`Model::load`] opens a directory or a hub id
 //!   from the local Hugging Face cache ([`weights`] reads the safetensors, single or sharded,
-//!   and checks that every stored tensor is one the configuration explains).
+//!   or a PyTorch `.pth` state dict through [`pth`] and the data-only [`pickle`] reader, and
+//!   checks that every stored tensor is one the configuration explains).
 //! * [`Model::forward`] — one batch of equal-length prompts; returns logits at the requested
 //!   positions only, optionally every writer's output and the cache the backward needs, and
 //!   applies a [`ReaderIntervention`] (exact edge patching, additive deltas) to reader inputs.
@@ -18,6 +19,8 @@ mod block;
 pub mod config;
 mod forward;
 pub mod ops;
+pub mod pickle;
+pub mod pth;
 pub mod random;
 pub mod weights;
 
@@ -40,6 +43,9 @@ pub use weights::EmbedWeights;
 use crate::graph::Graph;
 use crate::{Error, Result};
 use weights::{Checkpoint, WeightLoader};
+
+/// The pickled TransformerLens config of an InterpBench case folder.
+pub const INTERPBENCH_CONFIG: &str = "ll_model_cfg.pkl";
 
 /// Layers are kept resident as f32 when they fit in this many bytes; larger models are read
 /// from the memory-mapped file and converted one layer at a time (`EAP_RESIDENT_BYTES`).
@@ -105,6 +111,9 @@ impl Model {
         Self::load_dir(&dir, device)
     }
 
+    /// Opens a model directory: `config.json` beside safetensors weights (single or sharded)
+    /// or beside a TransformerLens `.pth` state dict, or an InterpBench case folder
+    /// (`ll_model_cfg.pkl` + `ll_model.pth`, see [`crate::eval::interpbench`]).
     pub fn load_dir(dir: &Path, device: &Device) -> Result<Model> {
         let budget = std::env::var("EAP_RESIDENT_BYTES")
             .ok()
@@ -119,13 +128,20 @@ impl Model {
     /// of rows (Hugging Face Llama and NeoX layouts).
     pub fn load_dir_with(dir: &Path, device: &Device, resident_bytes: usize) -> Result<Model> {
         let config_path = dir.join("config.json");
-        if !config_path.exists() {
+        let pickled = dir.join(INTERPBENCH_CONFIG);
+        let (cfg, layout) = if config_path.exists() {
+            ModelConfig::read(&config_path)?
+        } else if pickled.exists() {
+            ModelConfig::read_pickle(&pickled)?
+        } else {
             return Err(Error::Config {
                 path: config_path,
-                message: "no config.json in the model directory".into(),
+                message: format!(
+                    "no config.json in the model directory (nor an InterpBench \
+                     {INTERPBENCH_CONFIG})"
+                ),
             });
-        }
-        let (cfg, layout) = ModelConfig::read(&config_path)?;
+        };
         let loader = WeightLoader::new(Checkpoint::discover(dir)?, &cfg, layout, device)?;
         let resident = cfg.n_params().saturating_mul(4) <= resident_bytes;
         let embed = match resident || !loader.can_map_vocab() {

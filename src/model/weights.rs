@@ -1,9 +1,11 @@
-//! Weights: memory-mapped safetensors files read in their stored dtype (f32, f16, bf16) and
-//! converted to f32 one tensor at a time, laid out the way the forward pass wants them.
+//! Weights: memory-mapped safetensors files and PyTorch `.pth` state dicts, read in their stored
+//! dtype (f32, f16, bf16; f64 from `.pth`) and converted to f32 one tensor at a time, laid out
+//! the way the forward pass wants them.
 //!
 //! * [`SafetensorsFile`] — one memory-mapped file with a checked header.
-//! * [`Checkpoint`] — the files of one model: `model.safetensors`, or the shards that
-//!   `model.safetensors.index.json` names, each mapped once; tensors are looked up across them.
+//! * [`Checkpoint`] — the files of one model: `model.safetensors`, the shards that
+//!   `model.safetensors.index.json` names, or a PyTorch `.pth` state dict ([`super::pth`]),
+//!   each mapped once; tensors are looked up across them.
 //! * [`WeightLoader`] — knows a format's tensor names and layouts and builds [`Block`]s:
 //!   Hugging Face GPT-2 (`Conv1D` layout: `c_attn.weight [d, 3d]`, keys with or without the
 //!   `transformer.` prefix, tied unembedding), TransformerLens state dicts
@@ -23,6 +25,7 @@ use safetensors::tensor::{Metadata, SafeTensors};
 
 use super::block::{AttentionWeights, Block, MlpWeights, NormWeights};
 use super::config::{CheckpointLayout, ModelConfig, Norm, WeightFormat};
+use super::pth::PthFile;
 use crate::{Error, Result};
 
 /// Embedding, final norm and unembedding.
@@ -380,11 +383,103 @@ fn describe_header_error(bytes: &[u8], e: safetensors::SafeTensorError) -> Strin
     }
 }
 
-/// The safetensors files of one checkpoint — a single `model.safetensors`, or the shards a
-/// `model.safetensors.index.json` names — each memory-mapped once, and the file each tensor
-/// lives in.
+/// One weight file: safetensors, or a PyTorch state dict ([`PthFile`]).
+pub enum TensorFile {
+    Safetensors(SafetensorsFile),
+    Pth(PthFile),
+}
+
+impl TensorFile {
+    pub fn path(&self) -> &Path {
+        match self {
+            TensorFile::Safetensors(f) => f.path(),
+            TensorFile::Pth(f) => f.path(),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            TensorFile::Safetensors(f) => f.contains(name),
+            TensorFile::Pth(f) => f.contains(name),
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            TensorFile::Safetensors(f) => f.names(),
+            TensorFile::Pth(f) => f.names(),
+        }
+    }
+
+    pub fn load(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        match self {
+            TensorFile::Safetensors(f) => f.load(name, shape, device),
+            TensorFile::Pth(f) => f.load(name, shape, device),
+        }
+    }
+
+    /// [`SafetensorsFile::load_as`]; a `.pth` state dict (small TransformerLens models) is
+    /// loaded whole and rearranged with tensor operations.
+    pub fn load_as(
+        &self,
+        name: &str,
+        shape: &[usize],
+        transpose: Transpose,
+        device: &Device,
+    ) -> Result<Tensor> {
+        match (self, transpose) {
+            (TensorFile::Safetensors(f), _) => f.load_as(name, shape, transpose, device),
+            (TensorFile::Pth(f), Transpose::No) => f.load(name, shape, device),
+            (TensorFile::Pth(f), Transpose::Rows { batch }) => {
+                let (rows, cols, out) = transposed_shape(name, shape, batch)?;
+                let t = f.load(name, shape, device)?;
+                Ok(t.reshape((batch, rows, cols))?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape(out)?)
+            }
+        }
+    }
+
+    /// [`SafetensorsFile::check_as`] (a `.pth` tensor is loaded: such files are small).
+    pub fn check_as(
+        &self,
+        name: &str,
+        shape: &[usize],
+        transpose: Transpose,
+        device: &Device,
+    ) -> Result<Tensor> {
+        match self {
+            TensorFile::Safetensors(f) => f.check_as(name, shape, transpose, device),
+            TensorFile::Pth(_) => self.load_as(name, shape, transpose, device),
+        }
+    }
+
+    /// [`SafetensorsFile::load_rows`].
+    pub fn load_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        ids: &mut dyn Iterator<Item = usize>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        match self {
+            TensorFile::Safetensors(f) => f.load_rows(name, shape, ids, device),
+            TensorFile::Pth(f) => {
+                let ids: Vec<u32> = ids.map(|i| i as u32).collect();
+                let all = f.load(name, shape, device)?;
+                let n = ids.len();
+                Ok(all.index_select(&Tensor::from_vec(ids, n, device)?, 0)?)
+            }
+        }
+    }
+}
+
+/// The weight files of one checkpoint — a single `model.safetensors`, the shards a
+/// `model.safetensors.index.json` names, or one PyTorch `.pth` state dict — each
+/// memory-mapped once, and the file each tensor lives in.
 pub struct Checkpoint {
-    files: Vec<SafetensorsFile>,
+    files: Vec<TensorFile>,
     /// Tensor name → index into `files`.
     location: HashMap<String, usize>,
     /// Named in errors about a tensor no file holds: the single file, or the index.
@@ -393,7 +488,8 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// The weight files of a model directory: `model.safetensors`, else the shards that
-    /// `model.safetensors.index.json` names.
+    /// `model.safetensors.index.json` names, else the one `*.pth` / `*.pt` state dict
+    /// (TransformerLens names, as InterpBench's `ll_model.pth`).
     pub fn discover(dir: &Path) -> Result<Checkpoint> {
         let single = dir.join("model.safetensors");
         if single.exists() {
@@ -402,6 +498,19 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         if index.exists() {
             return Checkpoint::sharded(&index);
+        }
+        // A Hugging Face PyTorch checkpoint (pytorch_model.bin, often beside the trainer's
+        // optimizer.pt and rng_state.pth) gets the conversion hint below, not a .pth search.
+        let hf_bin = dir.join("pytorch_model.bin").exists()
+            || dir.join("pytorch_model.bin.index.json").exists();
+        if let Some(pth) = (!hf_bin).then(|| find_pth(dir)).transpose()?.flatten() {
+            let file = PthFile::open(&pth)?;
+            let location = file.names().into_iter().map(|n| (n, 0)).collect();
+            return Ok(Checkpoint {
+                path: pth,
+                files: vec![TensorFile::Pth(file)],
+                location,
+            });
         }
         let hint = if dir.join("pytorch_model.bin").exists() {
             "only pytorch_model.bin is present; convert it with `python -c \"import torch; \
@@ -413,7 +522,8 @@ impl Checkpoint {
              safe_serialization=True)`"
         } else {
             "expected model.safetensors beside config.json (or a sharded checkpoint: \
-             model.safetensors.index.json and the shards it names)"
+             model.safetensors.index.json and the shards it names, or a TransformerLens \
+             state dict saved with torch.save as *.pth)"
         };
         Err(Error::Config {
             path: single,
@@ -427,7 +537,7 @@ impl Checkpoint {
         let location = file.names().into_iter().map(|n| (n, 0)).collect();
         Ok(Checkpoint {
             path: path.to_path_buf(),
-            files: vec![file],
+            files: vec![TensorFile::Safetensors(file)],
             location,
         })
     }
@@ -504,7 +614,7 @@ impl Checkpoint {
                     ),
                 });
             }
-            files.push(SafetensorsFile::open(&path)?);
+            files.push(TensorFile::Safetensors(SafetensorsFile::open(&path)?));
         }
         let mut location = HashMap::new();
         for (i, file) in files.iter().enumerate() {
@@ -594,6 +704,40 @@ impl Checkpoint {
                 name: name.to_string(),
             }),
         }
+    }
+}
+
+/// The one PyTorch state dict (`*.pth`, `*.pt`) in `dir`, if any; several are an error, since
+/// which one is the model cannot be guessed.
+fn find_pth(dir: &Path) -> Result<Option<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(None);
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .is_some_and(|x| x.eq_ignore_ascii_case("pth") || x.eq_ignore_ascii_case("pt"))
+        })
+        .collect();
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(Error::Config {
+            path: dir.to_path_buf(),
+            message: format!(
+                "several PyTorch state dicts ({}); keep the model's one in the directory",
+                found
+                    .iter()
+                    .filter_map(|p| p.file_name())
+                    .map(|n| n.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
     }
 }
 
