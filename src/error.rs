@@ -152,6 +152,14 @@ pub enum Error {
         choices: &'static str,
     },
 
+    /// The memory budget cannot hold the activations of a single example.
+    #[error("one example of {tokens} tokens needs {} MiB of activations, over the memory budget of {} MiB", needed.div_ceil(1 << 20), budget >> 20)]
+    MemoryBudget {
+        tokens: usize,
+        needed: usize,
+        budget: usize,
+    },
+
     // ---- methods ----
     /// EAP-IG asked for with no integration step.
     #[error("EAP-IG needs at least one integration step, found 0")]

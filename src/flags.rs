@@ -532,7 +532,7 @@ impl MibArgs {
             metric,
             ablation: self.data.ablation,
             batch_size: self.data.batch_size,
-            memory_budget: self.data.memory_budget << 20,
+            memory_budget: self.data.memory_budget,
             progress: !self.json,
         };
         let att = attribute(&job.model, &job.data, &opts)?;

@@ -29,10 +29,8 @@ use output::{check_outputs, is_broken_pipe, pruning_note, read_scores, Usage};
 mod output;
 mod flags;
 
-/// glibc hands every allocation above 128 KiB to `mmap` and back to the kernel on free, so each
-/// activation buffer of a forward pass (megabytes, freed a few ops later) is faulted in and zeroed
-/// afresh: ~12% of a GPT-2-sized backward went to page faults. Raising the thresholds keeps
-/// freed buffers in the heap for reuse.
+/// glibc maps every allocation over 128 KiB afresh, so each activation buffer (freed a few ops
+/// later) is faulted in and zeroed again: ~12% of a GPT-2 backward. Higher thresholds reuse them.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator parameters; called before any other thread starts.
@@ -88,6 +86,7 @@ fn hint(err: &eap::Error) -> Option<&'static str> {
         E::SelectionChoice { .. } => "--prune-with eap needs --keep N or --eap-threshold T",
         E::GraphMismatch { .. } => "check that --circuit or --truth come from --model's graph",
         E::Checkpoint { .. } => "delete the checkpoint, or run without --resume",
+        E::MemoryBudget { .. } => "raise --memory-budget (MiB), or use shorter prompts",
         _ => return None,
     })
 }

@@ -396,3 +396,41 @@ fn cli_writes_and_reads_score_matrices() {
     assert_eq!(a.circuit, b.circuit);
     assert!(a.circuit.n_edges() > 0);
 }
+
+/// A budget that cannot hold one example is refused before any work, naming the flag and the
+/// size one example needs.
+#[test]
+fn a_budget_below_one_example_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = tiny_config("gpt2");
+    config["n_positions"] = json!(128);
+    config["n_ctx"] = json!(128);
+    write(config, StoredDtype::F32, dir.path());
+    let prompt: Vec<u32> = (0..128).map(|t| t % 200).collect();
+    let line = json!({"clean": prompt, "corrupted": prompt.iter().map(|t| t + 1).collect::<Vec<_>>(),
+                      "answer": 3, "wrong": 4});
+    std::fs::write(dir.path().join("d.jsonl"), line.to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eap"))
+        .args([
+            "attribute",
+            "--model",
+            ".",
+            "--data",
+            "d.jsonl",
+            "--out",
+            "s.json",
+        ])
+        .args(["--memory-budget", "1"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("one example of 128 tokens needs 3 MiB"),
+        "{err}"
+    );
+    assert!(err.contains("over the memory budget of 1 MiB"), "{err}");
+    assert!(err.contains("--memory-budget"), "{err}");
+    assert!(!dir.path().join("s.json").exists());
+}

@@ -101,6 +101,15 @@ impl<'a> Runner<'a> {
             .max()
             .unwrap_or(1);
         let per_example = bytes_per_example(model, max_len);
+        if per_example > memory_budget {
+            // Refused before anything is allocated: running over the budget is how a large
+            // model ends with the OOM killer instead of a message.
+            return Err(Error::MemoryBudget {
+                tokens: max_len,
+                needed: per_example,
+                budget: memory_budget,
+            });
+        }
         let chunk_size = batch_size
             .max(1)
             .min((memory_budget / per_example.max(1)).max(1));
