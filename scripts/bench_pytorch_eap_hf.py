@@ -1,19 +1,26 @@
 """The PyTorch reference for EAP on a Llama-family `transformers` model (llama, qwen2, mistral;
-grouped-query attention), computed the way EAP-IG does it (hannamw/EAP-IG `attribute`): every
-head's q/k/v input is its own copy of the residual stream (TransformerLens' split q/k/v input,
-ungrouped K/V: query head H reads its key/value through its own copy), forward hooks store the
-writer outputs (embedding, each head's z_H @ W_O[:, H], each MLP's output) as
+grouped-query attention) or on GPT-2 (`GPT2LMHeadModel`), computed the way EAP-IG does it
+(hannamw/EAP-IG `attribute`): every head's q/k/v input is its own copy of the residual stream
+(TransformerLens' split q/k/v input, ungrouped K/V: query head H reads its key/value through its
+own copy), forward hooks store the writer outputs (embedding — for GPT-2 token plus position
+embedding —, each head's z_H @ W_O[:, H] — for GPT-2 the rows H*dh..(H+1)*dh of attn.c_proj —,
+each MLP's output without its output bias) as
 Delta = corrupted - clean, and gradient hooks on every reader input contract that reader's
 gradient with the Delta of all earlier writers, during the backward (one GEMM per hook on a
 writer-major Delta [n_writers, B*P*d]; EAP-IG's einsum over [B, P, n_writers, d] gives the same
 numbers but copies the Delta slice at every hook). The decoder layers' forward
 is replaced by a split-input version that uses the layer's own modules (norms, projections,
-rotary, MLP) and the attention mask transformers builds for it.
+rotary, MLP) and the attention mask transformers builds for it. For GPT-2 that is GPT2Block:
+ln_1, attn.c_attn (Conv1D, x @ W + b: columns [0,d) q, [d,2d) k, [2d,3d) v, head H in columns
+H*dh..(H+1)*dh of each), causal softmax with attn.scaling (1/sqrt(dh)), attn.c_proj, ln_2,
+mlp.c_fc -> mlp.act (gelu_new) -> mlp.c_proj.
 
     scripts/.venv/bin/python scripts/bench_pytorch_eap_hf.py --like qwen2.5-0.5b \
         [--layers N] [--batch 32 --seq 16 --threads 2 --reps 3] [--save-scores FILE]
-    scripts/.venv/bin/python scripts/bench_pytorch_eap_hf.py --model DIR ...
+    scripts/.venv/bin/python scripts/bench_pytorch_eap_hf.py --like gpt2 [--layers N] ...
+    scripts/.venv/bin/python scripts/bench_pytorch_eap_hf.py --model DIR ...   # Llama family or GPT-2
     scripts/.venv/bin/python scripts/bench_pytorch_eap_hf.py --check-fixture tests/fixtures/models/qwen2_bias
+    scripts/.venv/bin/python scripts/bench_pytorch_eap_hf.py --check-fixture tests/fixtures/models/gpt2_hf
 
 Prints one JSON line: wall time of the EAP part (corrupted forward + clean forward + backward with
 the contractions; best and mean over --reps after one warm-up), peak RSS (ru_maxrss) and the CPU
@@ -40,7 +47,22 @@ LIKE = {
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
         rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
         use_sliding_window=False)),
+    # openai-community/gpt2 (GPT-2 small); random init (transformers' default) after manual_seed(0)
+    "gpt2": ("GPT2Config", dict(
+        vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+        activation_function="gelu_new", layer_norm_epsilon=1e-5, tie_word_embeddings=True)),
 }
+
+
+def apply_mask(s, attention_mask):
+    """Attention scores s [B,H,P,P] with transformers' mask (None: causal, key <= query)."""
+    p = s.shape[-1]
+    if attention_mask is None:
+        mask = torch.ones(p, p, dtype=torch.bool).tril()
+        return s.masked_fill(~mask, float("-inf"))
+    if attention_mask.dtype == torch.bool:
+        return s.masked_fill(~attention_mask, float("-inf"))
+    return s + attention_mask
 
 
 def cpu_model():
@@ -59,18 +81,29 @@ class EapHooks:
 
     def __init__(self, model):
         cfg = model.config
-        assert cfg.model_type in ("llama", "qwen2", "mistral"), cfg.model_type
+        assert cfg.model_type in ("llama", "qwen2", "mistral", "gpt2"), cfg.model_type
+        self.gpt2 = cfg.model_type == "gpt2"
         self.model = model
         self.L, self.H = cfg.num_hidden_layers, cfg.num_attention_heads
-        self.KV = cfg.num_key_value_heads
+        self.KV = self.H if self.gpt2 else cfg.num_key_value_heads
         self.d = cfg.hidden_size
-        self.dh = getattr(cfg, "head_dim", None) or self.d // self.H
+        self.dh = (None if self.gpt2 else getattr(cfg, "head_dim", None)) or self.d // self.H
+        self.d_mlp = (cfg.n_inner or 4 * self.d) if self.gpt2 else cfg.intermediate_size
         self.n_writers = 1 + self.L * (self.H + 1)
         self.n_readers = self.L * (3 * self.H + 1) + 1
         self.delta = None      # [n_writers, B*P*d]: corrupted - clean, writer-major
         self.scores = None     # [n_writers, n_readers]
         self.sign = 0          # +1 corrupted run, -1 clean run, 0 no recording
         self.grad_hooks = False
+        if self.gpt2:
+            inner = model.transformer
+            # transformer.drop (identity in eval) sees wte[tok] + wpe[pos]: the `input` writer.
+            assert not cfg.add_cross_attention
+            inner.drop.register_forward_hook(self._embed_hook)
+            inner.ln_f.register_forward_pre_hook(self._final_hook)
+            for L, layer in enumerate(inner.h):
+                layer.forward = types.MethodType(self._make_gpt2_layer_forward(L), layer)
+            return
         inner = model.model
         inner.embed_tokens.register_forward_hook(self._embed_hook)
         inner.norm.register_forward_pre_hook(self._final_hook)
@@ -158,14 +191,7 @@ class EapHooks:
                 v = v + attn.v_proj.bias.view(KV, dh)[kv_of].view(1, H, 1, dh)
             cos, sin = position_embeddings
             q, k = rope(q, k, cos, sin)
-            s = torch.matmul(q, k.transpose(2, 3)) * attn.scaling
-            if attention_mask is None:
-                mask = torch.ones(p, p, dtype=torch.bool).tril()
-                s = s.masked_fill(~mask, float("-inf"))
-            elif attention_mask.dtype == torch.bool:
-                s = s.masked_fill(~attention_mask, float("-inf"))
-            else:
-                s = s + attention_mask
+            s = apply_mask(torch.matmul(q, k.transpose(2, 3)) * attn.scaling, attention_mask)
             z = torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
             Wo = attn.o_proj.weight.view(d, H, dh)
             heads = torch.einsum("bhpe,dhe->bphd", z, Wo)  # hook_result: z_H @ W_O[:, H]^T
@@ -178,6 +204,43 @@ class EapHooks:
             mlp_out = layer.mlp(layer.post_attention_layernorm(x))
             hooks.record(n_prev + H, mlp_out)
             return resid + mlp_out
+
+        return forward
+
+    def _make_gpt2_layer_forward(self, L):
+        """GPT2Block with split q/k/v inputs (called as block(hidden, past_key_values,
+        attention_mask, encoder_hidden_states, ...))."""
+        hooks = self
+        H, dh = self.H, self.dh
+
+        def forward(layer, hidden_states, past_key_values=None, attention_mask=None, *args,
+                    **kwargs):
+            attn = layer.attn
+            b, p, d = hidden_states.shape
+            n_prev, r0 = hooks.w_head(L), hooks.r_layer(L)
+            # Split q/k/v inputs: one copy of the residual stream per head and letter.
+            ins = []
+            for i in range(3):
+                x = hidden_states.unsqueeze(2).expand(b, p, H, d)
+                ins.append(layer.ln_1(hooks.reader(x, n_prev, r0 + i * H)))
+            # Conv1D: y = x @ W + b, W [d, 3d]; q/k/v blocks of d columns, head h at h*dh.
+            W = attn.c_attn.weight.view(d, 3, H, dh)
+            bias = attn.c_attn.bias.view(3, 1, H, 1, dh)
+            q = torch.einsum("bphd,dhe->bhpe", ins[0], W[:, 0]) + bias[0]
+            k = torch.einsum("bphd,dhe->bhpe", ins[1], W[:, 1]) + bias[1]
+            v = torch.einsum("bphd,dhe->bhpe", ins[2], W[:, 2]) + bias[2]
+            s = apply_mask(torch.matmul(q, k.transpose(2, 3)) * attn.scaling, attention_mask)
+            z = torch.matmul(torch.softmax(s, dim=-1), v)
+            Wo = attn.c_proj.weight.view(H, dh, d)  # Conv1D rows h*dh..(h+1)*dh: head h
+            heads = torch.einsum("bhpe,hed->bphd", z, Wo)  # hook_result: z_H @ W_O[H]
+            hooks.record(n_prev, heads)
+            resid = hidden_states + (heads.sum(2) + attn.c_proj.bias)
+            x = hooks.reader(resid.clone(), n_prev + H, r0 + 3 * H)  # hook_mlp_in
+            mlp = layer.mlp
+            h = mlp.act(mlp.c_fc(layer.ln_2(x)))
+            mlp_out = h @ mlp.c_proj.weight  # MLP output without b_out (the fixtures' m{L})
+            hooks.record(n_prev + H, mlp_out)
+            return resid + (mlp_out + mlp.c_proj.bias)
 
         return forward
 
@@ -210,12 +273,12 @@ def build_model(a):
             a.model or a.check_fixture, attn_implementation="eager", dtype=torch.float32)
     else:
         cls, kw = LIKE[a.like]
-        kw = dict(kw)
+        config = getattr(transformers, cls)(**kw)
         if a.layers:
-            kw["num_hidden_layers"] = a.layers
+            config.num_hidden_layers = a.layers  # n_layer for GPT-2 (attribute_map)
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(
-            getattr(transformers, cls)(**kw), attn_implementation="eager", dtype=torch.float32)
+            config, attn_implementation="eager", dtype=torch.float32)
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -278,8 +341,8 @@ def main():
     cfg = model.config
     print(json.dumps({
         "model": a.model or a.like, "layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size,
-        "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
-        "d_mlp": cfg.intermediate_size, "vocab": cfg.vocab_size,
+        "heads": cfg.num_attention_heads, "kv_heads": hooks.KV,
+        "d_mlp": hooks.d_mlp, "vocab": cfg.vocab_size,
         "batch": a.batch, "seq": a.seq, "threads": torch.get_num_threads(),
         "all_logits": a.all_logits,
         "n_writers": hooks.n_writers, "n_readers": hooks.n_readers, "n_edges": int(mask.sum()),
