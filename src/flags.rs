@@ -209,6 +209,12 @@ pub struct DataArgs {
     pub model: String,
     #[command(flatten)]
     pub source: SourceArgs,
+    /// Keep the weights memory-mapped in their stored dtype and convert one layer at a time in
+    /// each pass: the peak memory stays near one layer, not the whole model in f32. Each pass
+    /// pays the conversion: right for attribution's three passes, slow for evaluate's many
+    /// patched runs. Models over 8 GB in f32 always stream.
+    #[arg(long)]
+    pub stream_weights: bool,
     /// Metric: logit-diff, prob-diff, kl, nll (default: the task's, else logit-diff).
     #[arg(long)]
     pub metric: Option<Metric>,
@@ -476,6 +482,8 @@ impl JobArgs {
             tokenizer: self.source.tokenizer.clone(),
             examples: self.source.examples(),
             truth: self.truth.clone(),
+            // ACDC and discover run many patched passes: weights resident unless too large.
+            residency: eap::model::Residency::Auto,
         }
     }
 }
@@ -487,6 +495,10 @@ impl DataArgs {
             model: Some(self.model.clone()),
             tokenizer: self.source.tokenizer.clone(),
             examples: self.source.examples(),
+            residency: match self.stream_weights {
+                true => eap::model::Residency::Streamed,
+                false => eap::model::Residency::Auto,
+            },
             ..Default::default()
         };
         let job = load_job(&spec, &candle_core::Device::Cpu)?;

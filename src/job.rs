@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 use crate::graph::{Circuit, CircuitFile, Graph};
-use crate::model::Model;
+use crate::model::{Model, Residency};
 use crate::planted::PlantedKind;
 use crate::tasks::{generate, parse_edge_list, Dataset, Metric, Task, Tokenizer};
 use crate::{Error, Result};
@@ -49,6 +49,8 @@ pub struct JobSpec {
     /// Ground-truth circuit: a circuit JSON or a text file of edge names (planted models and
     /// InterpBench case folders have their own).
     pub truth: Option<PathBuf>,
+    /// Where the model's weights live (`--stream-weights`).
+    pub residency: Residency,
 }
 
 /// What a job runs on.
@@ -65,8 +67,8 @@ pub struct Job {
 }
 
 /// Loads a model from a directory or a hub id; the error names the model.
-pub fn load_model(spec: &str, device: &Device) -> Result<Model> {
-    Model::load(spec, device).map_err(|e| Error::LoadModel {
+pub fn load_model(spec: &str, device: &Device, residency: Residency) -> Result<Model> {
+    Model::load_with(spec, device, residency).map_err(|e| Error::LoadModel {
         spec: spec.to_string(),
         source: Box::new(e),
     })
@@ -169,7 +171,7 @@ pub fn read_truth(path: &Path, graph: Graph) -> Result<Circuit> {
 /// model with its own task and truth.
 pub fn load_job(spec: &JobSpec, device: &Device) -> Result<Job> {
     if let Some(name) = &spec.model {
-        let model = load_model(name, device)?;
+        let model = load_model(name, device, spec.residency)?;
         let tok = tokenizer_for(&model, spec.tokenizer.as_deref())?;
         let (data, metric) = load_data(&spec.examples, None, tok.as_ref())?;
         // Without --truth, an InterpBench case folder brings its own (`edges.pkl`).

@@ -434,3 +434,51 @@ fn a_budget_below_one_example_is_a_clear_error() {
     assert!(err.contains("--memory-budget"), "{err}");
     assert!(!dir.path().join("s.json").exists());
 }
+
+/// `attribute --stream-weights` scores what the resident run scores, on a checkpoint of every
+/// Llama-family layout the fixtures have.
+#[test]
+fn stream_weights_flag_gives_the_resident_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    let lines: Vec<String> = dataset(24)
+        .examples
+        .iter()
+        .map(|e| {
+            json!({"clean": e.clean, "corrupted": e.corrupted,
+                   "answer": e.target.answers[0], "wrong": e.target.wrongs[0]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    for name in FAMILY_FIXTURES {
+        let model = fixture_dir(name);
+        let mut files = Vec::new();
+        for (i, extra) in [&[][..], &["--stream-weights"][..]].iter().enumerate() {
+            let out = dir.path().join(format!("{name}.{i}.safetensors"));
+            let run = std::process::Command::new(env!("CARGO_BIN_EXE_eap"))
+                .args(["-q", "attribute", "--model"])
+                .arg(&model)
+                .arg("--data")
+                .arg(&data)
+                .arg("--out")
+                .arg(&out)
+                .args(*extra)
+                .output()
+                .unwrap();
+            assert!(
+                run.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+            files.push(CircuitFile::read(&out).unwrap());
+        }
+        let (a, b) = (&files[0].scores.values, &files[1].scores.values);
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            scale > 0.0 && err <= 1e-5 * scale,
+            "{name}: {err} of {scale}"
+        );
+    }
+}

@@ -51,6 +51,19 @@ pub const INTERPBENCH_CONFIG: &str = "ll_model_cfg.pkl";
 /// from the memory-mapped file and converted one layer at a time (`EAP_RESIDENT_BYTES`).
 const DEFAULT_RESIDENT_BYTES: usize = 8 << 30;
 
+/// Where a loaded model's weights live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Residency {
+    /// Converted to f32 once and kept, when they take at most 8 GB (`EAP_RESIDENT_BYTES`);
+    /// streamed otherwise. Right for many passes (ACDC, exact patching).
+    #[default]
+    Auto,
+    /// Memory-mapped in their stored dtype; each pass converts one layer at a time and reads
+    /// the vocabulary by rows. The resident set stays near one layer; each pass pays the
+    /// conversion, so this suits few passes (EAP's three).
+    Streamed,
+}
+
 enum LayerStore {
     Resident(Vec<Arc<Block>>),
     /// Weights stay memory-mapped in their stored dtype; each use converts one layer.
@@ -107,8 +120,16 @@ impl Model {
     /// Opens a model directory (`config.json` + `model.safetensors`) or a hub id such as `gpt2`
     /// found in the local Hugging Face cache.
     pub fn load(spec: &str, device: &Device) -> Result<Model> {
+        Self::load_with(spec, device, Residency::Auto)
+    }
+
+    /// [`load`](Self::load) with a choice of where the weights live.
+    pub fn load_with(spec: &str, device: &Device, residency: Residency) -> Result<Model> {
         let dir = resolve_model_dir(spec)?;
-        Self::load_dir(&dir, device)
+        match residency {
+            Residency::Auto => Self::load_dir(&dir, device),
+            Residency::Streamed => Self::load_dir_with(&dir, device, 0),
+        }
     }
 
     /// Opens a model directory: `config.json` beside safetensors weights (single or sharded)
