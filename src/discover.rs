@@ -34,6 +34,8 @@ pub struct DiscoverOptions {
     pub ablation: Ablation,
     pub ig_steps: usize,
     pub batch_size: usize,
+    /// Bytes one chunk's activations may take (`DEFAULT_MEMORY_BUDGET`).
+    pub memory_budget: usize,
     /// Circuit size; default: the ground truth's size, else 2% of the edges (at least 10).
     pub top_n: Option<usize>,
     /// Also run exact per-edge patching (one forward per edge).
@@ -58,6 +60,7 @@ impl Default for DiscoverOptions {
             ablation: Ablation::Corrupted,
             ig_steps: 5,
             batch_size: 32,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
             top_n: None,
             exact: true,
             acdc: true,
@@ -191,7 +194,7 @@ pub fn discover(
         data,
         opts.ablation,
         opts.batch_size,
-        DEFAULT_MEMORY_BUDGET,
+        opts.memory_budget,
     )?;
     let prepared = prepare(&runner)?;
     let n_chunks = prepared.len();
@@ -225,7 +228,7 @@ pub fn discover(
                 metric: opts.metric,
                 ablation: opts.ablation,
                 batch_size: opts.batch_size,
-                memory_budget: DEFAULT_MEMORY_BUDGET,
+                memory_budget: opts.memory_budget,
                 progress: opts.progress,
             },
         )?;

@@ -98,6 +98,11 @@ pub struct JobArgs {
     /// edges.pkl (planted models and InterpBench case folders have their own).
     #[arg(long)]
     pub truth: Option<PathBuf>,
+    /// Memory budget for one chunk's activations, in MiB (chunks shrink to fit; a budget
+    /// below one example is an error).
+    // Parsed into bytes.
+    #[arg(long, default_value_t = 4096, value_parser = mebibytes)]
+    pub memory_budget: usize,
 }
 
 #[derive(Args)]

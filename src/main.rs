@@ -19,7 +19,7 @@ use eap::eval::{roc_from_graph, FaithfulnessBaseline};
 use eap::fsutil::write_atomic;
 use eap::graph::{to_dot, Circuit, CircuitFile, Selection};
 use eap::job::{load_job, read_truth, Job};
-use eap::runs::{prepare, PreparedChunk, Runner, DEFAULT_MEMORY_BUDGET};
+use eap::runs::{prepare, PreparedChunk, Runner};
 use eap::tasks::{generate, write_jsonl, Metric, Tokenizer};
 
 use flags::*;
@@ -86,7 +86,7 @@ fn hint(err: &eap::Error) -> Option<&'static str> {
         E::SelectionChoice { .. } => "--prune-with eap needs --keep N or --eap-threshold T",
         E::GraphMismatch { .. } => "check that --circuit or --truth come from --model's graph",
         E::Checkpoint { .. } => "delete the checkpoint, or run without --resume",
-        E::MemoryBudget { .. } => "raise --memory-budget (MiB), or use shorter prompts",
+        E::MemoryBudget { .. } => "raise --memory-budget (MiB), or shorten the prompts",
         _ => return None,
     })
 }
@@ -292,6 +292,7 @@ fn cmd_discover(a: DiscoverArgs) -> Result<()> {
         ablation: a.ablation,
         ig_steps: a.ig_steps,
         batch_size: a.batch_size,
+        memory_budget: a.job.memory_budget,
         top_n: a.top_n,
         exact: !a.no_exact,
         acdc: !a.no_acdc,
@@ -330,7 +331,7 @@ fn cmd_acdc(a: AcdcArgs) -> Result<()> {
     let spec = a.job.spec();
     let job = load_job(&spec, &Device::Cpu)?;
     let (model, data, truth) = (&job.model, &job.data, job.truth.as_ref());
-    let runner = Runner::new(model, data, a.ablation, a.batch_size, DEFAULT_MEMORY_BUDGET)?;
+    let runner = Runner::new(model, data, a.ablation, a.batch_size, a.job.memory_budget)?;
     let prepared = prepare(&runner)?;
     let mut base = AcdcOptions {
         threshold: a.threshold.unwrap_or(0.0),

@@ -433,6 +433,24 @@ fn a_budget_below_one_example_is_a_clear_error() {
     assert!(err.contains("over the memory budget of 1 MiB"), "{err}");
     assert!(err.contains("--memory-budget"), "{err}");
     assert!(!dir.path().join("s.json").exists());
+    // ACDC and discover take the same flag, and refuse the same way.
+    for args in [
+        &["acdc", "--threshold", "0.1", "--out", "a.json"][..],
+        &["discover", "--out-dir", "out"][..],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_eap"))
+            .args(args)
+            .args(["--model", ".", "--data", "d.jsonl", "--memory-budget", "1"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("needs 3 MiB") && err.contains("--memory-budget"),
+            "{err}"
+        );
+    }
 }
 
 /// `attribute --stream-weights` scores what the resident run scores, on a checkpoint of every
