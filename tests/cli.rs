@@ -4,18 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-fn eap(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_eap"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::util::{eap, eap_code};
 
 #[test]
 fn main_job_with_no_arguments_writes_circuit_picture_and_report() {
@@ -184,20 +173,6 @@ fn errors_end_with_a_hint_naming_the_flag() {
         ],
     );
     assert!(!ok && stderr.contains("--keep"), "{stderr}");
-}
-
-/// Runs `eap` and returns its exit code, stdout and stderr.
-fn eap_code(dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_eap"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Issue 13: a symlinked `--out` is written through and stays a symlink; the temporaries of a

@@ -4,22 +4,8 @@
 //! when text prompts have no tokenizer.
 
 use std::path::Path;
-use std::process::Command;
 
-use crate::util::{fixture_dir, FAMILY_FIXTURES};
-
-fn eap(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_eap"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("runs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::util::{eap, fixture_dir, FAMILY_FIXTURES};
 
 /// Six token-id examples of 7 tokens, below the smallest vocabulary involved (`qwen2_bias`'s
 /// tokenizer has 28 tokens; token ids are checked against it).

@@ -5,22 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::util::fixture_dir;
-
-/// Runs `eap` in `dir` with stderr piped (so not a terminal); returns the exit code, stdout
-/// and stderr.
-fn eap(dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_eap"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::util::{eap_code, fixture_dir};
 
 /// stdout without the lines that carry timings.
 fn untimed(stdout: &str) -> Vec<&str> {
@@ -51,7 +36,7 @@ fn progress_is_logged_on_piped_stderr_and_quiet_silences_it() {
         "--out",
         "a.json",
     ];
-    let (code, stdout, stderr) = eap(d, &acdc);
+    let (code, stdout, stderr) = eap_code(d, &acdc);
     assert_eq!(code, 0, "{stderr}");
     let label = "ACDC τ=0.5";
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with(label)).collect();
@@ -76,7 +61,7 @@ fn progress_is_logged_on_piped_stderr_and_quiet_silences_it() {
         [&acdc[..], &["--no-progress"][..]].concat(),
     ];
     for args in &quiet {
-        let (code, quiet_stdout, quiet_stderr) = eap(d, args);
+        let (code, quiet_stdout, quiet_stderr) = eap_code(d, args);
         assert_eq!(code, 0, "{args:?}: {quiet_stderr}");
         assert_eq!(quiet_stderr, "", "{args:?}");
         assert_eq!(untimed(&quiet_stdout), untimed(&stdout), "{args:?}");
@@ -89,7 +74,7 @@ fn long_dataset_generation_shows_progress_short_stays_silent() {
     let d = dir.path();
     let n = eap::tasks::PROGRESS_MIN_EXAMPLES.to_string();
     let args = ["dataset", "ioi", "--n", &n, "--out", "a.jsonl"];
-    let (code, stdout, stderr) = eap(d, &args);
+    let (code, stdout, stderr) = eap_code(d, &args);
     assert_eq!(code, 0, "{stderr}");
     let label = "generating ioi";
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with(label)).collect();
@@ -103,14 +88,14 @@ fn long_dataset_generation_shows_progress_short_stays_silent() {
     );
 
     let (code, quiet_stdout, quiet_stderr) =
-        eap(d, &["-q", "dataset", "ioi", "--n", &n, "--out", "b.jsonl"]);
+        eap_code(d, &["-q", "dataset", "ioi", "--n", &n, "--out", "b.jsonl"]);
     assert_eq!(code, 0, "{quiet_stderr}");
     assert_eq!(quiet_stderr, "");
     assert_eq!(quiet_stdout.replace("b.jsonl", "a.jsonl"), stdout);
     let (a, b) = (d.join("a.jsonl"), d.join("b.jsonl"));
     assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
 
-    let (code, _, stderr) = eap(d, &["dataset", "ioi", "--n", "20", "--out", "c.jsonl"]);
+    let (code, _, stderr) = eap_code(d, &["dataset", "ioi", "--n", "20", "--out", "c.jsonl"]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stderr, "", "a fast run says nothing");
 }
@@ -122,7 +107,7 @@ fn fixture_scores(d: &Path) {
     let model = fixture_dir("gpt2_hf");
     let model = model.to_str().unwrap();
     let args = ["attribute", "--model", model, "--data", "d.jsonl"];
-    let (code, stdout, stderr) = eap(d, &[&args[..], &["--out", "s.json", "--json"]].concat());
+    let (code, stdout, stderr) = eap_code(d, &[&args[..], &["--out", "s.json", "--json"]].concat());
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stderr.contains("eap scores: 1/1 examples (100%)"),
@@ -139,7 +124,7 @@ fn circuit_says_how_many_edges_pruning_removed() {
     let circuit = [
         "circuit", "--scores", "s.json", "--top-n", "5", "--out", "c.json",
     ];
-    let (code, stdout, stderr) = eap(d, &circuit);
+    let (code, stdout, stderr) = eap_code(d, &circuit);
     assert_eq!(code, 0, "{stderr}");
     let kept: usize = stdout.split(' ').next().unwrap().parse().unwrap();
     let said = format!("pruning removed {} of the 5 selected edges", 5 - kept);
@@ -155,7 +140,7 @@ fn circuit_says_how_many_edges_pruning_removed() {
         .count();
     assert_eq!(in_graph, kept);
 
-    let (code, stdout, stderr) = eap(d, &[&circuit[..], &["--no-prune"]].concat());
+    let (code, stdout, stderr) = eap_code(d, &[&circuit[..], &["--no-prune"]].concat());
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stdout.starts_with("5 edges") && !stdout.contains("pruning"),
@@ -181,7 +166,7 @@ fn circuit_files_of_planted_models_record_d_model() {
         ],
     ];
     for args in runs {
-        let (code, _, stderr) = eap(d, args);
+        let (code, _, stderr) = eap_code(d, args);
         assert_eq!(code, 0, "{args:?}: {stderr}");
     }
     let d_model = |name: &str| {
@@ -214,7 +199,7 @@ fn bench_refuses_sizes_before_allocating() {
     ];
     for (args, names) in cases {
         let started = std::time::Instant::now();
-        let (code, _, stderr) = eap(dir.path(), args);
+        let (code, _, stderr) = eap_code(dir.path(), args);
         assert_eq!(code, 1, "{args:?}: {stderr}");
         for name in names {
             assert!(stderr.contains(name), "{args:?}: {stderr}");
@@ -264,7 +249,7 @@ fn mib_checks_its_outputs_first() {
         (&["--scores", "s.json", "--svg", "-"], 2, "--svg -"),
     ];
     for (args, want, names) in cases {
-        let (code, stdout, stderr) = eap(dir.path(), &[&base[..], args].concat());
+        let (code, stdout, stderr) = eap_code(dir.path(), &[&base[..], args].concat());
         assert_eq!(code, want, "{args:?}: {stderr}");
         assert!(stderr.contains(names), "{args:?}: {stderr}");
         assert!(!stderr.contains("none"), "checked before loading: {stderr}");

@@ -83,6 +83,27 @@ fn dataset(vocab: u32) -> Dataset {
     }
 }
 
+/// `data` as token-id JSONL lines, as `eap --data` reads them.
+fn write_jsonl(data: &Dataset, path: &Path) {
+    let lines: Vec<String> = data
+        .examples
+        .iter()
+        .map(|e| {
+            json!({"clean": e.clean, "corrupted": e.corrupted,
+                   "answer": e.target.answers[0], "wrong": e.target.wrongs[0]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+/// The largest |a − b| and the largest |a|.
+fn max_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (err, scale)
+}
+
 fn max_abs(t: &Tensor) -> f32 {
     t.abs()
         .unwrap()
@@ -168,12 +189,7 @@ fn streamed_models_match_resident_ones() {
         let opts = AttributionOptions::default();
         let sa = attribute(&resident, &data, &opts).unwrap().scores;
         let sb = attribute(&streamed, &data, &opts).unwrap().scores;
-        let scale = sa.values.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = sa
-            .values
-            .iter()
-            .zip(&sb.values)
-            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let (err, scale) = max_diff(&sa.values, &sb.values);
         assert!(scale > 0.0, "{preset}: the test needs nonzero scores");
         assert!(
             err <= 1e-5 * scale,
@@ -334,30 +350,13 @@ fn score_matrices_round_trip_and_bad_ones_are_refused() {
 fn cli_writes_and_reads_score_matrices() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_eap"))
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, _, stderr) = eap(dir.path(), args);
+        assert!(ok, "{args:?}: {stderr}");
     };
     let model = fixture_dir("llama_gqa");
     let model = model.to_str().unwrap();
     let data = dir.path().join("d.jsonl");
-    let lines: Vec<String> = dataset(100)
-        .examples
-        .iter()
-        .map(|e| {
-            json!({"clean": e.clean, "corrupted": e.corrupted,
-                   "answer": e.target.answers[0], "wrong": e.target.wrongs[0]})
-            .to_string()
-        })
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
+    write_jsonl(&dataset(100), &data);
     let data = data.to_str().unwrap();
     run(&[
         "attribute",
@@ -410,22 +409,12 @@ fn a_budget_below_one_example_is_a_clear_error() {
     let line = json!({"clean": prompt, "corrupted": prompt.iter().map(|t| t + 1).collect::<Vec<_>>(),
                       "answer": 3, "wrong": 4});
     std::fs::write(dir.path().join("d.jsonl"), line.to_string()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_eap"))
-        .args([
-            "attribute",
-            "--model",
-            ".",
-            "--data",
-            "d.jsonl",
-            "--out",
-            "s.json",
-        ])
-        .args(["--memory-budget", "1"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let args = ["--model", ".", "--data", "d.jsonl", "--memory-budget", "1"];
+    let (code, _, err) = eap_code(
+        dir.path(),
+        &[&["attribute", "--out", "s.json"][..], &args].concat(),
+    );
+    assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("one example of 128 tokens needs 3 MiB"),
         "{err}"
@@ -434,18 +423,12 @@ fn a_budget_below_one_example_is_a_clear_error() {
     assert!(err.contains("--memory-budget"), "{err}");
     assert!(!dir.path().join("s.json").exists());
     // ACDC and discover take the same flag, and refuse the same way.
-    for args in [
+    for command in [
         &["acdc", "--threshold", "0.1", "--out", "a.json"][..],
         &["discover", "--out-dir", "out"][..],
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_eap"))
-            .args(args)
-            .args(["--model", ".", "--data", "d.jsonl", "--memory-budget", "1"])
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        let (code, _, err) = eap_code(dir.path(), &[command, &args].concat());
+        assert_eq!(code, 1, "{command:?}: {err}");
         assert!(
             err.contains("needs 3 MiB") && err.contains("--memory-budget"),
             "{err}"
@@ -459,41 +442,28 @@ fn a_budget_below_one_example_is_a_clear_error() {
 fn stream_weights_flag_gives_the_resident_scores() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("d.jsonl");
-    let lines: Vec<String> = dataset(24)
-        .examples
-        .iter()
-        .map(|e| {
-            json!({"clean": e.clean, "corrupted": e.corrupted,
-                   "answer": e.target.answers[0], "wrong": e.target.wrongs[0]})
-            .to_string()
-        })
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
+    write_jsonl(&dataset(24), &data);
     for name in FAMILY_FIXTURES {
         let model = fixture_dir(name);
         let mut files = Vec::new();
         for (i, extra) in [&[][..], &["--stream-weights"][..]].iter().enumerate() {
-            let out = dir.path().join(format!("{name}.{i}.safetensors"));
-            let run = std::process::Command::new(env!("CARGO_BIN_EXE_eap"))
-                .args(["-q", "attribute", "--model"])
-                .arg(&model)
-                .arg("--data")
-                .arg(&data)
-                .arg("--out")
-                .arg(&out)
-                .args(*extra)
-                .output()
-                .unwrap();
-            assert!(
-                run.status.success(),
-                "{name}: {}",
-                String::from_utf8_lossy(&run.stderr)
-            );
-            files.push(CircuitFile::read(&out).unwrap());
+            let out = format!("{name}.{i}.safetensors");
+            let model = model.to_str().unwrap();
+            let args = [
+                "-q",
+                "attribute",
+                "--model",
+                model,
+                "--data",
+                "d.jsonl",
+                "--out",
+                &out,
+            ];
+            let (ok, _, stderr) = eap(dir.path(), &[&args[..], extra].concat());
+            assert!(ok, "{name}: {stderr}");
+            files.push(CircuitFile::read(dir.path().join(&out)).unwrap());
         }
-        let (a, b) = (&files[0].scores.values, &files[1].scores.values);
-        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let (err, scale) = max_diff(&files[0].scores.values, &files[1].scores.values);
         assert!(
             scale > 0.0 && err <= 1e-5 * scale,
             "{name}: {err} of {scale}"

@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests: fixture paths and tensor comparisons.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -83,4 +84,25 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
         / scale
+}
+
+/// Runs the `eap` binary in `dir` with `args`, stderr piped (so not a terminal); returns the
+/// exit code (-1 when killed by a signal), stdout and stderr.
+pub fn eap_code(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_eap"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`eap_code`] with success as a flag.
+pub fn eap(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let (code, stdout, stderr) = eap_code(dir, args);
+    (code == 0, stdout, stderr)
 }
