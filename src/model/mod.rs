@@ -67,7 +67,12 @@ pub enum Residency {
 enum LayerStore {
     Resident(Vec<Arc<Block>>),
     /// Weights stay memory-mapped in their stored dtype; each use converts one layer.
-    Streamed(Box<WeightLoader>),
+    Streamed {
+        loader: Box<WeightLoader>,
+        /// The embedding and unembedding stay mapped too, read by rows
+        /// ([`WeightLoader::vocab_rows`]); `EmbedWeights` then holds empty placeholders.
+        vocab_mapped: bool,
+    },
 }
 
 /// A transformer whose graph eap analyses.
@@ -165,9 +170,10 @@ impl Model {
         };
         let loader = WeightLoader::new(Checkpoint::discover(dir)?, &cfg, layout, device)?;
         let resident = cfg.n_params().saturating_mul(4) <= resident_bytes;
-        let embed = match resident || !loader.can_map_vocab() {
-            true => loader.embed()?,
-            false => loader.embed_mapped()?,
+        let vocab_mapped = !resident && loader.can_map_vocab();
+        let embed = match vocab_mapped {
+            false => loader.embed()?,
+            true => loader.embed_mapped()?,
         };
         let layers = if resident {
             let layers = (0..cfg.n_layers)
@@ -181,7 +187,10 @@ impl Model {
                 loader.check_layer(i)?;
             }
             loader.check_all_used()?;
-            LayerStore::Streamed(Box::new(loader))
+            LayerStore::Streamed {
+                loader: Box::new(loader),
+                vocab_mapped,
+            }
         };
         Ok(Model {
             final_norm: NormLayer::new(&cfg, embed.ln_final.clone()),
@@ -197,10 +206,12 @@ impl Model {
     pub fn layer(&self, i: usize) -> Result<Arc<Block>> {
         match &self.layers {
             LayerStore::Resident(layers) => Ok(layers[i].clone()),
-            LayerStore::Streamed(loader) => Ok(Arc::new(loader.layer(i)?)),
+            LayerStore::Streamed { loader, .. } => Ok(Arc::new(loader.layer(i)?)),
         }
     }
 
+    /// The embedding weights; in a streamed model whose vocabulary stays mapped, `w_e` and
+    /// `w_u` are empty placeholders (the rows are read on demand).
     pub fn embed_weights(&self) -> &EmbedWeights {
         &self.embed
     }
@@ -208,7 +219,10 @@ impl Model {
     /// The loader of a streamed model whose vocabulary matrices stay mapped (read by rows).
     pub(crate) fn mapped_vocab(&self) -> Option<&WeightLoader> {
         match &self.layers {
-            LayerStore::Streamed(loader) if self.embed.w_e.dim(0).ok() == Some(0) => Some(loader),
+            LayerStore::Streamed {
+                loader,
+                vocab_mapped: true,
+            } => Some(loader),
             _ => None,
         }
     }

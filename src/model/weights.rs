@@ -186,26 +186,27 @@ impl SafetensorsFile {
         };
         let size = dtype.bitsize() / 8;
         let ids: Vec<usize> = ids.collect();
-        let contiguous = ids.windows(2).all(|w| w[1] == w[0] + 1);
-        let mut out = Vec::new();
-        let (mut lo, mut hi) = (usize::MAX, 0);
-        if contiguous && !ids.is_empty() && ids[ids.len() - 1] < rows {
-            // A block of the unembedding: one parallel conversion of the rows' bytes.
-            (lo, hi) = (ids[0], ids[ids.len() - 1] + 1);
-            out = decode_f32(dtype, &bytes[lo * cols * size..hi * cols * size]);
+        if let Some(&id) = ids.iter().find(|&&id| id >= rows) {
+            return Err(Error::invalid(format!(
+                "row {id} of tensor `{name}`, which has {rows} rows"
+            )));
         }
-        let gathered = !out.is_empty();
-        for &id in ids.iter().filter(|_| !gathered) {
-            if id >= rows {
-                return Err(Error::invalid(format!(
-                    "row {id} of tensor `{name}`, which has {rows} rows"
-                )));
-            }
-            let row = &bytes[id * cols * size..(id + 1) * cols * size];
-            out.extend((0..cols).map(|j| decode_at(dtype, row, j)));
-            (lo, hi) = (lo.min(id), hi.max(id + 1));
-        }
-        let n = out.len() / cols.max(1);
+        let row_bytes = |lo: usize, hi: usize| &bytes[lo * cols * size..hi * cols * size];
+        let (lo, hi) = match (ids.iter().min(), ids.iter().max()) {
+            (Some(&lo), Some(&hi)) => (lo, hi + 1),
+            _ => (0, 0),
+        };
+        let out = if ids.windows(2).all(|w| w[1] == w[0] + 1) {
+            // A block of the unembedding (or one row): one parallel conversion of its bytes.
+            decode_f32(dtype, row_bytes(lo, hi))
+        } else {
+            ids.iter()
+                .flat_map(|&id| {
+                    let row = row_bytes(id, id + 1);
+                    (0..cols).map(move |j| decode_at(dtype, row, j))
+                })
+                .collect()
+        };
         if hi > lo {
             // As in `load_as`: the rows are copied; their pages may go.
             let _ = unsafe {
@@ -216,7 +217,7 @@ impl SafetensorsFile {
                 )
             };
         }
-        Ok(Tensor::from_vec(out, (n, cols), device)?)
+        Ok(Tensor::from_vec(out, (ids.len(), cols), device)?)
     }
 
     /// [`load_as`](Self::load_as) without reading the data: checks name, shape and dtype and
