@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use eap::attribution::{attribute, AttributionOptions};
@@ -15,7 +14,7 @@ use eap::model::{Batch, ForwardOptions, Model, ModelConfig};
 use eap::runs::Ablation;
 use eap::tasks::{Dataset, Example, Target};
 
-use crate::util::{flat, ids, rel_err, tokens};
+use crate::util::{eap, flat, ids, rel_err, tokens};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/interpbench")
@@ -27,6 +26,23 @@ fn case() -> PathBuf {
 
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(case().join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The reference's examples as token-id JSONL, as `eap --data` reads them.
+fn write_reference_jsonl(path: &Path) {
+    let refs = reference();
+    let clean = tokens(&refs["tokens"]);
+    let corrupted = tokens(&refs["corrupted_tokens"]);
+    let (answers, wrongs) = (ids(&refs["answer"]), ids(&refs["wrong"]));
+    let jsonl: String = (0..clean.len())
+        .map(|i| {
+            format!(
+                "{{\"clean\": {:?}, \"corrupted\": {:?}, \"answer\": {}, \"wrong\": {}}}\n",
+                clean[i], corrupted[i], answers[i], wrongs[i]
+            )
+        })
+        .collect();
+    std::fs::write(path, jsonl).unwrap();
 }
 
 fn load(dir: &Path) -> eap::Result<Model> {
@@ -152,36 +168,20 @@ fn ground_truth_is_read_and_mapped_to_eap_edges() {
 
 #[test]
 fn discover_on_a_case_folder_uses_its_truth() {
-    let refs = reference();
     let dir = tempfile::tempdir().unwrap();
-    let clean = tokens(&refs["tokens"]);
-    let corrupted = tokens(&refs["corrupted_tokens"]);
-    let (answers, wrongs) = (ids(&refs["answer"]), ids(&refs["wrong"]));
-    let jsonl: String = (0..clean.len())
-        .map(|i| {
-            format!(
-                "{{\"clean\": {:?}, \"corrupted\": {:?}, \"answer\": {}, \"wrong\": {}}}\n",
-                clean[i], corrupted[i], answers[i], wrongs[i]
-            )
-        })
-        .collect();
-    std::fs::write(dir.path().join("data.jsonl"), jsonl).unwrap();
+    write_reference_jsonl(&dir.path().join("data.jsonl"));
     let run = |extra: &[&str], out: &str| {
-        let o = Command::new(env!("CARGO_BIN_EXE_eap"))
-            .current_dir(dir.path())
-            .args(["discover", "--model"])
-            .arg(case())
-            .args(["--data", "data.jsonl", "--no-acdc"])
-            .args(["--out-dir", out])
-            .args(extra)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(
-            o.status.success(),
-            "{}\n{stdout}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let model = case();
+        let args = [
+            "discover",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            "data.jsonl",
+        ];
+        let args = [&args[..], &["--no-acdc", "--out-dir", out], extra].concat();
+        let (ok, stdout, stderr) = eap(dir.path(), &args);
+        assert!(ok, "{stderr}\n{stdout}");
         stdout
     };
     let own = run(&[], "own");
@@ -343,33 +343,10 @@ fn broken_zips_and_tensor_records_are_clear_errors() {
 /// case folder it also reports the ROC AUC against the case's truth.
 #[test]
 fn mib_with_a_method_equals_attribute_then_mib() {
-    let refs = reference();
     let dir = tempfile::tempdir().unwrap();
-    let clean = tokens(&refs["tokens"]);
-    let corrupted = tokens(&refs["corrupted_tokens"]);
-    let (answers, wrongs) = (ids(&refs["answer"]), ids(&refs["wrong"]));
-    let jsonl: String = (0..clean.len())
-        .map(|i| {
-            format!(
-                "{{\"clean\": {:?}, \"corrupted\": {:?}, \"answer\": {}, \"wrong\": {}}}\n",
-                clean[i], corrupted[i], answers[i], wrongs[i]
-            )
-        })
-        .collect();
-    std::fs::write(dir.path().join("data.jsonl"), jsonl).unwrap();
+    write_reference_jsonl(&dir.path().join("data.jsonl"));
     let model = case();
-    let run = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_eap"))
-            .current_dir(dir.path())
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| eap(dir.path(), args);
     let m = model.to_str().unwrap();
     let common = ["--model", m, "--data", "data.jsonl"];
     for method in ["eap", "eap-ig"] {
