@@ -416,7 +416,7 @@ fn a_budget_below_one_example_is_a_clear_error() {
     );
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("one example of 128 tokens needs 3 MiB"),
+        err.contains("one example of 128 tokens needs 4 MiB"),
         "{err}"
     );
     assert!(err.contains("over the memory budget of 1 MiB"), "{err}");
@@ -430,7 +430,7 @@ fn a_budget_below_one_example_is_a_clear_error() {
         let (code, _, err) = eap_code(dir.path(), &[command, &args].concat());
         assert_eq!(code, 1, "{command:?}: {err}");
         assert!(
-            err.contains("needs 3 MiB") && err.contains("--memory-budget"),
+            err.contains("needs 4 MiB") && err.contains("--memory-budget"),
             "{err}"
         );
     }

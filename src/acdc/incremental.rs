@@ -751,7 +751,7 @@ impl<'a> AcdcState<'a> {
 
     fn chunk_metric(&self, c: usize, logits_input: &Tensor) -> Result<f32> {
         let model = self.model;
-        let (logits, _) = model.unembed(logits_input)?;
+        let (logits, _) = model.unembed(logits_input, None)?;
         if let Some(kl) = &self.chunks[c].kl {
             return kl.mean(&ops::to_vec(&logits)?);
         }

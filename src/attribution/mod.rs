@@ -43,7 +43,7 @@ use crate::graph::Writer;
 use crate::model::ops::cpu_slice;
 use crate::model::{ForwardOptions, ForwardOutput, Model, SublayerOverride, WriterSink};
 use crate::runs::{logits_rows, Ablation, Chunk, Runner, DEFAULT_MEMORY_BUDGET};
-use crate::tasks::{metric_gradient, metric_value, Dataset, Metric};
+use crate::tasks::{metric_gradient, metric_value, target_columns, Dataset, Metric};
 use crate::{Error, Result};
 
 /// How reader gradients are obtained.
@@ -136,6 +136,25 @@ pub struct Attribution {
     /// passes — its integrated gradient, which approaches `M(sublayer at its baseline) −
     /// M(clean)` as the steps grow (completeness). Empty for the other methods.
     pub sublayer_integrals: Vec<f64>,
+    /// Where the time went.
+    pub phases: Phases,
+}
+
+/// Seconds spent in each part of a run, summed over chunks: the forward passes, the backward
+/// passes without the contraction, and the contraction `Σ Δ·g` into the scores.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    pub forward: f64,
+    pub backward: f64,
+    pub contraction: f64,
+}
+
+impl Phases {
+    fn add(&mut self, other: &Phases) {
+        self.forward += other.forward;
+        self.backward += other.backward;
+        self.contraction += other.contraction;
+    }
 }
 
 impl Attribution {
@@ -153,6 +172,11 @@ impl Attribution {
             "seconds": self.seconds,
             "forward_passes": self.forward_passes,
             "backward_passes": self.backward_passes,
+            "phase_seconds": {
+                "forward": self.phases.forward,
+                "backward": self.phases.backward,
+                "contraction": self.phases.contraction,
+            },
         })
     }
 }
@@ -235,8 +259,10 @@ pub fn attribute(model: &Model, data: &Dataset, opts: &AttributionOptions) -> Re
     let (mut clean_sum, mut corrupted_sum) = (0f64, 0f64);
     let (mut fwd, mut bwd) = (0usize, 0usize);
     let mut sublayer_integrals: Vec<f64> = Vec::new();
+    let mut phases = Phases::default();
     for chunk in &chunks {
         let stats = attribute_chunk(model, &runner, chunk, opts, total, &mut scores)?;
+        phases.add(&stats.phases);
         sublayer_integrals.resize(stats.sublayer_integrals.len(), 0.0);
         for (total, v) in sublayer_integrals.iter_mut().zip(&stats.sublayer_integrals) {
             *total += v;
@@ -270,6 +296,7 @@ pub fn attribute(model: &Model, data: &Dataset, opts: &AttributionOptions) -> Re
         forward_passes: fwd,
         backward_passes: bwd,
         sublayer_integrals,
+        phases,
     })
 }
 
@@ -280,6 +307,7 @@ struct ChunkStats {
     backward_passes: usize,
     /// EAP-IG-activations: each sublayer's path integral, weighted by the chunk's share.
     sublayer_integrals: Vec<f64>,
+    phases: Phases,
 }
 
 fn attribute_chunk(
@@ -291,8 +319,17 @@ fn attribute_chunk(
     scores: &mut Scores,
 ) -> Result<ChunkStats> {
     let graph = model.graph();
-    let vocab = model.cfg.d_vocab_out;
     let metric = opts.metric;
+    let (forward_s, backward_s, contraction_s) = (Cell::new(0.0), Cell::new(0.0), Cell::new(0.0));
+    // A metric of a few logits (logit difference) unembeds only their columns in every pass.
+    let (columns, targets) = match metric.reads_only_targets() {
+        true => {
+            let (ids, remapped) = target_columns(&chunk.targets);
+            (Some(ids), remapped)
+        }
+        false => (None, chunk.targets.clone()),
+    };
+    let vocab = columns.as_ref().map_or(model.cfg.d_vocab_out, Vec::len);
     let (n, d) = (chunk.clean.n_rows(), model.cfg.d_model);
     // Each chunk's gradient is of its own mean; weighting by its share makes the scores of all
     // chunks add up to those of the metric averaged over the whole dataset.
@@ -303,13 +340,16 @@ fn attribute_chunk(
     let delta_buf = DeltaBuffer::new(graph.n_writers(), n * d);
     let corrupted_logits = match opts.ablation {
         Ablation::Corrupted => {
-            let out = model.forward(
-                &chunk.corrupted,
-                &ForwardOptions {
-                    writer_sink: Some(&delta_buf),
-                    ..Default::default()
-                },
-            )?;
+            let out = timed(&forward_s, || {
+                model.forward(
+                    &chunk.corrupted,
+                    &ForwardOptions {
+                        logit_columns: columns.clone(),
+                        writer_sink: Some(&delta_buf),
+                        ..Default::default()
+                    },
+                )
+            })?;
             Some(out.logits)
         }
         Ablation::Zero => None,
@@ -323,15 +363,18 @@ fn attribute_chunk(
     };
     let mut forward_passes = usize::from(opts.ablation == Ablation::Corrupted);
     delta_buf.subtract.set(true);
-    let clean = model.forward(
-        &chunk.clean,
-        &ForwardOptions {
-            writer_sink: Some(&delta_buf),
-            keep_cache: matches!(opts.method, Method::Eap | Method::CleanCorrupted),
-            keep_writers: matches!(opts.method, Method::EapIgActivations { .. }),
-            ..Default::default()
-        },
-    )?;
+    let clean = timed(&forward_s, || {
+        model.forward(
+            &chunk.clean,
+            &ForwardOptions {
+                logit_columns: columns.clone(),
+                writer_sink: Some(&delta_buf),
+                keep_cache: matches!(opts.method, Method::Eap | Method::CleanCorrupted),
+                keep_writers: matches!(opts.method, Method::EapIgActivations { .. }),
+                ..Default::default()
+            },
+        )
+    })?;
     forward_passes += 1;
     let clean_rows = logits_rows(&clean.logits)?;
     let check = |v: f32, what: &str| -> Result<f64> {
@@ -349,26 +392,12 @@ fn attribute_chunk(
         }
     };
     let clean_metric = check(
-        metric_value(
-            metric,
-            &clean_rows,
-            vocab,
-            &chunk.targets,
-            Some(&clean_rows),
-        )?
-        .mean,
+        metric_value(metric, &clean_rows, vocab, &targets, Some(&clean_rows))?.mean,
         "clean",
     )?;
     let corrupted_metric = match &corrupted_logits {
         Some(l) => Some(check(
-            metric_value(
-                metric,
-                &logits_rows(l)?,
-                vocab,
-                &chunk.targets,
-                Some(&clean_rows),
-            )?
-            .mean,
+            metric_value(metric, &logits_rows(l)?, vocab, &targets, Some(&clean_rows))?.mean,
             "corrupted",
         )?),
         None => None,
@@ -394,35 +423,52 @@ fn attribute_chunk(
      -> Result<f64> {
         let mut tracked = 0f64;
         let rows = logits_rows(logits)?;
-        let grad = metric_gradient(metric, &rows, vocab, &chunk.targets, Some(&clean_rows))?;
+        let grad = metric_gradient(metric, &rows, vocab, &targets, Some(&clean_rows))?;
         let dlogits = Tensor::from_vec(grad, logits.shape().clone(), &model.device)?;
         let nr = graph.n_readers();
-        model.backward(cache, &dlogits, &mut |rg| {
-            let r0 = rg.readers.start;
-            let count = rg.readers.len();
-            let f_max = rg
-                .readers
-                .clone()
-                .map(|r| graph.n_upstream(r))
-                .max()
-                .unwrap_or(0);
-            let g = rg.grads.reshape((count, n * d))?;
-            let block = to_vec(&crate::model::ops::matmul_nt(
-                &delta.narrow(0, 0, f_max)?,
-                &g,
-            )?)?; // [f_max, count]
-            for i in 0..count {
-                let r = r0 + i;
-                for u in 0..graph.n_upstream(r) {
-                    let add = weight * block[u * count + i] as f64;
-                    scores.values[u * nr + r] += add as f32;
-                    if track.contains(&u) {
-                        tracked += add;
+        // Reader gradients wait here until they hold half of Δ's bytes (at least one layer),
+        // then are contracted together: each pass over Δ then serves several layers.
+        let mut pending: Vec<crate::model::ReaderGrads> = Vec::new();
+        let pending_limit = delta.elem_count() / 2;
+        let mut contract = |pending: &mut Vec<crate::model::ReaderGrads>| -> Result<()> {
+            let start = Instant::now();
+            let groups = pending
+                .iter()
+                .map(|rg| -> Result<(Tensor, usize)> {
+                    let f_max = rg.readers.clone().map(|r| graph.n_upstream(r)).max();
+                    let g = rg.grads.reshape((rg.readers.len(), n * d))?;
+                    Ok((g, f_max.unwrap_or(0)))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<(&Tensor, usize)> = groups.iter().map(|(g, f)| (g, *f)).collect();
+            let blocks = crate::model::ops::matmul_nt_many(&delta, &refs)?;
+            for (rg, block) in pending.iter().zip(blocks) {
+                let block = to_vec(&block)?; // [f_max, count]
+                let count = rg.readers.len();
+                for (i, r) in rg.readers.clone().enumerate() {
+                    for u in 0..graph.n_upstream(r) {
+                        let add = weight * block[u * count + i] as f64;
+                        scores.values[u * nr + r] += add as f32;
+                        if track.contains(&u) {
+                            tracked += add;
+                        }
                     }
                 }
             }
+            pending.clear();
+            contraction_s.set(contraction_s.get() + start.elapsed().as_secs_f64());
+            Ok(())
+        };
+        let backward_start = Instant::now();
+        model.backward(cache, &dlogits, &mut |rg| {
+            pending.push(rg);
+            if pending.iter().map(|p| p.grads.elem_count()).sum::<usize>() >= pending_limit {
+                contract(&mut pending)?;
+            }
             Ok(())
         })?;
+        contract(&mut pending)?;
+        backward_s.set(backward_s.get() + backward_start.elapsed().as_secs_f64());
         backward_passes += 1;
         Ok(tracked)
     };
@@ -435,13 +481,16 @@ fn attribute_chunk(
         Method::CleanCorrupted => {
             let cache = clean_cache.as_ref().expect("kept");
             accumulate(cache, &clean_logits_t, share / 2.0, 0..0)?;
-            let corrupted = model.forward(
-                &chunk.corrupted,
-                &ForwardOptions {
-                    keep_cache: true,
-                    ..Default::default()
-                },
-            )?;
+            let corrupted = timed(&forward_s, || {
+                model.forward(
+                    &chunk.corrupted,
+                    &ForwardOptions {
+                        logit_columns: columns.clone(),
+                        keep_cache: true,
+                        ..Default::default()
+                    },
+                )
+            })?;
             forward_passes += 1;
             accumulate(
                 corrupted.cache.as_ref().expect("kept"),
@@ -461,14 +510,17 @@ fn attribute_chunk(
             for k in 0..steps {
                 let alpha = k as f64 / steps as f64;
                 let input = (&input_baseline + (&diff * alpha)?)?;
-                let out = model.forward(
-                    &chunk.clean,
-                    &ForwardOptions {
-                        keep_cache: true,
-                        input_override: Some(input),
-                        ..Default::default()
-                    },
-                )?;
+                let out = timed(&forward_s, || {
+                    model.forward(
+                        &chunk.clean,
+                        &ForwardOptions {
+                            logit_columns: columns.clone(),
+                            keep_cache: true,
+                            input_override: Some(input),
+                            ..Default::default()
+                        },
+                    )
+                })?;
                 forward_passes += 1;
                 accumulate(
                     out.cache.as_ref().expect("kept"),
@@ -511,6 +563,7 @@ fn attribute_chunk(
                 for k in 1..=steps {
                     let alpha = k as f64 / steps as f64;
                     let mut fo = ForwardOptions {
+                        logit_columns: columns.clone(),
                         keep_cache: true,
                         ..Default::default()
                     };
@@ -535,7 +588,7 @@ fn attribute_chunk(
                             fo.sublayer_override = Some(SublayerOverride::Mlp { layer, output });
                         }
                     }
-                    let out = model.forward(&chunk.clean, &fo)?;
+                    let out = timed(&forward_s, || model.forward(&chunk.clean, &fo))?;
                     forward_passes += 1;
                     integral += accumulate(
                         out.cache.as_ref().expect("kept"),
@@ -557,7 +610,20 @@ fn attribute_chunk(
         forward_passes,
         backward_passes,
         sublayer_integrals,
+        phases: Phases {
+            forward: forward_s.get(),
+            backward: backward_s.get() - contraction_s.get(),
+            contraction: contraction_s.get(),
+        },
     })
+}
+
+/// Runs `f`, adding its wall time to `seconds`.
+fn timed<T>(seconds: &Cell<f64>, f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = f();
+    seconds.set(seconds.get() + start.elapsed().as_secs_f64());
+    out
 }
 
 /// The `[n_writers, N·d]` activation difference, filled by a forward's [`WriterSink`] calls:

@@ -130,6 +130,10 @@ pub trait WriterSink {
 pub struct ForwardOptions<'a> {
     /// Positions whose logits are computed (the same for every sequence). Empty: the last.
     pub logit_positions: Vec<usize>,
+    /// Vocabulary ids whose logits are computed, in this order (the same for every row); `None`:
+    /// the whole vocabulary. A metric that reads a few logits (logit difference) then costs a
+    /// few dot products instead of a `[d_model, d_vocab]` product in each pass.
+    pub logit_columns: Option<Vec<u32>>,
     /// Keep every writer's output (`input`, each head, each MLP).
     pub keep_writers: bool,
     /// Keep what [`Model::backward`] needs. Not allowed together with an intervention.
@@ -195,6 +199,8 @@ struct LayerCache {
 pub(crate) struct UnembedCache {
     norm: Option<NormCache>,
     tanh: Option<Tensor>,
+    /// The unembedding rows `[n_columns, d]` of a forward restricted to some columns.
+    columns: Option<Tensor>,
 }
 
 /// The blocks of vocabulary rows a mapped unembedding converts at a time: 2,048 rows (32 MB of
@@ -226,12 +232,19 @@ pub struct ReaderGrads {
 
 impl Model {
     /// Final norm and unembedding of residual-stream rows `[R, d]` (and the final soft-cap):
-    /// logits `[R, d_vocab_out]` and what the backward needs.
-    pub(crate) fn unembed(&self, x: &Tensor) -> Result<(Tensor, UnembedCache)> {
+    /// logits `[R, d_vocab_out]`, or `[R, columns.len()]` for the vocabulary ids `columns`, and
+    /// what the backward needs.
+    pub(crate) fn unembed(
+        &self,
+        x: &Tensor,
+        columns: Option<&[u32]>,
+    ) -> Result<(Tensor, UnembedCache)> {
         let (xn, norm) = self.final_norm.forward(x)?;
-        let mut logits = match self.mapped_vocab() {
-            None => xn.matmul(&self.embed.w_u)?,
-            Some(loader) => {
+        let rows = columns.map(|c| self.unembed_rows(c)).transpose()?;
+        let mut logits = match (&rows, self.mapped_vocab()) {
+            (Some(rows), _) => xn.matmul(&rows.t()?)?,
+            (None, None) => xn.matmul(&self.embed.w_u)?,
+            (None, Some(loader)) => {
                 // Blocks of vocabulary rows [len, d], converted one at a time: x · rowsᵀ.
                 let xn = xn.contiguous()?;
                 let blocks = vocab_blocks(self.cfg.d_vocab_out)
@@ -244,7 +257,11 @@ impl Model {
             }
         };
         if let Some(bu) = &self.embed.b_u {
-            logits = logits.broadcast_add(bu)?;
+            let bu = match columns {
+                Some(c) => bu.index_select(&Tensor::new(c, &self.device)?, 0)?,
+                None => bu.clone(),
+            };
+            logits = logits.broadcast_add(&bu)?;
         }
         let tanh = match self.cfg.final_softcap {
             Some(cap) => {
@@ -254,7 +271,34 @@ impl Model {
             }
             None => None,
         };
-        Ok((logits, UnembedCache { norm, tanh }))
+        Ok((
+            logits,
+            UnembedCache {
+                norm,
+                tanh,
+                columns: rows,
+            },
+        ))
+    }
+
+    /// The unembedding's rows (one `[d]` vector per vocabulary id) for `ids`: `[ids.len(), d]`.
+    fn unembed_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let v = self.cfg.d_vocab_out;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+            return Err(Error::invalid(format!(
+                "logit column {bad} outside the vocabulary of {v} tokens"
+            )));
+        }
+        if let Some(loader) = self.mapped_vocab() {
+            return loader.vocab_rows(true, &mut ids.iter().map(|&i| i as usize));
+        }
+        let idx = Tensor::new(ids, &self.device)?;
+        // `w_u` is `[d, V]`: a transposed view of a tied embedding, or stored so.
+        let w = &self.embed.w_u;
+        Ok(match w.t()?.is_contiguous() {
+            true => w.t()?.index_select(&idx, 0)?,
+            false => w.index_select(&idx, 1)?.t()?.contiguous()?,
+        })
     }
 
     /// Each row's position within its sequence for `batch` sequences of `seq_len` tokens.
@@ -564,8 +608,9 @@ impl Model {
             .collect();
         let logit_rows = Tensor::from_vec(rows, b * positions.len(), &self.device)?;
         let xf = x.index_select(&logit_rows, 0)?;
-        let (logits, unembed) = self.unembed(&xf)?;
-        let logits = logits.reshape((b, positions.len(), cfg.d_vocab_out))?;
+        let (logits, unembed) = self.unembed(&xf, opts.logit_columns.as_deref())?;
+        let width = logits.dim(1)?;
+        let logits = logits.reshape((b, positions.len(), width))?;
         let cache = opts.keep_cache.then(|| ForwardCache {
             layers: layer_caches,
             unembed,
@@ -584,8 +629,8 @@ impl Model {
         })
     }
 
-    /// The activation-only backward: given `dM/dlogits` (`[batch, n_positions, d_vocab_out]`,
-    /// the positions of the forward), hands `visit` the gradient of `M` with respect to every
+    /// The activation-only backward: given `dM/dlogits` (`[batch, n_positions, width]`, the
+    /// positions and vocabulary columns of the forward), hands `visit` the gradient of `M` with respect to every
     /// reader's input — first `logits`, then each layer's q/k/v (and MLP) readers from the last
     /// layer down. Each reader's gradient is the derivative with respect to that reader's input
     /// alone, as if it were a separate copy of the residual stream. No weight gradients.
@@ -600,22 +645,29 @@ impl Model {
         let (b, p, d, h) = (cache.batch, cache.seq_len, cfg.d_model, cfg.n_heads);
         let n = b * p;
         let n_pos = cache.logit_rows.elem_count() / b;
-        if dlogits.dims() != [b, n_pos, cfg.d_vocab_out] {
+        let width = match &cache.unembed.columns {
+            Some(rows) => rows.dim(0)?,
+            None => cfg.d_vocab_out,
+        };
+        if dlogits.dims() != [b, n_pos, width] {
             return Err(Error::Shape {
                 op: "backward",
-                expected: format!("dlogits of shape [{b}, {n_pos}, {}]", cfg.d_vocab_out),
+                expected: format!("dlogits of shape [{b}, {n_pos}, {width}]"),
                 found: format!("{:?}", dlogits.dims()),
             });
         }
-        let mut dlogits = dlogits
-            .reshape((b * n_pos, cfg.d_vocab_out))?
-            .contiguous()?;
+        let mut dlogits = dlogits.reshape((b * n_pos, width))?.contiguous()?;
         if let Some(t) = &cache.unembed.tanh {
             dlogits = ops::softcap_backward(&dlogits, t)?;
         }
-        let dxf = match self.mapped_vocab() {
-            None => ops::matmul_nt(&dlogits, &self.embed.w_u.contiguous()?)?,
-            Some(loader) => {
+        let dxf = match (&cache.unembed.columns, self.mapped_vocab()) {
+            (Some(rows), _) => dlogits.matmul(rows)?,
+            // A tied unembedding is the embedding's transposed view: dlogits · W_E directly.
+            (None, None) if self.embed.w_u.t()?.is_contiguous() => {
+                dlogits.matmul(&self.embed.w_u.t()?)?
+            }
+            (None, None) => ops::matmul_nt(&dlogits, &self.embed.w_u.contiguous()?)?,
+            (None, Some(loader)) => {
                 let mut dxf: Option<Tensor> = None;
                 for r in vocab_blocks(cfg.d_vocab_out) {
                     let rows = loader.vocab_rows(true, &mut r.clone())?;
@@ -769,6 +821,78 @@ mod tests {
                 wrongs: vec![11 + 2 * i],
             })
             .collect()
+    }
+
+    /// A forward restricted to some vocabulary columns gives those columns of the full
+    /// logits, and its backward the reader gradients of the full backward whose dlogits are
+    /// zero elsewhere — on every variant, the soft-capped and the tied ones included.
+    #[test]
+    fn logit_columns_give_the_full_logits_and_gradients_of_those_columns() {
+        let dev = Device::Cpu;
+        let seqs: Vec<Vec<u32>> = (0..2)
+            .map(|b| (0..5).map(|p| ((b * 11 + p * 5 + 2) % 40) as u32).collect())
+            .collect();
+        let batch = Batch::new(&seqs, &dev).unwrap();
+        let cols = vec![31u32, 3, 17];
+        for (name, cfg) in variants() {
+            let model = random_model(&cfg, 3, &dev).unwrap();
+            let v = cfg.d_vocab_out;
+            let run = |columns: Option<Vec<u32>>| {
+                model
+                    .forward(
+                        &batch,
+                        &ForwardOptions {
+                            keep_cache: true,
+                            logit_columns: columns,
+                            ..Default::default()
+                        },
+                    )
+                    .unwrap()
+            };
+            let (full, part) = (run(None), run(Some(cols.clone())));
+            assert_eq!(part.logits.dims(), [2, 1, cols.len()], "{name}");
+            let (lf, lp) = (
+                ops::to_vec(&full.logits).unwrap(),
+                ops::to_vec(&part.logits).unwrap(),
+            );
+            let dl_part: Vec<f32> = (0..2 * cols.len()).map(|i| i as f32 * 0.5 - 1.0).collect();
+            let mut dl_full = vec![0f32; 2 * v];
+            for r in 0..2 {
+                for (j, &c) in cols.iter().enumerate() {
+                    let (a, b) = (lp[r * cols.len() + j], lf[r * v + c as usize]);
+                    assert!(
+                        (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                        "{name}: {a} vs {b}"
+                    );
+                    dl_full[r * v + c as usize] = dl_part[r * cols.len() + j];
+                }
+            }
+            let grads = |out: &ForwardOutput, dl: Vec<f32>| {
+                let dl = Tensor::from_vec(dl, out.logits.shape().clone(), &dev).unwrap();
+                model
+                    .reader_gradients(out.cache.as_ref().unwrap(), &dl)
+                    .unwrap()
+            };
+            let (gf, gp) = (grads(&full, dl_full), grads(&part, dl_part));
+            for (a, b) in gf.iter().zip(&gp) {
+                let (a, b) = (ops::to_vec(a).unwrap(), ops::to_vec(b).unwrap());
+                let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+                let err = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(err <= 1e-5 * scale, "{name}: {err} of {scale}");
+            }
+        }
+        let model = random_model(&variants()[0].1, 3, &dev).unwrap();
+        let bad = model.forward(
+            &batch,
+            &ForwardOptions {
+                logit_columns: Some(vec![40]),
+                ..Default::default()
+            },
+        );
+        assert!(bad.is_err(), "a column outside the vocabulary");
     }
 
     /// Every reader's gradient from the activation-only backward equals the central finite

@@ -955,14 +955,14 @@ impl WeightLoader {
     }
 
     /// The unembedding `[d, d_vocab]` from a Hugging Face head stored as `[d_vocab, d]`
-    /// (`names`: the head's names, the first one present wins), or the embedding's transpose
-    /// when tied.
+    /// (`names`: the head's names, the first one present wins), or the embedding's transposed
+    /// view when tied (a view, not a copy: the unembedding reads it as `[d_vocab, d]` rows).
     fn hf_unembed(&self, w_e: &Tensor, names: &[&str]) -> Result<Tensor> {
         if self.layout.tied_embeddings {
             for name in names {
                 self.mark(name);
             }
-            return Ok(w_e.t()?.contiguous()?);
+            return Ok(w_e.t()?);
         }
         let name = names
             .iter()
@@ -1054,7 +1054,7 @@ impl WeightLoader {
                 // GPT-2 ties the unembedding to the embedding; a separate lm_head, if saved, is
                 // the same matrix.
                 self.mark("lm_head.weight");
-                let w_u = w_e.t()?.contiguous()?;
+                let w_u = w_e.t()?;
                 Ok(EmbedWeights {
                     w_e,
                     w_pos: Some(self.get("wpe.weight", &[c.n_ctx, d])?),

@@ -287,9 +287,13 @@ fn check_example(
 /// Bytes of activations one example of `len` tokens needs during attribution.
 fn bytes_per_example(model: &Model, len: usize) -> usize {
     let c = &model.cfg;
-    let n_w = model.graph().n_writers();
-    let per_token =
-        n_w * c.d_model + c.n_layers * (6 * c.d_model + c.d_mlp.unwrap_or(0) + 4 * c.n_heads * len);
+    let graph = model.graph();
+    let n_w = graph.n_writers();
+    // Δ, the reader gradients waiting for the contraction (up to half of Δ, at least one
+    // layer's), and each layer's backward cache.
+    let pending = (n_w / 2).max(graph.readers_per_layer() + 1);
+    let per_token = (n_w + pending) * c.d_model
+        + c.n_layers * (6 * c.d_model + c.d_mlp.unwrap_or(0) + 4 * c.n_heads * len);
     4 * len * per_token
 }
 

@@ -39,6 +39,12 @@ impl Metric {
         }
     }
 
+    /// Whether the metric reads only the logits of each example's answers and wrongs (no
+    /// softmax over the vocabulary): then a forward need compute only those columns.
+    pub fn reads_only_targets(self) -> bool {
+        self == Metric::LogitDiff
+    }
+
     /// Whether the metric needs the clean run's logits.
     pub fn needs_clean_logits(self) -> bool {
         self == Metric::Kl
@@ -58,6 +64,27 @@ pub struct Target {
     pub answers: Vec<u32>,
     /// Wrong continuations (IOI: the subject; Greater-Than: every year at or before).
     pub wrongs: Vec<u32>,
+}
+
+/// The vocabulary ids `targets` read, ascending and distinct, and the targets rewritten to index
+/// that list: a [`Metric::reads_only_targets`] metric on logits of those columns alone equals
+/// the metric on the whole vocabulary.
+pub fn target_columns(targets: &[Target]) -> (Vec<u32>, Vec<Target>) {
+    let mut ids: Vec<u32> = targets
+        .iter()
+        .flat_map(|t| t.answers.iter().chain(&t.wrongs).copied())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let column = |id: &u32| ids.binary_search(id).expect("collected above") as u32;
+    let remapped = targets
+        .iter()
+        .map(|t| Target {
+            answers: t.answers.iter().map(column).collect(),
+            wrongs: t.wrongs.iter().map(column).collect(),
+        })
+        .collect();
+    (ids, remapped)
 }
 
 /// A metric averaged over examples, and its value per example.
@@ -432,6 +459,41 @@ mod tests {
             answers: answers.to_vec(),
             wrongs: wrongs.to_vec(),
         }
+    }
+
+    /// The logit difference on the target columns alone equals it on the whole vocabulary,
+    /// and so does its gradient, column for column.
+    #[test]
+    fn logit_difference_on_target_columns_equals_it_on_the_vocabulary() {
+        let targets = vec![t(&[7, 2], &[5]), t(&[5], &[9, 2])];
+        let (ids, remapped) = target_columns(&targets);
+        assert_eq!(ids, vec![2, 5, 7, 9]);
+        assert_eq!(remapped, vec![t(&[2, 0], &[1]), t(&[1], &[3, 0])]);
+        let v = 11;
+        let full: Vec<f32> = (0..2 * v)
+            .map(|i| ((i * 37) % 23) as f32 * 0.3 - 2.0)
+            .collect();
+        let cols: Vec<f32> = (0..2)
+            .flat_map(|r| ids.iter().map(move |&c| (r, c)))
+            .map(|(r, c)| full[r * v + c as usize])
+            .collect();
+        let m = Metric::LogitDiff;
+        assert!(m.reads_only_targets() && !Metric::ProbDiff.reads_only_targets());
+        let a = metric_value(m, &full, v, &targets, None).unwrap();
+        let b = metric_value(m, &cols, ids.len(), &remapped, None).unwrap();
+        assert_eq!(a, b);
+        let ga = metric_gradient(m, &full, v, &targets, None).unwrap();
+        let gb = metric_gradient(m, &cols, ids.len(), &remapped, None).unwrap();
+        for r in 0..2 {
+            for (j, &c) in ids.iter().enumerate() {
+                assert_eq!(ga[r * v + c as usize], gb[r * ids.len() + j]);
+            }
+        }
+        let outside: f32 = (0..2 * v)
+            .filter(|i| !ids.contains(&((i % v) as u32)))
+            .map(|i| ga[i].abs())
+            .sum();
+        assert_eq!(outside, 0.0, "no gradient outside the target columns");
     }
 
     // Two examples over a vocabulary of 3 tokens, chosen so the softmax is exact by hand:

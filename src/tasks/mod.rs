@@ -31,6 +31,8 @@ pub use generate::{
     generate, generate_induction, greater_than_years, write_jsonl, Task, INDUCTION_LEN,
     PROGRESS_MIN_EXAMPLES,
 };
-pub use metric::{metric_gradient, metric_value, KlReference, Metric, MetricValue, Target};
+pub use metric::{
+    metric_gradient, metric_value, target_columns, KlReference, Metric, MetricValue, Target,
+};
 pub use mib::{read_mib_jsonl, MibImport, MibTask};
 pub use tokenizer::Tokenizer;
