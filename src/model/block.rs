@@ -258,7 +258,7 @@ impl Attention {
             .reshape((d, heads * dh))?;
         let mut y = inp.matmul(&w)?;
         if let Some(b) = &self.b[letter as usize] {
-            y = y.broadcast_add(b)?;
+            y = ops::add_bias(&y, b)?;
         }
         if positions.rotary.is_some() && letter != Qkv::V {
             let rows = y.reshape((n * heads, dh))?;
@@ -388,7 +388,7 @@ impl Attention {
     pub fn output(&self, head_out: &Tensor) -> Result<(Tensor, Option<NormCache>)> {
         let mut sum = ops::sum_leading(head_out)?;
         if let Some(b) = &self.b_o {
-            sum = sum.broadcast_add(b)?;
+            sum = ops::add_bias(&sum, b)?;
         }
         match &self.post_norm {
             Some(n) => n.forward(&sum),
@@ -584,7 +584,7 @@ impl Mlp {
         let (xn, norm) = self.norm.forward(input)?;
         let mut up = xn.matmul(&w.w_in)?;
         if let Some(b) = &w.b_in {
-            up = up.broadcast_add(b)?;
+            up = ops::add_bias(&up, b)?;
         }
         let (out, pre, up) = match &w.w_gate {
             None => {

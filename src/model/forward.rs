@@ -261,7 +261,7 @@ impl Model {
                 Some(c) => bu.index_select(&Tensor::new(c, &self.device)?, 0)?,
                 None => bu.clone(),
             };
-            logits = logits.broadcast_add(&bu)?;
+            logits = ops::add_bias(&logits, &bu)?;
         }
         let tanh = match self.cfg.final_softcap {
             Some(cap) => {
@@ -554,7 +554,7 @@ impl Model {
                     }
                     let mut x_next = (&x_mid + &out)?;
                     if let Some(bias) = mlp.output_bias() {
-                        x_next = x_next.broadcast_add(bias)?;
+                        x_next = ops::add_bias(&x_next, bias)?;
                     }
                     sink(&out)?;
                     if track_writers {

@@ -921,6 +921,40 @@ fn act_grad_scalar(act: Activation, x: f32) -> f32 {
     }
 }
 
+multiversion! {
+    /// `out[r] = x[r] + bias` for each row `r` of `bias.len()` elements.
+    fn add_bias_rows(x: &[f32], bias: &[f32], out: &mut [f32]) {
+        for (o, xr) in out.chunks_mut(bias.len()).zip(x.chunks(bias.len())) {
+            for ((o, &x), &b) in o.iter_mut().zip(xr).zip(bias) {
+                *o = x + b;
+            }
+        }
+    }
+}
+
+/// `x + bias` broadcast over `x`'s rows (`bias` is `[n]`, `x` is `[…, n]`) in one vectorised
+/// pass; candle's broadcasting add indexes each element (1.6 ms for GPT-2's MLP bias at
+/// 32 × 16 tokens, 0.3 ms this way).
+pub fn add_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let n = bias.elem_count();
+    if x.dim(D::Minus1)? == n && bias.rank() == 1 {
+        let fast = cpu_slice(x, |xs| {
+            cpu_slice(bias, |bs| {
+                let mut out = vec![0f32; xs.len()];
+                let rows = (16_384 / n.max(1)).max(1) * n;
+                out.par_chunks_mut(rows)
+                    .zip(xs.par_chunks(rows))
+                    .for_each(|(o, x)| add_bias_rows(x, bs, o));
+                out
+            })
+        });
+        if let Some(Some(out)) = fast {
+            return Ok(Tensor::from_vec(out, x.shape().clone(), x.device())?);
+        }
+    }
+    Ok(x.broadcast_add(bias)?)
+}
+
 /// The MLP activation.
 pub fn activation(x: &Tensor, act: Activation, force_composite: bool) -> Result<Tensor> {
     if !force_composite {
@@ -1396,6 +1430,17 @@ mod tests {
                 assert_eq!(*y, act_scalar(act, *v), "{act:?}({v})");
                 assert_eq!(*g, act_grad_scalar(act, *v), "{act:?}'({v})");
             }
+        }
+    }
+
+    #[test]
+    fn bias_add_equals_candles_broadcast() {
+        for shape in [vec![5, 7], vec![2, 3, 4099], vec![1, 1]] {
+            let x = randn(&shape, 8);
+            let b = randn(&[*shape.last().unwrap()], 9);
+            let (got, want) = (add_bias(&x, &b).unwrap(), x.broadcast_add(&b).unwrap());
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(to_vec(&got).unwrap(), to_vec(&want).unwrap());
         }
     }
 
