@@ -420,16 +420,11 @@ impl Attention {
         }
     }
 
-    /// The gradients of every head's q, k and v input (`[3h (+1), N, d]`, graph order: all
-    /// queries, all keys, all values) given the gradient `g` (`[N, d]`) of the residual stream
-    /// attention writes to; `append` (the MLP reader's gradient) fills one more slot. Each is the
-    /// derivative with respect to that reader's own copy of the residual stream.
-    pub fn backward(
-        &self,
-        cache: &AttentionCache,
-        g: &Tensor,
-        append: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    /// The gradients of every head's q, k and v input — one `[h, N, d]` tensor per letter, in
+    /// graph order (all queries, all keys, all values) — given the gradient `g` (`[N, d]`) of
+    /// the residual stream attention writes to. Each is the derivative with respect to that
+    /// reader's own copy of the residual stream.
+    pub fn backward(&self, cache: &AttentionCache, g: &Tensor) -> Result<[Tensor; 3]> {
         let (b, h, p, dh) = cache.q.dims4()?;
         let n = b * p;
         // Without an output norm the residual gradient reaches every head's output unchanged.
@@ -478,7 +473,7 @@ impl Attention {
         ];
         let wr = [&ws[0], &ws[1], &ws[2]];
         let norm = cache.norm.as_ref().map(|c| (c, self.norm.gain()));
-        if let Some(grads) = ops::qkv_input_grads([&dq, &dk, &dv], wr, norm, append)? {
+        if let Some(grads) = ops::qkv_input_grads([&dq, &dk, &dv], wr, norm)? {
             return Ok(grads);
         }
         // Any device: per-letter batched products, then the norm's backward.
@@ -488,14 +483,11 @@ impl Attention {
             dv.matmul(&ws[2].t()?)?,
         ];
         match &cache.norm {
-            Some(c) => ops::layer_norm_backward_many(&dxs, c, self.norm.gain(), append),
-            None => {
-                let mut parts = dxs.to_vec();
-                if let Some(gm) = append {
-                    parts.push(gm.unsqueeze(0)?);
-                }
-                Ok(Tensor::cat(&parts, 0)?)
+            Some(c) => {
+                let back = |dx: &Tensor| ops::layer_norm_backward(dx, c, self.norm.gain(), false);
+                Ok([back(&dxs[0])?, back(&dxs[1])?, back(&dxs[2])?])
             }
+            None => Ok(dxs),
         }
     }
 }

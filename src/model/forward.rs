@@ -713,23 +713,35 @@ impl Model {
                 }
                 _ => (None, g.clone()),
             };
-            // The layer's reader gradients in graph order, [3h (+1), n, d]: q, k, v of every
-            // head, then the MLP's gradient appended.
-            let grads = if lc.attn_frozen {
-                let zeros = Tensor::zeros((3 * h, n, d), DType::F32, &self.device)?;
-                match &mlp_grad {
-                    Some(gm) => Tensor::cat(&[zeros, gm.unsqueeze(0)?], 0)?,
-                    None => zeros,
-                }
+            // The layer's reader gradients in graph order: q, k and v of every head, one
+            // `[h, n, d]` tensor per letter, then the MLP's.
+            let letters = if lc.attn_frozen {
+                let zeros = Tensor::zeros((h, n, d), DType::F32, &self.device)?;
+                [zeros.clone(), zeros.clone(), zeros]
             } else {
-                block.attn.backward(&lc.attn, &g_attn, mlp_grad.as_ref())?
+                block.attn.backward(&lc.attn, &g_attn)?
             };
-            let mlp_count = mlp_grad.is_some() as usize;
-            let g_qkv_sum = ops::sum_leading(&grads.narrow(0, 0, 3 * h)?)?;
-            visit(ReaderGrads {
-                readers: first_reader..first_reader + 3 * h + mlp_count,
-                grads,
-            })?;
+            let mut g_qkv_sum: Option<Tensor> = None;
+            for (i, grads) in letters.into_iter().enumerate() {
+                let sum = ops::sum_leading(&grads)?;
+                g_qkv_sum = Some(match g_qkv_sum {
+                    None => sum,
+                    Some(acc) => (acc + sum)?,
+                });
+                let start = first_reader + i * h;
+                visit(ReaderGrads {
+                    readers: start..start + h,
+                    grads,
+                })?;
+            }
+            if let Some(gm) = mlp_grad {
+                let mlp_reader = first_reader + 3 * h;
+                visit(ReaderGrads {
+                    readers: mlp_reader..mlp_reader + 1,
+                    grads: gm.unsqueeze(0)?,
+                })?;
+            }
+            let g_qkv_sum = g_qkv_sum.expect("three letters");
             g = (g + g_qkv_sum)?;
         }
         Ok(())

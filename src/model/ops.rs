@@ -295,36 +295,18 @@ fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// [`layer_norm_backward`] for several gradient stacks that share one LayerNorm's statistics
-/// (the q, k and v inputs of every head of a layer), written straight into one
-/// `[Σ k_i, rows, d]` tensor: no concatenation copy, one fused pass per row.
-///
-/// `append`, a `[rows, d]` tensor, is copied unchanged into one more slot at the end.
-pub fn layer_norm_backward_many(
-    gs: &[Tensor],
-    cache: &NormCache,
-    w: Option<&Tensor>,
-    append: Option<&Tensor>,
-) -> Result<Tensor> {
-    let normed = layer_norm_backward(&Tensor::cat(gs, 0)?, cache, w, false)?;
-    match append {
-        Some(a) => Ok(Tensor::cat(&[normed, a.unsqueeze(0)?], 0)?),
-        None => Ok(normed),
-    }
-}
-
-/// The q, k and v reader gradients of one layer in a single buffer `[3h (+1), rows, d]`: for
-/// each letter and head, `d_in = LN1_backward(d_letter[h] · W_letter[h]ᵀ)`, the GEMM written
-/// straight into its slot and the LayerNorm backward applied in place — no intermediate
-/// `[h, rows, d]` tensors (57 MB per layer on GPT-2 at 32 × 16 tokens). `append` (the MLP
-/// reader's gradient) fills one more slot. `None` when the inputs are not contiguous CPU f32,
-/// and the caller composes the same maths from candle ops.
+/// The q, k and v reader gradients of one layer, one `[h, rows, d]` tensor per letter: for each
+/// letter and head, `d_in = LN1_backward(d_letter[h] · W_letter[h]ᵀ)`, the GEMM written straight
+/// into its slot and the LayerNorm backward applied in place. One buffer per letter rather than
+/// one per layer: at GPT-2's 19 MB each they stay under glibc's 32 MB mmap ceiling, so the
+/// allocator recycles them from layer to layer instead of mapping (and faulting in, page by page)
+/// 57 MB of fresh memory each time. `None` when the inputs are not contiguous CPU f32, and the
+/// caller composes the same maths from candle ops.
 pub fn qkv_input_grads(
     d_heads: [&Tensor; 3],
     w_heads: [&Tensor; 3],
     norm: Option<(&NormCache, Option<&Tensor>)>,
-    append: Option<&Tensor>,
-) -> Result<Option<Tensor>> {
+) -> Result<Option<[Tensor; 3]>> {
     let (h, rows, dh) = d_heads[0].dims3()?;
     let d = w_heads[0].dim(1)?;
     let usable = |t: &Tensor| t.device().is_cpu() && t.is_contiguous() && t.dtype() == DType::F32;
@@ -341,38 +323,42 @@ pub fn qkv_input_grads(
     };
     let centered = norm.is_none_or(|(c, _)| c.centered);
     let slot = rows * d;
-    let n_append = append.is_some() as usize;
-    let mut out = vec![0f32; (3 * h + n_append) * slot];
-    if let Some(a) = append {
-        out[3 * h * slot..].copy_from_slice(&to_vec(a)?);
-    }
+    let mut outs: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0f32; h * slot]);
     let operands = [
         d_heads[0], d_heads[1], d_heads[2], w_heads[0], w_heads[1], w_heads[2],
     ];
     let done = cpu_slices(&operands, |data| {
         let (d_data, w_data) = data.split_at(3);
-        out[..3 * h * slot]
-            .par_chunks_mut(slot)
+        let [oq, ok, ov] = &mut outs;
+        let jobs: Vec<(usize, usize, &mut [f32])> = [oq, ok, ov]
+            .into_iter()
             .enumerate()
-            .for_each(|(job, dst)| {
-                let (letter, head) = (job / h, job % h);
-                let dsrc = &d_data[letter][head * rows * dh..(head + 1) * rows * dh];
-                let wsrc = &w_data[letter][head * d * dh..(head + 1) * d * dh];
-                // dst [rows, d] = dsrc [rows, dh] · W[h]ᵀ, W[h] being [d, dh].
-                gemm_nt_serial(rows, d, dh, dsrc, dh, wsrc, dh, dst);
-                if let (Some(xhat), Some(inv)) = (&xhat, &inv) {
-                    ln_backward_in_place(dst, d, xhat, inv, wv.as_deref(), centered);
-                }
-            });
+            .flat_map(|(letter, o)| {
+                o.chunks_mut(slot)
+                    .enumerate()
+                    .map(move |(head, dst)| (letter, head, dst))
+            })
+            .collect();
+        jobs.into_par_iter().for_each(|(letter, head, dst)| {
+            let dsrc = &d_data[letter][head * rows * dh..(head + 1) * rows * dh];
+            let wsrc = &w_data[letter][head * d * dh..(head + 1) * d * dh];
+            // dst [rows, d] = dsrc [rows, dh] · W[h]ᵀ, W[h] being [d, dh].
+            gemm_nt_serial(rows, d, dh, dsrc, dh, wsrc, dh, dst);
+            if let (Some(xhat), Some(inv)) = (&xhat, &inv) {
+                ln_backward_in_place(dst, d, xhat, inv, wv.as_deref(), centered);
+            }
+        });
     });
     if done.is_none() {
         return Ok(None);
     }
-    Ok(Some(Tensor::from_vec(
-        out,
-        (3 * h + n_append, rows, d),
-        d_heads[0].device(),
-    )?))
+    let dev = d_heads[0].device();
+    let [oq, ok, ov] = outs;
+    Ok(Some([
+        Tensor::from_vec(oq, (h, rows, d), dev)?,
+        Tensor::from_vec(ok, (h, rows, d), dev)?,
+        Tensor::from_vec(ov, (h, rows, d), dev)?,
+    ]))
 }
 
 /// `C = A · Bᵀ` on one thread, with gemm's kernels: `A` is `m × k` with rows `lda` apart, `B`
@@ -1261,12 +1247,6 @@ mod tests {
         let d1 = layer_norm_backward(&g, &c1, Some(&w), false).unwrap();
         let d2 = layer_norm_backward(&g, &c2, Some(&w), true).unwrap();
         assert!(max_diff(&d1, &d2) < 1e-4, "{}", max_diff(&d1, &d2));
-        let parts = [
-            g.narrow(0, 0, 1).unwrap(),
-            g.narrow(0, 1, 2).unwrap().contiguous().unwrap(),
-        ];
-        let d3 = layer_norm_backward_many(&parts, &c1, Some(&w), None).unwrap();
-        assert!(max_diff(&d1, &d3) < 1e-4, "{}", max_diff(&d1, &d3));
         // RMSNorm through the same kernels, uncentred.
         let (r1, rc1) = rms_norm(&x, Some(&w), 1e-6, false).unwrap();
         let (r2, rc2) = rms_norm(&x, Some(&w), 1e-6, true).unwrap();
