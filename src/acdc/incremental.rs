@@ -53,7 +53,7 @@
 //! way; and when a reader's visit ends ([`AcdcState::finish_reader`]) its node and the nodes it
 //! reaches are recomputed in form B — about one tentative pass per reader.
 
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 use crate::graph::{visit_order, Graph, Qkv, Reader, Writer};
@@ -65,29 +65,6 @@ use crate::{Error, Result};
 
 /// Floats per rayon task in the input sums.
 const FOLD_CHUNK: usize = 16 * 1024;
-
-/// Runs `f` on the data of contiguous f32 CPU tensors; `None` for other devices or layouts.
-fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
-    if ts
-        .iter()
-        .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous())
-    {
-        return None;
-    }
-    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
-    for (t, (storage, layout)) in ts.iter().zip(&guards) {
-        match &**storage {
-            Storage::Cpu(cpu) => {
-                let data = cpu.as_slice::<f32>().ok()?;
-                let start = layout.start_offset();
-                slices.push(&data[start..start + t.elem_count()]);
-            }
-            _ => return None,
-        }
-    }
-    Some(f(&slices))
-}
 
 /// `init + (p_1 − m_1) + (p_2 − m_2) + …`, added left to right element by element, over the
 /// `rows` of `[N, d]` terms (all rows when `None`; `init` is already in that row space).
@@ -111,7 +88,7 @@ fn fold(
     if let Some(i) = init {
         all.push(i);
     }
-    let fast = with_slices(&all, |s| {
+    let fast = ops::cpu_slices(&all, |s| {
         let k = terms.len();
         let mut out = vec![0f32; out_rows * d];
         // Output elements `out_off..` read the terms' elements `src..`, one contiguous run.

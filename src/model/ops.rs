@@ -469,8 +469,8 @@ pub fn matmul_nt_many(a: &Tensor, bs: &[(&Tensor, usize)]) -> Result<Vec<Tensor>
     }
 }
 
-/// [`cpu_slice`] of several tensors at once.
-fn cpu_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+/// [`cpu_slice`] of several tensors at once: `None` unless every one is contiguous f32 on the CPU.
+pub fn cpu_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
     if ts
         .iter()
         .any(|t| !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous())
