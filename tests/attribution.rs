@@ -69,6 +69,17 @@ fn eap_scores_match_pytorch() {
             assert!(
                 (att.clean_metric - expected_metric).abs() < 1e-4 * expected_metric.abs().max(1.0)
             );
+            // The phases are parts of the run: each took time, together no more than the run.
+            let p = att.phases;
+            assert!(
+                p.forward > 0.0 && p.backward > 0.0 && p.contraction > 0.0,
+                "{p:?}"
+            );
+            assert!(
+                p.forward + p.backward + p.contraction <= att.seconds,
+                "{p:?}"
+            );
+            assert_eq!(att.meta()["phase_seconds"]["contraction"], p.contraction);
         }
     }
 }

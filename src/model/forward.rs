@@ -630,10 +630,11 @@ impl Model {
     }
 
     /// The activation-only backward: given `dM/dlogits` (`[batch, n_positions, width]`, the
-    /// positions and vocabulary columns of the forward), hands `visit` the gradient of `M` with respect to every
-    /// reader's input — first `logits`, then each layer's q/k/v (and MLP) readers from the last
-    /// layer down. Each reader's gradient is the derivative with respect to that reader's input
-    /// alone, as if it were a separate copy of the residual stream. No weight gradients.
+    /// positions and vocabulary columns of the forward), hands `visit` the gradient of `M` with
+    /// respect to every reader's input — first `logits`, then from the last layer down each
+    /// layer's queries, keys, values (one visit per letter) and MLP. Each reader's gradient is
+    /// the derivative with respect to that reader's input alone, as if it were a separate copy
+    /// of the residual stream. No weight gradients.
     pub fn backward(
         &self,
         cache: &ForwardCache,
