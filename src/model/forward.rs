@@ -722,13 +722,12 @@ impl Model {
             } else {
                 block.attn.backward(&lc.attn, &g_attn)?
             };
-            let mut g_qkv_sum: Option<Tensor> = None;
+            let sums = letters
+                .iter()
+                .map(ops::sum_leading)
+                .collect::<Result<Vec<_>>>()?;
+            let g_qkv_sum = ((&sums[0] + &sums[1])? + &sums[2])?;
             for (i, grads) in letters.into_iter().enumerate() {
-                let sum = ops::sum_leading(&grads)?;
-                g_qkv_sum = Some(match g_qkv_sum {
-                    None => sum,
-                    Some(acc) => (acc + sum)?,
-                });
                 let start = first_reader + i * h;
                 visit(ReaderGrads {
                     readers: start..start + h,
@@ -742,7 +741,6 @@ impl Model {
                     grads: gm.unsqueeze(0)?,
                 })?;
             }
-            let g_qkv_sum = g_qkv_sum.expect("three letters");
             g = (g + g_qkv_sum)?;
         }
         Ok(())

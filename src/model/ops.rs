@@ -19,18 +19,7 @@ const ROWS_PER_TASK: usize = 16;
 
 /// Runs `f` on the f32 data of a contiguous CPU tensor; `None` for other devices or layouts.
 pub fn cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if !t.device().is_cpu() || t.dtype() != DType::F32 || !t.is_contiguous() {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) => {
-            let data = cpu.as_slice::<f32>().ok()?;
-            let start = layout.start_offset();
-            Some(f(&data[start..start + t.elem_count()]))
-        }
-        _ => None,
-    }
+    cpu_slices(&[t], |s| f(s[0]))
 }
 
 /// Copies a tensor's f32 data to a vector (any device, any layout).
@@ -297,11 +286,10 @@ fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
 
 /// The q, k and v reader gradients of one layer, one `[h, rows, d]` tensor per letter: for each
 /// letter and head, `d_in = LN1_backward(d_letter[h] · W_letter[h]ᵀ)`, the GEMM written straight
-/// into its slot and the LayerNorm backward applied in place. One buffer per letter rather than
-/// one per layer: at GPT-2's 19 MB each they stay under glibc's 32 MB mmap ceiling, so the
-/// allocator recycles them from layer to layer instead of mapping (and faulting in, page by page)
-/// 57 MB of fresh memory each time. `None` when the inputs are not contiguous CPU f32, and the
-/// caller composes the same maths from candle ops.
+/// into its slot and the LayerNorm backward applied in place, with no intermediate tensors. One
+/// tensor per letter so that each is a reader group of its own (the MLP's gradient is not copied
+/// in beside them). `None` when the inputs are not contiguous CPU f32, and the caller composes
+/// the same maths from candle ops.
 pub fn qkv_input_grads(
     d_heads: [&Tensor; 3],
     w_heads: [&Tensor; 3],
@@ -423,13 +411,13 @@ pub fn matmul_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// [`matmul_nt`] of the first `rows` rows of one `a` (`[m, k]`) against each of several `b`
 /// (`[n_i, k]`): `[rows_i, n_i]` each. The EAP contraction of several layers' reader gradients
-/// against Δ: it is bound by reading Δ from memory (GPT-2: 1.6 GB per run when each layer reads
-/// it alone, at the ~5 GB/s a core streams), so each block of `a`'s columns is read once for
-/// all the `b`s while it sits in cache.
+/// against Δ: each block of `a`'s columns is read from memory once for all the `b`s, while it
+/// sits in cache, instead of once per layer.
 pub fn matmul_nt_many(a: &Tensor, bs: &[(&Tensor, usize)]) -> Result<Vec<Tensor>> {
     let (m, k) = a.dims2()?;
+    let mut ns = Vec::with_capacity(bs.len());
     for (b, rows) in bs {
-        let k2 = b.dim(1)?;
+        let (n, k2) = b.dims2()?;
         if k != k2 || *rows > m {
             return Err(crate::Error::Shape {
                 op: "matmul_nt",
@@ -437,6 +425,7 @@ pub fn matmul_nt_many(a: &Tensor, bs: &[(&Tensor, usize)]) -> Result<Vec<Tensor>
                 found: format!("inner dimension {k2}, {rows} rows"),
             });
         }
+        ns.push(n);
     }
     let tensors: Vec<&Tensor> = std::iter::once(a)
         .chain(bs.iter().map(|(b, _)| *b))
@@ -444,8 +433,9 @@ pub fn matmul_nt_many(a: &Tensor, bs: &[(&Tensor, usize)]) -> Result<Vec<Tensor>
     let fast = cpu_slices(&tensors, |slices| {
         let groups: Vec<(&[f32], usize, usize)> = bs
             .iter()
+            .zip(&ns)
             .zip(&slices[1..])
-            .map(|((b, rows), bv)| (*bv, b.dim(0).unwrap_or(0), *rows))
+            .map(|(((_, rows), &n), bv)| (*bv, n, *rows))
             .collect();
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -459,8 +449,8 @@ pub fn matmul_nt_many(a: &Tensor, bs: &[(&Tensor, usize)]) -> Result<Vec<Tensor>
     match fast {
         Some(outs) => outs
             .into_iter()
-            .zip(bs)
-            .map(|(out, (b, rows))| Ok(Tensor::from_vec(out, (*rows, b.dim(0)?), a.device())?))
+            .zip(bs.iter().zip(&ns))
+            .map(|(out, ((_, rows), &n))| Ok(Tensor::from_vec(out, (*rows, n), a.device())?))
             .collect(),
         None => bs
             .iter()
