@@ -311,37 +311,32 @@ pub fn qkv_input_grads(
     };
     let centered = norm.is_none_or(|(c, _)| c.centered);
     let slot = rows * d;
-    let mut outs: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0f32; h * slot]);
     let operands = [
         d_heads[0], d_heads[1], d_heads[2], w_heads[0], w_heads[1], w_heads[2],
     ];
-    let done = cpu_slices(&operands, |data| {
+    let outs = cpu_slices(&operands, |data| {
         let (d_data, w_data) = data.split_at(3);
-        let [oq, ok, ov] = &mut outs;
-        let jobs: Vec<(usize, usize, &mut [f32])> = [oq, ok, ov]
-            .into_iter()
-            .enumerate()
-            .flat_map(|(letter, o)| {
-                o.chunks_mut(slot)
-                    .enumerate()
-                    .map(move |(head, dst)| (letter, head, dst))
-            })
-            .collect();
-        jobs.into_par_iter().for_each(|(letter, head, dst)| {
-            let dsrc = &d_data[letter][head * rows * dh..(head + 1) * rows * dh];
-            let wsrc = &w_data[letter][head * d * dh..(head + 1) * d * dh];
-            // dst [rows, d] = dsrc [rows, dh] · W[h]ᵀ, W[h] being [d, dh].
-            gemm_nt_serial(rows, d, dh, dsrc, dh, wsrc, dh, dst);
-            if let (Some(xhat), Some(inv)) = (&xhat, &inv) {
-                ln_backward_in_place(dst, d, xhat, inv, wv.as_deref(), centered);
-            }
-        });
+        let letter_grads = |letter: usize| {
+            let fill = |head: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
+                let dsrc = &d_data[letter][head * rows * dh..(head + 1) * rows * dh];
+                let wsrc = &w_data[letter][head * d * dh..(head + 1) * d * dh];
+                // dst [rows, d] = dsrc [rows, dh] · W[h]ᵀ, W[h] being [d, dh].
+                gemm_serial(rows, d, dh, dsrc, dh, (wsrc, 1, dh), dst);
+                // SAFETY: the GEMM has just written all of `dst`.
+                let dst = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+                if let (Some(xhat), Some(inv)) = (&xhat, &inv) {
+                    ln_backward_in_place(dst, d, xhat, inv, wv.as_deref(), centered);
+                }
+            };
+            // SAFETY: `fill` writes each head's whole slot (the GEMM covers `rows × d`).
+            unsafe { filled_in_chunks(h * slot, slot, fill) }
+        };
+        [letter_grads(0), letter_grads(1), letter_grads(2)]
     });
-    if done.is_none() {
+    let Some([oq, ok, ov]) = outs else {
         return Ok(None);
-    }
+    };
     let dev = d_heads[0].device();
-    let [oq, ok, ov] = outs;
     Ok(Some([
         Tensor::from_vec(oq, (h, rows, d), dev)?,
         Tensor::from_vec(ok, (h, rows, d), dev)?,
@@ -349,9 +344,8 @@ pub fn qkv_input_grads(
     ]))
 }
 
-/// `C = A · Bᵀ` on one thread, with gemm's kernels: `A` is `m × k` with rows `lda` apart, `B`
-/// is `n × k` with rows `ldb` apart, `C` is `m × n` row-major and overwritten. The one place
-/// eap calls gemm directly; bounds are checked here so callers stay safe.
+/// `C = A · Bᵀ` on one thread: `A` is `m × k` with rows `lda` apart, `B` is `n × k` with rows
+/// `ldb` apart, `C` is `m × n` row-major and overwritten.
 #[allow(clippy::too_many_arguments)]
 fn gemm_nt_serial(
     m: usize,
@@ -363,24 +357,48 @@ fn gemm_nt_serial(
     ldb: usize,
     c: &mut [f32],
 ) {
-    let last = |rows: usize, ld: usize| {
-        if rows == 0 || k == 0 {
-            0
-        } else {
-            (rows - 1) * ld + k
-        }
+    // SAFETY: a `MaybeUninit<f32>` has the layout of an `f32`, and gemm writes only floats.
+    let c = unsafe { &mut *(c as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) };
+    gemm_serial(m, n, k, a, lda, (b, 1, ldb), c);
+}
+
+/// `C = A · B` on one thread, with gemm's kernels: `A` is `m × k` with rows `lda` apart, `B`'s
+/// element `(kk, j)` is `b.0[kk · b.1 + j · b.2]`, and `C` (`m × n`, row-major) is written in
+/// full without being read, so it may start uninitialised. The one place eap calls gemm
+/// directly; bounds are checked here so callers stay safe.
+fn gemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: (&[f32], usize, usize),
+    c: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let (b, b_k, b_n) = b;
+    let empty = m == 0 || n == 0 || k == 0;
+    let a_last = if empty { 0 } else { (m - 1) * lda + k };
+    let b_last = if empty {
+        0
+    } else {
+        (k - 1) * b_k + (n - 1) * b_n + 1
     };
     assert!(
-        a.len() >= last(m, lda) && b.len() >= last(n, ldb) && c.len() >= m * n,
-        "gemm_nt_serial: operands too short"
+        a.len() >= a_last && b.len() >= b_last && c.len() >= m * n,
+        "gemm_serial: operands too short"
     );
-    // SAFETY: the assertion keeps every element the strides address inside `a`, `b` and `c`.
+    if k == 0 {
+        c[..m * n].fill(std::mem::MaybeUninit::new(0.0));
+        return;
+    }
+    // SAFETY: the assertion keeps every element the strides address inside `a`, `b` and `c`;
+    // with `read_dst` false gemm only writes `c`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c.as_mut_ptr() as *mut f32,
             1,
             n as isize,
             false,
@@ -388,8 +406,8 @@ fn gemm_nt_serial(
             1,
             lda as isize,
             b.as_ptr(),
-            ldb as isize,
-            1,
+            b_n as isize,
+            b_k as isize,
             0.0,
             1.0,
             false,
@@ -397,6 +415,102 @@ fn gemm_nt_serial(
             false,
             gemm::Parallelism::None,
         );
+    }
+}
+
+/// A vector of `len` floats, `fill` given it in `chunk`-sized pieces (with their index) on
+/// rayon's threads, without zeroing it first: the outputs of GEMMs that overwrite them (a
+/// per-letter reader gradient is 19 MB per GPT-2 layer; zeroing it cost ~30 ms per backward).
+///
+/// # Safety
+/// `fill` must write every element of the chunk it is handed.
+unsafe fn filled_in_chunks(
+    len: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut v: Vec<f32> = Vec::with_capacity(len);
+    if chunk > 0 {
+        v.spare_capacity_mut()[..len]
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| fill(i, c));
+    }
+    // SAFETY: the caller's `fill` initialised every chunk, and the chunks cover `len`.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// Every head's product `x[h] · w[h]` (`[h, rows, k] × [h, k, n] → [h, rows, n]`) for CPU f32
+/// contiguous inputs, one single-threaded GEMM per head on rayon's threads: the per-head output
+/// projections `z_h · W_O[h]`. candle's batched matmul splits each of these small products
+/// (`k = d_head`) over both threads in turn and ran at ~105 GFLOP/s where this runs at ~180
+/// (GPT-2 shape, 2-core AVX-512 EPYC). `None` for other inputs.
+pub fn per_head_products(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (h, rows, k) = x.dims3()?;
+    let (h2, k2, n) = w.dims3()?;
+    if h != h2 || k != k2 {
+        return Err(candle_core::Error::ShapeMismatchBinaryOp {
+            lhs: x.shape().clone(),
+            rhs: w.shape().clone(),
+            op: "per_head_products",
+        }
+        .into());
+    }
+    let usable = |t: &Tensor| t.device().is_cpu() && t.is_contiguous() && t.dtype() == DType::F32;
+    if !usable(x) || !usable(w) {
+        return Ok(None);
+    }
+    let out = cpu_slices(&[x, w], |data| {
+        let (xs, ws) = (data[0], data[1]);
+        // SAFETY: each head's GEMM writes its whole `[rows, n]` chunk.
+        unsafe {
+            filled_in_chunks(h * rows * n, rows * n, |head, dst| {
+                let a = &xs[head * rows * k..(head + 1) * rows * k];
+                let b = &ws[head * k * n..(head + 1) * k * n];
+                gemm_serial(rows, n, k, a, k, (b, n, 1), dst);
+            })
+        }
+    });
+    match out {
+        Some(v) => Ok(Some(Tensor::from_vec(v, (h, rows, n), x.device())?)),
+        None => Ok(None),
+    }
+}
+
+/// A contiguous `[a, b, c, inner]` tensor as the contiguous `[a, c, b, inner]` one — the head
+/// reshuffles of attention (`[batch, pos, head, d_head] ↔ [batch, head, pos, d_head]`, per-head
+/// weights `[head, d, d_head] → [d, head, d_head]`). Written by hand because candle's strided copy
+/// walks one element at a time through index arithmetic (1.2–2.4 ms for GPT-2's 2.4 MB q/k/v
+/// weight, ~70 such copies per forward); here each `inner` run is one `memcpy`. Other inputs
+/// (non-CPU, non-f32, strided) fall back to candle's `transpose` + `contiguous`.
+pub fn swap_middle(t: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Tensor> {
+    let (a, b, c, inner) = dims;
+    let t = t.reshape((a, b, c, inner))?;
+    let fast = t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+    let done = fast
+        .then(|| {
+            cpu_slice(&t, |src| {
+                let mut out = vec![0f32; src.len()];
+                // Each chunk is one output row `[ai, ci]`: `b` runs of `inner` values.
+                let row = b * inner;
+                if row == 0 {
+                    return out;
+                }
+                out.par_chunks_mut(row).enumerate().for_each(|(r, dst)| {
+                    let (ai, ci) = (r / c, r % c);
+                    for bi in 0..b {
+                        let from = ((ai * b + bi) * c + ci) * inner;
+                        dst[bi * inner..(bi + 1) * inner].copy_from_slice(&src[from..from + inner]);
+                    }
+                });
+                out
+            })
+        })
+        .flatten();
+    match done {
+        Some(v) => Ok(Tensor::from_vec(v, (a, c, b, inner), t.device())?),
+        None => Ok(t.transpose(1, 2)?.contiguous()?),
     }
 }
 
@@ -1401,6 +1515,36 @@ mod tests {
                 assert_eq!(*g, act_grad_scalar(act, *v), "{act:?}'({v})");
             }
         }
+    }
+
+    #[test]
+    fn head_reshuffles_and_per_head_products_equal_candles() {
+        for dims in [(2, 3, 5, 4), (1, 12, 7, 64), (3, 1, 2, 1), (2, 4, 1, 3)] {
+            let (a, b, c, inner) = dims;
+            let x = randn(&[a, b, c, inner], 3);
+            let got = swap_middle(&x, dims).unwrap();
+            let want = x.transpose(1, 2).unwrap().contiguous().unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(to_vec(&got).unwrap(), to_vec(&want).unwrap());
+        }
+        // A strided input takes candle's path and gives the same values.
+        let x = randn(&[3, 2, 4, 5], 4).transpose(0, 1).unwrap();
+        let got = swap_middle(&x, (2, 3, 4, 5)).unwrap();
+        let want = x
+            .contiguous()
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        assert_eq!(to_vec(&got).unwrap(), to_vec(&want).unwrap());
+
+        let (x, w) = (randn(&[3, 17, 8], 5), randn(&[3, 8, 33], 6));
+        let got = per_head_products(&x, &w).unwrap().unwrap();
+        let want = x.matmul(&w).unwrap();
+        assert_eq!(got.dims(), &[3, 17, 33]);
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        assert!(per_head_products(&x, &randn(&[3, 9, 33], 7)).is_err());
     }
 
     #[test]

@@ -893,6 +893,21 @@ impl WeightLoader {
         on.then(|| self.get(name, shape)).transpose()
     }
 
+    /// A stored `[in, out]` MLP input projection (GPT-2's `Conv1D`, TransformerLens' `W_in`) as
+    /// the `[in, out]` view of `[out, in]` data, transposed while it is decoded: the layout the
+    /// MLP keeps (`block::Mlp::new`), without a second copy.
+    fn input_projection(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self
+            .get_as(name, shape, Transpose::Rows { batch: 1 })?
+            .t()?)
+    }
+
+    /// A Hugging Face `Linear` weight (`[out, in]`) as the `[in, out]` transposed view of its
+    /// stored layout, which is the one the MLP's input projections keep (`block::Mlp::new`).
+    fn linear_view(&self, name: &str, out: usize, inp: usize) -> Result<Tensor> {
+        Ok(self.get(name, &[out, inp])?.t()?)
+    }
+
     /// A Hugging Face `Linear` weight (`[out, in]`) as `[in, out]`, for `x · W`.
     fn linear_t(&self, name: &str, out: usize, inp: usize) -> Result<Tensor> {
         self.get_as(name, &[out, inp], Transpose::Rows { batch: 1 })
@@ -1144,7 +1159,7 @@ impl WeightLoader {
                         norm: None,
                         w_gate: None,
                         post_norm: None,
-                        w_in: self.get(&p("mlp.c_fc.weight"), &[d, d_mlp])?,
+                        w_in: self.input_projection(&p("mlp.c_fc.weight"), &[d, d_mlp])?,
                         b_in: Some(self.get(&p("mlp.c_fc.bias"), &[d_mlp])?),
                         w_out: self.get(&p("mlp.c_proj.weight"), &[d_mlp, d])?,
                         b_out: Some(self.get(&p("mlp.c_proj.bias"), &[d])?),
@@ -1158,7 +1173,7 @@ impl WeightLoader {
                         norm: None,
                         w_gate: None,
                         post_norm: None,
-                        w_in: self.get(&p("mlp.W_in"), &[d, m])?,
+                        w_in: self.input_projection(&p("mlp.W_in"), &[d, m])?,
                         b_in: Some(self.get(&p("mlp.b_in"), &[m])?),
                         w_out: self.get(&p("mlp.W_out"), &[m, d])?,
                         b_out: Some(self.get(&p("mlp.b_out"), &[d])?),
@@ -1214,9 +1229,9 @@ impl WeightLoader {
                         true => "pre_feedforward_layernorm",
                         false => "post_attention_layernorm",
                     }))?,
-                    w_in: self.linear_t(&n("mlp.up_proj.weight"), m, d)?,
+                    w_in: self.linear_view(&n("mlp.up_proj.weight"), m, d)?,
                     b_in: None,
-                    w_gate: Some(self.linear_t(&n("mlp.gate_proj.weight"), m, d)?),
+                    w_gate: Some(self.linear_view(&n("mlp.gate_proj.weight"), m, d)?),
                     w_out: self.linear_t(&n("mlp.down_proj.weight"), d, m)?,
                     b_out: None,
                     post_norm: match post {
@@ -1270,7 +1285,7 @@ impl WeightLoader {
                     // With the parallel residual the MLP applies this norm to the stream
                     // entering the layer; sequentially, to the stream after attention.
                     norm: self.hf_norm(&p("post_attention_layernorm"))?,
-                    w_in: self.linear_t(&p("mlp.dense_h_to_4h.weight"), m, d)?,
+                    w_in: self.linear_view(&p("mlp.dense_h_to_4h.weight"), m, d)?,
                     b_in: self.get_opt(l.mlp_bias, &p("mlp.dense_h_to_4h.bias"), &[m])?,
                     w_gate: None,
                     w_out: self.linear_t(&p("mlp.dense_4h_to_h.weight"), d, m)?,
