@@ -494,15 +494,19 @@ impl JobArgs {
 }
 
 impl DataArgs {
-    /// The model, its examples and the metric (`--metric`, else the task's).
-    pub fn load(&self) -> anyhow::Result<(Job, Metric)> {
+    /// The model, its examples and the metric (`--metric`, else the task's). `few_passes`
+    /// (attribution's two forwards and a backward) keeps the vocabulary matrices mapped and
+    /// reads their rows per pass; evaluations, with a pass per point of their curves, convert
+    /// them once.
+    pub fn load(&self, few_passes: bool) -> anyhow::Result<(Job, Metric)> {
         let spec = JobSpec {
             model: Some(self.model.clone()),
             tokenizer: self.source.tokenizer.clone(),
             examples: self.source.examples(),
-            residency: match self.stream_weights {
-                true => eap::model::Residency::Streamed,
-                false => eap::model::Residency::Auto,
+            residency: match (self.stream_weights, few_passes) {
+                (true, _) => eap::model::Residency::Streamed,
+                (false, true) => eap::model::Residency::MappedVocabulary,
+                (false, false) => eap::model::Residency::Auto,
             },
             ..Default::default()
         };

@@ -109,7 +109,7 @@ fn run(command: Command) -> Result<()> {
 fn cmd_attribute(a: AttributeArgs) -> Result<()> {
     check_outputs(&[("--out", Some(&a.out), true)])?;
     let to_stdout = eap::fsutil::is_stdout(&a.out);
-    let (job, metric) = a.data.load()?;
+    let (job, metric) = a.data.load(true)?;
     let opts = AttributionOptions {
         method: Method::new(a.method, a.ig_steps)?,
         metric,
@@ -171,7 +171,7 @@ fn prepared_for(
     what: String,
     file: impl FnOnce(&Job, Metric) -> Result<CircuitFile>,
 ) -> Result<(Job, Metric, CircuitFile, Vec<PreparedChunk>)> {
-    let (job, metric) = d.load()?;
+    let (job, metric) = d.load(false)?;
     let file = file(&job, metric)?;
     job.model.graph().expect(&file.graph, what)?;
     let runner = Runner::new(

@@ -8,8 +8,8 @@ use candle_core::{Device, Tensor};
 use eap::attribution::{attribute, AttributionOptions};
 use eap::graph::{Circuit, CircuitFile, Graph, MissingEdges, Scores};
 use eap::model::random::{hub_config, write_random_checkpoint_of, StoredDtype, PRESETS};
-use eap::model::{Batch, ForwardOptions, Model};
-use eap::tasks::{Dataset, Example, Target};
+use eap::model::{Batch, ForwardOptions, Model, Residency};
+use eap::tasks::{Dataset, Example, Metric, Target};
 use serde_json::{json, Value};
 
 use crate::util::*;
@@ -156,8 +156,10 @@ fn random_checkpoints_of_every_preset_load_as_written() {
     }
 }
 
-/// A streamed model (layers converted on use, vocabulary read by rows) computes the resident
-/// model's logits and EAP scores.
+/// A streamed model (layers converted on use, vocabulary read by rows), and a resident one whose
+/// vocabulary stays mapped (what `attribute` loads), compute the resident model's logits and
+/// EAP scores: with the logit difference (a few unembedding columns) and with the NLL (the whole
+/// vocabulary, read in blocks).
 #[test]
 fn streamed_models_match_resident_ones() {
     for preset in [
@@ -171,6 +173,8 @@ fn streamed_models_match_resident_ones() {
         write(tiny_config(preset), StoredDtype::Bf16, dir.path());
         let resident = Model::load_dir_with(dir.path(), &Device::Cpu, usize::MAX).unwrap();
         let streamed = Model::load_dir_with(dir.path(), &Device::Cpu, 0).unwrap();
+        let path = dir.path().to_str().unwrap();
+        let mapped = Model::load_with(path, &Device::Cpu, Residency::MappedVocabulary).unwrap();
         let data = dataset(300);
         let tokens: Vec<Vec<u32>> = data.examples.iter().map(|e| e.clean.clone()).collect();
         let batch = Batch::new(&tokens, &Device::Cpu).unwrap();
@@ -179,22 +183,31 @@ fn streamed_models_match_resident_ones() {
                 .unwrap()
                 .logits
         };
-        let (a, b) = (logits(&resident), logits(&streamed));
-        let err = max_abs(&(&a - &b).unwrap());
-        assert!(
-            err <= 1e-5 * max_abs(&a),
-            "{preset}: logits differ by {err}"
-        );
+        let a = logits(&resident);
+        for (what, other) in [("streamed", &streamed), ("mapped", &mapped)] {
+            let err = max_abs(&(&a - &logits(other)).unwrap());
+            assert!(
+                err <= 1e-5 * max_abs(&a),
+                "{preset} {what}: logits differ by {err}"
+            );
+        }
 
-        let opts = AttributionOptions::default();
-        let sa = attribute(&resident, &data, &opts).unwrap().scores;
-        let sb = attribute(&streamed, &data, &opts).unwrap().scores;
-        let (err, scale) = max_diff(&sa.values, &sb.values);
-        assert!(scale > 0.0, "{preset}: the test needs nonzero scores");
-        assert!(
-            err <= 1e-5 * scale,
-            "{preset}: scores differ by {err} (max {scale})"
-        );
+        for metric in [Metric::LogitDiff, Metric::Nll] {
+            let opts = AttributionOptions {
+                metric,
+                ..Default::default()
+            };
+            let sa = attribute(&resident, &data, &opts).unwrap().scores;
+            for (what, other) in [("streamed", &streamed), ("mapped", &mapped)] {
+                let sb = attribute(other, &data, &opts).unwrap().scores;
+                let (err, scale) = max_diff(&sa.values, &sb.values);
+                assert!(scale > 0.0, "{preset}: the test needs nonzero scores");
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{preset} {what} {metric:?}: scores differ by {err} (max {scale})"
+                );
+            }
+        }
     }
 }
 

@@ -51,6 +51,15 @@ pub const INTERPBENCH_CONFIG: &str = "ll_model_cfg.pkl";
 /// from the memory-mapped file and converted one layer at a time (`EAP_RESIDENT_BYTES`).
 const DEFAULT_RESIDENT_BYTES: usize = 8 << 30;
 
+/// The largest f32 size of a model whose layers are kept resident: `EAP_RESIDENT_BYTES`, else
+/// [`DEFAULT_RESIDENT_BYTES`].
+fn resident_bytes_limit() -> usize {
+    std::env::var("EAP_RESIDENT_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_RESIDENT_BYTES)
+}
+
 /// Where a loaded model's weights live.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Residency {
@@ -62,17 +71,19 @@ pub enum Residency {
     /// the vocabulary by rows. The resident set stays near one layer; each pass pays the
     /// conversion, so this suits few passes (EAP's three).
     Streamed,
+    /// The layers as [`Auto`](Self::Auto) does, but the embedding and unembedding stay mapped
+    /// where the checkpoint stores them by token rows, each pass reading the rows of its
+    /// tokens and of the logit columns its metric reads: for few passes of a metric that reads
+    /// few columns (EAP with a logit difference). No f32 copy of the vocabulary (154 MB for
+    /// GPT-2, 545 MB for Qwen2.5-0.5B) is made or kept; a metric over the whole vocabulary
+    /// converts it again in each pass.
+    MappedVocabulary,
 }
 
 enum LayerStore {
     Resident(Vec<Arc<Block>>),
     /// Weights stay memory-mapped in their stored dtype; each use converts one layer.
-    Streamed {
-        loader: Box<WeightLoader>,
-        /// The embedding and unembedding stay mapped too, read by rows
-        /// ([`WeightLoader::vocab_rows`]); `EmbedWeights` then holds empty placeholders.
-        vocab_mapped: bool,
-    },
+    Streamed(Arc<WeightLoader>),
 }
 
 /// A transformer whose graph eap analyses.
@@ -85,6 +96,9 @@ pub struct Model {
     /// The norm before the unembedding.
     final_norm: NormLayer,
     layers: LayerStore,
+    /// Where the embedding and unembedding stay mapped, read by rows
+    /// ([`WeightLoader::vocab_rows`]): `embed` then holds empty placeholders for them.
+    vocab: Option<Arc<WeightLoader>>,
 }
 
 impl std::fmt::Debug for Model {
@@ -119,6 +133,7 @@ impl Model {
             name: name.into(),
             embed,
             layers: LayerStore::Resident(layers.into_iter().map(Arc::new).collect()),
+            vocab: None,
         })
     }
 
@@ -134,6 +149,9 @@ impl Model {
         match residency {
             Residency::Auto => Self::load_dir(&dir, device),
             Residency::Streamed => Self::load_dir_with(&dir, device, 0),
+            Residency::MappedVocabulary => {
+                Self::load_dir_mapping(&dir, device, resident_bytes_limit(), true)
+            }
         }
     }
 
@@ -141,11 +159,7 @@ impl Model {
     /// or beside a TransformerLens `.pth` state dict, or an InterpBench case folder
     /// (`ll_model_cfg.pkl` + `ll_model.pth`, see [`crate::eval::interpbench`]).
     pub fn load_dir(dir: &Path, device: &Device) -> Result<Model> {
-        let budget = std::env::var("EAP_RESIDENT_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_RESIDENT_BYTES);
-        Self::load_dir_with(dir, device, budget)
+        Self::load_dir_with(dir, device, resident_bytes_limit())
     }
 
     /// [`load_dir`](Self::load_dir), keeping the weights resident as f32 only when they take at
@@ -153,6 +167,17 @@ impl Model {
     /// at a time, and reads only the embedding rows of its tokens and the unembedding in blocks
     /// of rows (Hugging Face Llama and NeoX layouts).
     pub fn load_dir_with(dir: &Path, device: &Device, resident_bytes: usize) -> Result<Model> {
+        Self::load_dir_mapping(dir, device, resident_bytes, false)
+    }
+
+    /// [`load_dir_with`](Self::load_dir_with), with the vocabulary matrices mapped (read by
+    /// rows) when `map_vocab` even if the layers are resident, where the checkpoint allows.
+    fn load_dir_mapping(
+        dir: &Path,
+        device: &Device,
+        resident_bytes: usize,
+        map_vocab: bool,
+    ) -> Result<Model> {
         let config_path = dir.join("config.json");
         let pickled = dir.join(INTERPBENCH_CONFIG);
         let (cfg, layout) = if config_path.exists() {
@@ -168,9 +193,14 @@ impl Model {
                 ),
             });
         };
-        let loader = WeightLoader::new(Checkpoint::discover(dir)?, &cfg, layout, device)?;
+        let loader = Arc::new(WeightLoader::new(
+            Checkpoint::discover(dir)?,
+            &cfg,
+            layout,
+            device,
+        )?);
         let resident = cfg.n_params().saturating_mul(4) <= resident_bytes;
-        let vocab_mapped = !resident && loader.can_map_vocab();
+        let vocab_mapped = (map_vocab || !resident) && loader.can_map_vocab();
         let embed = match vocab_mapped {
             false => loader.embed()?,
             true => loader.embed_mapped()?,
@@ -187,10 +217,12 @@ impl Model {
                 loader.check_layer(i)?;
             }
             loader.check_all_used()?;
-            LayerStore::Streamed {
-                loader: Box::new(loader),
-                vocab_mapped,
-            }
+            LayerStore::Streamed(loader.clone())
+        };
+        let vocab = match (&layers, vocab_mapped) {
+            (_, false) => None,
+            (LayerStore::Streamed(loader), true) => Some(loader.clone()),
+            (LayerStore::Resident(_), true) => Some(loader),
         };
         Ok(Model {
             final_norm: NormLayer::new(&cfg, embed.ln_final.clone()),
@@ -199,6 +231,7 @@ impl Model {
             name: dir.display().to_string(),
             embed,
             layers,
+            vocab,
         })
     }
 
@@ -206,7 +239,7 @@ impl Model {
     pub fn layer(&self, i: usize) -> Result<Arc<Block>> {
         match &self.layers {
             LayerStore::Resident(layers) => Ok(layers[i].clone()),
-            LayerStore::Streamed { loader, .. } => Ok(Arc::new(loader.layer(i)?)),
+            LayerStore::Streamed(loader) => Ok(Arc::new(loader.layer(i)?)),
         }
     }
 
@@ -216,15 +249,9 @@ impl Model {
         &self.embed
     }
 
-    /// The loader of a streamed model whose vocabulary matrices stay mapped (read by rows).
+    /// The loader of a model whose vocabulary matrices stay mapped (read by rows).
     pub(crate) fn mapped_vocab(&self) -> Option<&WeightLoader> {
-        match &self.layers {
-            LayerStore::Streamed {
-                loader,
-                vocab_mapped: true,
-            } => Some(loader),
-            _ => None,
-        }
+        self.vocab.as_deref()
     }
 
     /// The edge graph of this model (DESIGN §2).

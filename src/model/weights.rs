@@ -990,6 +990,8 @@ impl WeightLoader {
     /// name twice when tied): then a streamed model reads only the rows it needs.
     fn vocab_names(&self) -> Option<(String, String)> {
         let (embed, heads): (&str, &[&str]) = match self.format {
+            // GPT-2 always ties its unembedding to `wte`.
+            WeightFormat::HfGpt2 => ("wte.weight", &["wte.weight"]),
             WeightFormat::HfLlama => ("model.embed_tokens.weight", &["lm_head.weight"]),
             WeightFormat::HfNeox => (
                 "gpt_neox.embed_in.weight",
@@ -1000,14 +1002,19 @@ impl WeightLoader {
         if self.cfg.d_vocab_out != self.cfg.d_vocab {
             return None;
         }
-        let unembed = match self.layout.tied_embeddings {
+        let unembed = match self.layout.tied_embeddings || self.format == WeightFormat::HfGpt2 {
             true => embed,
             false => heads
                 .iter()
                 .find(|n| self.ckpt.contains(n))
                 .unwrap_or(&heads[0]),
         };
-        Some((embed.to_string(), unembed.to_string()))
+        // GPT-2's `wte` sits under the loader's prefix (`transformer.`, in `GPT2LMHeadModel`).
+        let full = |n: &str| match self.format {
+            WeightFormat::HfGpt2 => format!("{}{n}", self.prefix),
+            _ => n.to_string(),
+        };
+        Some((full(embed), full(unembed)))
     }
 
     /// Whether [`embed_mapped`](Self::embed_mapped) applies to this checkpoint.
@@ -1027,19 +1034,23 @@ impl WeightLoader {
             self.ckpt
                 .load_as(name, &[v, d], Transpose::No, true, &self.device)?;
         }
-        if self.layout.tied_embeddings {
+        if self.layout.tied_embeddings || self.format == WeightFormat::HfGpt2 {
             for name in ["lm_head.weight", "embed_out.weight"] {
                 self.mark(name);
             }
         }
         let empty = Tensor::zeros((0, d), DType::F32, &self.device)?;
-        let ln_final = match self.format {
-            WeightFormat::HfNeox => self.hf_norm("gpt_neox.final_layer_norm")?,
-            _ => self.hf_norm("model.norm")?,
+        let (ln_final, w_pos) = match self.format {
+            WeightFormat::HfNeox => (self.hf_norm("gpt_neox.final_layer_norm")?, None),
+            WeightFormat::HfGpt2 => (
+                self.norm("ln_f.weight", "ln_f.bias")?,
+                Some(self.get("wpe.weight", &[self.cfg.n_ctx, d])?),
+            ),
+            _ => (self.hf_norm("model.norm")?, None),
         };
         Ok(EmbedWeights {
             w_e: empty.clone(),
-            w_pos: None,
+            w_pos,
             ln_final,
             w_u: empty.t()?,
             b_u: None,
