@@ -165,7 +165,7 @@ impl Model {
     /// [`load_dir`](Self::load_dir), keeping the weights resident as f32 only when they take at
     /// most `resident_bytes`; otherwise they stay memory-mapped and each pass converts one layer
     /// at a time, and reads only the embedding rows of its tokens and the unembedding in blocks
-    /// of rows (Hugging Face Llama and NeoX layouts).
+    /// of rows (Hugging Face GPT-2, Llama and NeoX layouts).
     pub fn load_dir_with(dir: &Path, device: &Device, resident_bytes: usize) -> Result<Model> {
         Self::load_dir_mapping(dir, device, resident_bytes, false)
     }
@@ -219,11 +219,6 @@ impl Model {
             loader.check_all_used()?;
             LayerStore::Streamed(loader.clone())
         };
-        let vocab = match (&layers, vocab_mapped) {
-            (_, false) => None,
-            (LayerStore::Streamed(loader), true) => Some(loader.clone()),
-            (LayerStore::Resident(_), true) => Some(loader),
-        };
         Ok(Model {
             final_norm: NormLayer::new(&cfg, embed.ln_final.clone()),
             cfg,
@@ -231,7 +226,7 @@ impl Model {
             name: dir.display().to_string(),
             embed,
             layers,
-            vocab,
+            vocab: vocab_mapped.then_some(loader),
         })
     }
 

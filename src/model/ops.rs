@@ -457,10 +457,6 @@ pub fn per_head_products(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         }
         .into());
     }
-    let usable = |t: &Tensor| t.device().is_cpu() && t.is_contiguous() && t.dtype() == DType::F32;
-    if !usable(x) || !usable(w) {
-        return Ok(None);
-    }
     let out = cpu_slices(&[x, w], |data| {
         let (xs, ws) = (data[0], data[1]);
         // SAFETY: each head's GEMM writes its whole `[rows, n]` chunk.
@@ -487,27 +483,22 @@ pub fn per_head_products(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 pub fn swap_middle(t: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Tensor> {
     let (a, b, c, inner) = dims;
     let t = t.reshape((a, b, c, inner))?;
-    let fast = t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
-    let done = fast
-        .then(|| {
-            cpu_slice(&t, |src| {
-                let mut out = vec![0f32; src.len()];
-                // Each chunk is one output row `[ai, ci]`: `b` runs of `inner` values.
-                let row = b * inner;
-                if row == 0 {
-                    return out;
-                }
-                out.par_chunks_mut(row).enumerate().for_each(|(r, dst)| {
-                    let (ai, ci) = (r / c, r % c);
-                    for bi in 0..b {
-                        let from = ((ai * b + bi) * c + ci) * inner;
-                        dst[bi * inner..(bi + 1) * inner].copy_from_slice(&src[from..from + inner]);
-                    }
-                });
-                out
-            })
-        })
-        .flatten();
+    let done = cpu_slice(&t, |src| {
+        let mut out = vec![0f32; src.len()];
+        // Each chunk is one output row `[ai, ci]`: `b` runs of `inner` values.
+        let row = b * inner;
+        if row == 0 {
+            return out;
+        }
+        out.par_chunks_mut(row).enumerate().for_each(|(r, dst)| {
+            let (ai, ci) = (r / c, r % c);
+            for bi in 0..b {
+                let from = ((ai * b + bi) * c + ci) * inner;
+                dst[bi * inner..(bi + 1) * inner].copy_from_slice(&src[from..from + inner]);
+            }
+        });
+        out
+    });
     match done {
         Some(v) => Ok(Tensor::from_vec(v, (a, c, b, inner), t.device())?),
         None => Ok(t.transpose(1, 2)?.contiguous()?),
