@@ -441,7 +441,7 @@ fn attribute_chunk(
                 })
                 .collect::<Result<Vec<_>>>()?;
             let refs: Vec<(&Tensor, usize)> = groups.iter().map(|(g, f)| (g, *f)).collect();
-            let blocks = crate::model::ops::matmul_nt_many(&delta, &refs)?;
+            let blocks = crate::model::ops::matmul_nt_many(&delta, n * d, &refs)?;
             for (rg, block) in pending.iter().zip(blocks) {
                 let block = to_vec(&block)?; // [f_max, count]
                 let count = rg.readers.len();
@@ -534,7 +534,7 @@ fn attribute_chunk(
             // Each writer on the path from its baseline (k = 0) to its clean value (k = steps):
             // clean + (1 − k/steps)·Δ, Δ = baseline − clean.
             let point = |u: usize, alpha: f64| -> Result<Tensor> {
-                let du = delta.get(u)?.reshape((n, d))?;
+                let du = delta.get(u)?.narrow(0, 0, n * d)?.reshape((n, d))?;
                 Ok((&clean_writers[u] + (du * (1.0 - alpha))?)?)
             };
             // The input, then per layer its attention (`Some(true)`) and MLP (`Some(false)`).
@@ -627,27 +627,33 @@ fn timed<T>(seconds: &Cell<f64>, f: impl FnOnce() -> T) -> T {
 }
 
 /// The `[n_writers, N·d]` activation difference, filled by a forward's [`WriterSink`] calls:
-/// first the baseline run sets each row, then the clean run subtracts from it.
+/// first the baseline run sets each row, then the clean run subtracts from it. Rows are
+/// [`padded_row_len`](crate::model::ops::padded_row_len) floats apart, so that the
+/// contraction's blocks of every row do not share cache sets.
 struct DeltaBuffer {
     data: RefCell<Vec<f32>>,
     row: usize,
+    row_len: usize,
     subtract: Cell<bool>,
 }
 
 impl DeltaBuffer {
     fn new(n_writers: usize, row: usize) -> Self {
+        let row_len = crate::model::ops::padded_row_len(row);
         DeltaBuffer {
-            data: RefCell::new(vec![0f32; n_writers * row]),
+            data: RefCell::new(vec![0f32; n_writers * row_len]),
             row,
+            row_len,
             subtract: Cell::new(false),
         }
     }
 
+    /// `[n_writers, row_len]`: each row's first `row` values are Δ, the rest zero.
     fn into_tensor(self, device: &candle_core::Device) -> Result<Tensor> {
-        let n_writers = self.data.borrow().len() / self.row;
+        let n_writers = self.data.borrow().len() / self.row_len;
         Ok(Tensor::from_vec(
             self.data.into_inner(),
-            (n_writers, self.row),
+            (n_writers, self.row_len),
             device,
         )?)
     }
@@ -657,7 +663,8 @@ impl WriterSink for DeltaBuffer {
     fn write(&self, writer: usize, output: &Tensor) -> Result<()> {
         let output = output.contiguous()?;
         let mut data = self.data.borrow_mut();
-        let dst = &mut data[writer * self.row..(writer + 1) * self.row];
+        let start = writer * self.row_len;
+        let dst = &mut data[start..start + self.row];
         let subtract = self.subtract.get();
         let apply = |src: &[f32], dst: &mut [f32]| {
             if subtract {

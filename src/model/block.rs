@@ -357,9 +357,19 @@ impl Attention {
         mask: &Tensor,
     ) -> Result<(Tensor, AttentionPattern)> {
         let (b, h, p, dh) = q.dims4()?;
-        let (pattern, tanh) = self.pattern(q, k, mask)?;
-        let z = pattern.matmul(v)?; // [b, h, p, dh]
-        let z_heads = ops::swap_middle(&z, (1, b, h, p * dh))?.reshape((h, b * p, dh))?;
+        let short = match self.softcap {
+            None => ops::short_attention(q, k, v, mask, self.scale)?,
+            Some(_) => None,
+        };
+        let (pattern, tanh, z_heads) = match short {
+            Some((pattern, z_heads)) => (pattern, None, z_heads),
+            None => {
+                let (pattern, tanh) = self.pattern(q, k, mask)?;
+                let z = pattern.matmul(v)?; // [b, h, p, dh]
+                let z_heads = ops::swap_middle(&z, (1, b, h, p * dh))?.reshape((h, b * p, dh))?;
+                (pattern, tanh, z_heads)
+            }
+        };
         Ok((
             match ops::per_head_products(&z_heads, &self.w_o)? {
                 Some(t) => t,

@@ -474,6 +474,83 @@ pub fn per_head_products(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     }
 }
 
+/// The longest key sequence [`short_attention`] takes; longer ones go through GEMMs.
+pub const SHORT_ATTENTION_MAX_KEYS: usize = 64;
+
+/// Attention over short sequences, per (batch, head) in plain loops: the pattern
+/// `softmax(q·kᵀ / scale + mask)` (`[b, h, m, p]`) and the mixed values `pattern · v` laid out per
+/// head, `[h, b·m, d_head]` (what the per-head output projections read). candle ran these as
+/// batched matmuls of `[16, 64] × [64, 16]` with a softmax and a head reshuffle in between: ~3 ms
+/// per GPT-2 layer at 32 × 16 tokens for 2 MFLOP. `q` is `[b, h, m, dh]`, `k` and `v`
+/// `[b, h, p, dh]`, `mask` `[m, p]` (0 or −∞); `None` for more than
+/// [`SHORT_ATTENTION_MAX_KEYS`] keys or inputs that are not contiguous f32 on the CPU.
+pub fn short_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f32,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let (b, h, m, dh) = q.dims4()?;
+    let p = k.dim(2)?;
+    let shapes_agree = k.dims() == [b, h, p, dh] && v.dims() == [b, h, p, dh];
+    if !shapes_agree || mask.dims() != [m, p] {
+        return Err(crate::Error::Shape {
+            op: "attention",
+            expected: format!("keys and values [{b}, {h}, p, {dh}] and a mask [{m}, p]"),
+            found: format!("{:?}, {:?}, mask {:?}", k.dims(), v.dims(), mask.dims()),
+        });
+    }
+    if p > SHORT_ATTENTION_MAX_KEYS || m == 0 || p == 0 || dh == 0 {
+        return Ok(None);
+    }
+    let out = cpu_slices(&[q, k, v, mask], |s| {
+        let (qs, ks, vs, mask) = (s[0], s[1], s[2], s[3]);
+        // Several (batch, head) pairs per task: one pair is a few microseconds of work.
+        let group = (16_384 / (m * p.max(dh))).clamp(1, b * h);
+        // SAFETY: each chunk is whole [m, p] patterns of consecutive (batch, head) pairs, each
+        // written in full (the last chunk may hold fewer pairs).
+        let pattern = unsafe {
+            filled_in_chunks(b * h * m * p, group * m * p, |c, dst| {
+                let mut rows = vec![0f32; m * p];
+                for (i, dst) in dst.chunks_mut(m * p).enumerate() {
+                    let bh = c * group + i;
+                    let q = &qs[bh * m * dh..(bh + 1) * m * dh];
+                    let k = &ks[bh * p * dh..(bh + 1) * p * dh];
+                    attention_pattern(q, k, mask, 1.0 / scale, dh, &mut rows);
+                    for (d, r) in dst.iter_mut().zip(&rows) {
+                        d.write(*r);
+                    }
+                }
+            })
+        };
+        // SAFETY: each chunk is whole [m, dh] blocks (one head's rows of one batch element)
+        // in the [h, b, m, dh] order, each written in full.
+        let z = unsafe {
+            filled_in_chunks(h * b * m * dh, group * m * dh, |c, dst| {
+                let mut rows = vec![0f32; m * dh];
+                for (i, dst) in dst.chunks_mut(m * dh).enumerate() {
+                    let hb = c * group + i;
+                    let bh = (hb % b) * h + hb / b;
+                    let pat = &pattern[bh * m * p..(bh + 1) * m * p];
+                    mix_values(pat, &vs[bh * p * dh..(bh + 1) * p * dh], p, dh, &mut rows);
+                    for (d, r) in dst.iter_mut().zip(&rows) {
+                        d.write(*r);
+                    }
+                }
+            })
+        };
+        (pattern, z)
+    });
+    let Some((pattern, z)) = out else {
+        return Ok(None);
+    };
+    Ok(Some((
+        Tensor::from_vec(pattern, (b, h, m, p), q.device())?,
+        Tensor::from_vec(z, (h, b * m, dh), q.device())?,
+    )))
+}
+
 /// A contiguous `[a, b, c, inner]` tensor as the contiguous `[a, c, b, inner]` one — the head
 /// reshuffles of attention (`[batch, pos, head, d_head] ↔ [batch, head, pos, d_head]`, per-head
 /// weights `[head, d, d_head] → [d, head, d_head]`). Written by hand because candle's strided copy
@@ -508,25 +585,36 @@ pub fn swap_middle(t: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Ten
 /// `A · Bᵀ` for row-major `a: [m, k]` and `b: [n, k]` with `k ≫ m, n` — the EAP contraction
 /// (`k = N · d_model`) and the unembedding's backward (`k = d_vocab`). A single GEMM
 /// parallelises over `m` and `n`, which are too small here; this splits `k` into blocks, one
-/// single-threaded GEMM per block, and adds the partial products.
+/// single-threaded product per block, and adds the partial products.
 pub fn matmul_nt(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let m = a.dim(0)?;
-    Ok(matmul_nt_many(a, &[(b, m)])?.swap_remove(0))
+    let (m, k) = a.dims2()?;
+    Ok(matmul_nt_many(a, k, &[(b, m)])?.swap_remove(0))
 }
 
-/// [`matmul_nt`] of the first `rows` rows of one `a` (`[m, k]`) against each of several `b`
-/// (`[n_i, k]`): `[rows_i, n_i]` each. The EAP contraction of several layers' reader gradients
-/// against Δ: each block of `a`'s columns is read from memory once for all the `b`s, while it
-/// sits in cache, instead of once per layer.
-pub fn matmul_nt_many(a: &Tensor, bs: &[(&Tensor, usize)]) -> Result<Vec<Tensor>> {
-    let (m, k) = a.dims2()?;
+/// A row length of at least `k` floats whose byte length is an odd number of 64-byte cache
+/// lines. Rows of `k = N · d_model` floats are a multiple of 4 KiB apart (1.5 MiB on GPT-2 at
+/// 32 × 16 tokens), so the same column of every row falls into one set of each cache level and
+/// the contraction's blocks evict each other; an odd line count spreads the rows over all sets.
+/// With Δ's rows padded so, the contraction ran at 130–150 GFLOP/s against 90–110.
+pub fn padded_row_len(k: usize) -> usize {
+    let lines = k.div_ceil(16);
+    16 * (lines | 1)
+}
+
+/// [`matmul_nt`] of the first `rows` rows of one `a` against each of several `b` (`[n_i, k]`):
+/// `[rows_i, n_i]` each. `a` is `[m, ≥ k]`: its rows are read up to column `k`, so a row longer
+/// than `k` is padding ([`padded_row_len`]). The EAP contraction of several layers' reader
+/// gradients against Δ: each block of `a`'s columns is read from memory once for all the
+/// `b`s, while it sits in cache, instead of once per layer.
+pub fn matmul_nt_many(a: &Tensor, k: usize, bs: &[(&Tensor, usize)]) -> Result<Vec<Tensor>> {
+    let (m, lda) = a.dims2()?;
     let mut ns = Vec::with_capacity(bs.len());
     for (b, rows) in bs {
         let (n, k2) = b.dims2()?;
-        if k != k2 || *rows > m {
+        if k != k2 || k > lda || *rows > m {
             return Err(crate::Error::Shape {
                 op: "matmul_nt",
-                expected: format!("inner dimension {k} and at most {m} rows"),
+                expected: format!("inner dimension {k} (rows of {lda}) and at most {m} rows"),
                 found: format!("inner dimension {k2}, {rows} rows"),
             });
         }
@@ -536,6 +624,10 @@ pub fn matmul_nt_many(a: &Tensor, bs: &[(&Tensor, usize)]) -> Result<Vec<Tensor>
         .chain(bs.iter().map(|(b, _)| *b))
         .collect();
     let fast = cpu_slices(&tensors, |slices| {
+        let lhs = Strided {
+            data: slices[0],
+            row_len: lda,
+        };
         let groups: Vec<(&[f32], usize, usize)> = bs
             .iter()
             .zip(&ns)
@@ -544,11 +636,11 @@ pub fn matmul_nt_many(a: &Tensor, bs: &[(&Tensor, usize)]) -> Result<Vec<Tensor>
             .collect();
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            return nt_avx512::matmul_nt_many(slices[0], k, &groups);
+            return nt_avx512::matmul_nt_many(lhs, k, &groups);
         }
         groups
             .iter()
-            .map(|&(bv, n, rows)| matmul_nt_split_k(&slices[0][..rows * k], bv, rows, n, k))
+            .map(|&(bv, n, rows)| matmul_nt_split_k(lhs, bv, rows, n, k))
             .collect::<Vec<_>>()
     });
     match fast {
@@ -559,9 +651,16 @@ pub fn matmul_nt_many(a: &Tensor, bs: &[(&Tensor, usize)]) -> Result<Vec<Tensor>
             .collect(),
         None => bs
             .iter()
-            .map(|(b, rows)| Ok(a.narrow(0, 0, *rows)?.matmul(&b.t()?)?))
+            .map(|(b, rows)| Ok(a.narrow(0, 0, *rows)?.narrow(1, 0, k)?.matmul(&b.t()?)?))
             .collect(),
     }
+}
+
+/// A row-major matrix whose rows are `row_len` floats apart (at least as many as are read).
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    row_len: usize,
 }
 
 /// [`cpu_slice`] of several tensors at once: `None` unless every one is contiguous f32 on the CPU.
@@ -587,16 +686,17 @@ pub fn cpu_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R
     Some(f(&slices))
 }
 
-/// The portable split-K `A · Bᵀ`: one single-threaded gemm per block of `k`, partial products
-/// added. Used where AVX-512 is missing.
-fn matmul_nt_split_k(av: &[f32], bv: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+/// The portable split-K `A · Bᵀ` of `a`'s first `m` rows: one single-threaded gemm per block
+/// of `k`, partial products added. Used where AVX-512 is missing.
+fn matmul_nt_split_k(a: Strided, bv: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let block = k.div_ceil(4 * rayon::current_num_threads()).max(4096);
     (0..k.div_ceil(block))
         .into_par_iter()
         .map(|blk| {
             let k0 = blk * block;
             let mut c = vec![0f32; m * n];
-            gemm_nt_serial(m, n, block.min(k - k0), &av[k0..], k, &bv[k0..], k, &mut c);
+            let kb = block.min(k - k0);
+            gemm_nt_serial(m, n, kb, &a.data[k0..], a.row_len, &bv[k0..], k, &mut c);
             c
         })
         .reduce(
@@ -608,20 +708,28 @@ fn matmul_nt_split_k(av: &[f32], bv: &[f32], m: usize, n: usize, k: usize) -> Ve
         )
 }
 
-/// The split-K `A · Bᵀ` with a register-tiled AVX-512 kernel: 4 rows of A against 4 rows of B,
-/// 16 accumulators of 16 lanes, over cache-sized blocks of k. gemm packs both operands first,
+/// The split-K `A · Bᵀ` with a register-tiled AVX-512 kernel: 6 rows of A against 4 rows of B,
+/// 24 accumulators of 16 lanes, over cache-sized blocks of k. gemm packs both operands first,
 /// which for these shapes (m ≤ 157, n ≤ 37, k = 393,216) ran at ~3 GB/s against the machine's
-/// ~21 GB/s; this reads each operand once from memory.
+/// ~21 GB/s; this reads each operand once from memory. The 6 × 4 tile loads 10 vectors per 24
+/// multiply-adds (the 4 × 4 one loaded 8 per 16): 130–150 GFLOP/s against 110–120 on the
+/// AVX-512 EPYC with Δ's rows padded, blocks of 4,096 columns (512 ran at ~90).
 #[cfg(target_arch = "x86_64")]
 mod nt_avx512 {
+    use crate::model::ops::Strided;
     use rayon::prelude::*;
     use std::arch::x86_64::*;
 
-    const KB: usize = 512;
-    const T: usize = 4;
+    const KB: usize = 4096;
+    const TM: usize = 6;
+    const TN: usize = 4;
 
-    /// `a[..rows] · bᵀ` for each `(b, n, rows)` of `groups` (`a` is `[·, k]`, `b` is `[n, k]`).
-    pub fn matmul_nt_many(a: &[f32], k: usize, groups: &[(&[f32], usize, usize)]) -> Vec<Vec<f32>> {
+    /// `a[..rows] · bᵀ` for each `(b, n, rows)` of `groups` (`b` is `[n, k]`).
+    pub(super) fn matmul_nt_many(
+        a: Strided,
+        k: usize,
+        groups: &[(&[f32], usize, usize)],
+    ) -> Vec<Vec<f32>> {
         let zeros = || -> Vec<Vec<f32>> {
             groups
                 .iter()
@@ -636,8 +744,7 @@ mod nt_avx512 {
                 let kb = KB.min(k - k0);
                 for (&(b, n, rows), c) in groups.iter().zip(cs.iter_mut()) {
                     // SAFETY: the caller checked avx512f at run time; all offsets are in bounds
-                    // of the [rows, k] and [n, k] slices (rows below `rows` and n, columns
-                    // below k).
+                    // of a's first `rows` rows (columns below k ≤ row_len) and of the [n, k] b.
                     unsafe { block(a, b, rows, n, k, k0, kb, c) };
                 }
                 cs
@@ -650,10 +757,54 @@ mod nt_avx512 {
             })
     }
 
+    /// Adds `a[i..i+mi] · b[j..j+nj]ᵀ` over columns `k0..k0+kb` into `c` (`[m, n]`); a `FULL`
+    /// tile (`mi = TM`, `nj = TN`) has constant bounds and unrolls completely.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // register tiles indexed by (r, s)
+    unsafe fn tile<const FULL: bool>(
+        a: Strided,
+        b: &[f32],
+        (i, mi): (usize, usize),
+        (j, nj): (usize, usize),
+        n: usize,
+        k: usize,
+        (k0, kb): (usize, usize),
+        c: &mut [f32],
+    ) {
+        let (mi, nj) = if FULL { (TM, TN) } else { (mi, nj) };
+        let k16 = kb / 16 * 16;
+        let (ap, bp, lda) = (a.data.as_ptr(), b.as_ptr(), a.row_len);
+        let mut acc = [[_mm512_setzero_ps(); TN]; TM];
+        let mut kk = 0;
+        while kk < k16 {
+            let off = k0 + kk;
+            let mut bv = [_mm512_setzero_ps(); TN];
+            for s in 0..nj {
+                bv[s] = _mm512_loadu_ps(bp.add((j + s) * k + off));
+            }
+            for r in 0..mi {
+                let av = _mm512_loadu_ps(ap.add((i + r) * lda + off));
+                for s in 0..nj {
+                    acc[r][s] = _mm512_fmadd_ps(av, bv[s], acc[r][s]);
+                }
+            }
+            kk += 16;
+        }
+        for r in 0..mi {
+            for s in 0..nj {
+                let mut v = _mm512_reduce_add_ps(acc[r][s]);
+                for t in k16..kb {
+                    v += a.data[(i + r) * lda + k0 + t] * b[(j + s) * k + k0 + t];
+                }
+                c[(i + r) * n + j + s] += v;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn block(
-        a: &[f32],
+        a: Strided,
         b: &[f32],
         m: usize,
         n: usize,
@@ -662,55 +813,15 @@ mod nt_avx512 {
         kb: usize,
         c: &mut [f32],
     ) {
-        let k16 = kb / 16 * 16;
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let mut i = 0;
-        while i < m {
-            let mi = (m - i).min(T);
-            let mut j = 0;
-            while j < n {
-                let nj = (n - j).min(T);
-                let mut acc = [[_mm512_setzero_ps(); T]; T];
-                if mi == T && nj == T {
-                    let mut kk = 0;
-                    while kk < k16 {
-                        let off = k0 + kk;
-                        let av: [__m512; T] =
-                            std::array::from_fn(|r| _mm512_loadu_ps(ap.add((i + r) * k + off)));
-                        for s in 0..T {
-                            let bv = _mm512_loadu_ps(bp.add((j + s) * k + off));
-                            for r in 0..T {
-                                acc[r][s] = _mm512_fmadd_ps(av[r], bv, acc[r][s]);
-                            }
-                        }
-                        kk += 16;
-                    }
+        for i in (0..m).step_by(TM) {
+            for j in (0..n).step_by(TN) {
+                let (mi, nj) = (TM.min(m - i), TN.min(n - j));
+                if mi == TM && nj == TN {
+                    tile::<true>(a, b, (i, mi), (j, nj), n, k, (k0, kb), c);
                 } else {
-                    let mut kk = 0;
-                    while kk < k16 {
-                        let off = k0 + kk;
-                        for r in 0..mi {
-                            let av = _mm512_loadu_ps(ap.add((i + r) * k + off));
-                            for s in 0..nj {
-                                let bv = _mm512_loadu_ps(bp.add((j + s) * k + off));
-                                acc[r][s] = _mm512_fmadd_ps(av, bv, acc[r][s]);
-                            }
-                        }
-                        kk += 16;
-                    }
+                    tile::<false>(a, b, (i, mi), (j, nj), n, k, (k0, kb), c);
                 }
-                for r in 0..mi {
-                    for s in 0..nj {
-                        let mut v = _mm512_reduce_add_ps(acc[r][s]);
-                        for t in k16..kb {
-                            v += a[(i + r) * k + k0 + t] * b[(j + s) * k + k0 + t];
-                        }
-                        c[(i + r) * n + j + s] += v;
-                    }
-                }
-                j += T;
             }
-            i += T;
         }
     }
 }
@@ -808,6 +919,61 @@ macro_rules! with_activation {
             }
         }
     };
+}
+
+multiversion! {
+    /// One (batch, head)'s pattern: `out[i] = softmax(q[i]·kᵀ · inv_scale + mask[i])`, masked
+    /// (−∞) entries exactly 0. Each dot product keeps 16 partial sums (a register; a float
+    /// sum over one accumulator does not vectorise).
+    fn attention_pattern(
+        q: &[f32],
+        k: &[f32],
+        mask: &[f32],
+        inv_scale: f32,
+        dh: usize,
+        out: &mut [f32],
+    ) {
+        let p = k.len() / dh;
+        let split = dh / 16 * 16;
+        for ((qi, row), mrow) in q.chunks_exact(dh).zip(out.chunks_exact_mut(p)).zip(mask.chunks_exact(p)) {
+            let mut max = f32::NEG_INFINITY;
+            for ((s, kj), &mk) in row.iter_mut().zip(k.chunks_exact(dh)).zip(mrow) {
+                let mut lanes = [0f32; 16];
+                for (a, b) in qi[..split].chunks_exact(16).zip(kj[..split].chunks_exact(16)) {
+                    for l in 0..16 {
+                        lanes[l] += a[l] * b[l];
+                    }
+                }
+                let mut dot: f32 = lanes.iter().sum();
+                for (a, b) in qi[split..].iter().zip(&kj[split..]) {
+                    dot += a * b;
+                }
+                *s = dot * inv_scale + mk;
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in row.iter_mut() {
+                *s = if *s == f32::NEG_INFINITY { 0.0 } else { exp_f32(*s - max) };
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|s| *s *= inv);
+        }
+    }
+}
+
+multiversion! {
+    /// `out = pattern · v` for one (batch, head): `[m, p] × [p, dh]`, accumulated row by row.
+    fn mix_values(pattern: &[f32], v: &[f32], p: usize, dh: usize, out: &mut [f32]) {
+        for (prow, orow) in pattern.chunks_exact(p).zip(out.chunks_exact_mut(dh)) {
+            orow.fill(0.0);
+            for (&w, vrow) in prow.iter().zip(v.chunks_exact(dh)) {
+                for (o, &x) in orow.iter_mut().zip(vrow) {
+                    *o += w * x;
+                }
+            }
+        }
+    }
 }
 
 multiversion! {
@@ -1445,16 +1611,86 @@ mod tests {
                     );
                 }
             };
-            check(&matmul_nt_split_k(&av, &bv, m, n, k), "portable split-K");
+            let lhs = Strided {
+                data: &av,
+                row_len: k,
+            };
+            check(&matmul_nt_split_k(lhs, &bv, m, n, k), "portable split-K");
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx512f") {
                 check(
-                    &nt_avx512::matmul_nt_many(&av, k, &[(&bv, n, m)]).swap_remove(0),
+                    &nt_avx512::matmul_nt_many(lhs, k, &[(&bv, n, m)]).swap_remove(0),
                     "avx512",
                 );
             }
             check(&to_vec(&matmul_nt(&a, &b).unwrap()).unwrap(), "dispatch");
         }
+    }
+
+    /// The short-sequence attention gives candle's pattern (softmax of the scaled, masked
+    /// scores) and mixed values, laid out per head, under causal and sliding-window masks, for
+    /// head sizes with and without a remainder of 16 and for a single position; masked entries
+    /// are exactly zero; longer sequences are declined and a mask of the wrong shape is an error.
+    #[test]
+    fn short_attention_equals_candles_batched_matmuls() {
+        for (b, h, p, dh, window) in [
+            (3, 4, 16, 64, None),
+            (2, 3, 7, 20, Some(3)),
+            (1, 2, 1, 8, None),
+        ] {
+            let q = randn(&[b, h, p, dh], 40 + p as u64);
+            let k = randn(&[b, h, p, dh], 41 + p as u64);
+            let v = randn(&[b, h, p, dh], 42 + p as u64);
+            let mask = attention_mask(p, true, window, &Device::Cpu).unwrap();
+            let scale = (dh as f32).sqrt();
+            let (pattern, z) = short_attention(&q, &k, &v, &mask, scale).unwrap().unwrap();
+            let scores = (q.matmul(&k.t().unwrap()).unwrap() * (1.0 / scale as f64)).unwrap();
+            let want =
+                candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+            assert!(max_diff(&pattern, &want) < 1e-6, "pattern {b}x{h}x{p}x{dh}");
+            let masked = to_vec(&mask).unwrap();
+            for (i, x) in to_vec(&pattern).unwrap().iter().enumerate() {
+                if masked[i % (p * p)] == f32::NEG_INFINITY {
+                    assert_eq!(*x, 0.0);
+                }
+            }
+            let z_want = want.matmul(&v).unwrap().transpose(0, 1).unwrap();
+            let z_want = z_want
+                .contiguous()
+                .unwrap()
+                .reshape((h, b * p, dh))
+                .unwrap();
+            assert!(max_diff(&z, &z_want) < 1e-5, "values {b}x{h}x{p}x{dh}");
+        }
+        let long = SHORT_ATTENTION_MAX_KEYS + 1;
+        let q = randn(&[1, 1, long, 4], 1);
+        let mask = attention_mask(long, true, None, &Device::Cpu).unwrap();
+        assert!(short_attention(&q, &q, &q, &mask, 2.0).unwrap().is_none());
+        let q = randn(&[1, 1, 4, 4], 1);
+        let wrong = attention_mask(3, true, None, &Device::Cpu).unwrap();
+        assert!(short_attention(&q, &q, &q, &wrong, 2.0).is_err());
+    }
+
+    /// A left-hand side with padded rows (longer than the inner dimension) gives the product of
+    /// its first `k` columns, on every kernel; an inner dimension longer than its rows is refused.
+    #[test]
+    fn padded_rows_are_not_read() {
+        let (m, n, k) = (13, 6, 9000);
+        let row_len = padded_row_len(k);
+        assert!(row_len >= k && row_len.is_multiple_of(16) && (row_len / 16) % 2 == 1);
+        assert_eq!(padded_row_len(16 * 7), 16 * 7);
+        let a = randn(&[m, row_len], 51);
+        let b = randn(&[n, k], 52);
+        let want = matmul_nt(&a.narrow(1, 0, k).unwrap().contiguous().unwrap(), &b).unwrap();
+        let got = matmul_nt_many(&a, k, &[(&b, 9)]).unwrap().swap_remove(0);
+        assert!(max_diff(&got, &want.narrow(0, 0, 9).unwrap()) < 1e-3);
+        let av = to_vec(&a).unwrap();
+        let lhs = Strided { data: &av, row_len };
+        let portable = matmul_nt_split_k(lhs, &to_vec(&b).unwrap(), m, n, k);
+        let portable = Tensor::from_vec(portable, (m, n), &Device::Cpu).unwrap();
+        assert!(max_diff(&portable, &want) < 1e-3);
+        let too_long = randn(&[n, row_len + 1], 53);
+        assert!(matmul_nt_many(&a, row_len + 1, &[(&too_long, 2)]).is_err());
     }
 
     /// Several right-hand sides against different leading row counts of one left-hand side
@@ -1466,7 +1702,7 @@ mod tests {
         let bs = [randn(&[3, k], 32), randn(&[1, k], 33), randn(&[5, k], 34)];
         let rows = [9, 4, 1];
         let groups: Vec<(&Tensor, usize)> = bs.iter().zip(rows).collect();
-        let many = matmul_nt_many(&a, &groups).unwrap();
+        let many = matmul_nt_many(&a, k, &groups).unwrap();
         for ((b, r), got) in groups.iter().zip(&many) {
             let alone = matmul_nt(&a.narrow(0, 0, *r).unwrap().contiguous().unwrap(), b).unwrap();
             assert_eq!(got.dims(), alone.dims());
@@ -1476,7 +1712,7 @@ mod tests {
             }
         }
         assert!(
-            matmul_nt_many(&a, &[(&bs[0], 10)]).is_err(),
+            matmul_nt_many(&a, k, &[(&bs[0], 10)]).is_err(),
             "more rows than a has"
         );
     }
