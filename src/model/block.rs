@@ -347,8 +347,9 @@ impl Attention {
         Ok((candle_nn::ops::softmax_last_dim(&scores)?, tanh))
     }
 
-    /// Every head's output `z_h · W_O[h]` (`[heads, N, d]`, without `b_O`) from projections
-    /// `[batch, heads, positions, d_head]`, and what the backward needs of the pattern.
+    /// The mixed values `z` (`[N, heads · d_head]`, the output projection's input) from
+    /// projections `[batch, heads, positions, d_head]`, and what the backward needs of the
+    /// pattern.
     pub fn attend(
         &self,
         q: &Tensor,
@@ -361,22 +362,33 @@ impl Attention {
             None => ops::short_attention(q, k, v, mask, self.scale)?,
             Some(_) => None,
         };
-        let (pattern, tanh, z_heads) = match short {
-            Some((pattern, z_heads)) => (pattern, None, z_heads),
+        let (pattern, tanh, z) = match short {
+            Some((pattern, z)) => (pattern, None, z),
             None => {
                 let (pattern, tanh) = self.pattern(q, k, mask)?;
                 let z = pattern.matmul(v)?; // [b, h, p, dh]
-                let z_heads = ops::swap_middle(&z, (1, b, h, p * dh))?.reshape((h, b * p, dh))?;
-                (pattern, tanh, z_heads)
+                let z = ops::swap_middle(&z, (b, h, p, dh))?.reshape((b * p, h * dh))?;
+                (pattern, tanh, z)
             }
         };
-        Ok((
-            match ops::per_head_products(&z_heads, &self.w_o)? {
-                Some(t) => t,
-                None => z_heads.matmul(&self.w_o)?,
-            },
-            AttentionPattern { pattern, tanh },
-        ))
+        Ok((z, AttentionPattern { pattern, tanh }))
+    }
+
+    /// `W_O` per head, `[heads, d_head, d_model]`.
+    pub fn w_o(&self) -> &Tensor {
+        &self.w_o
+    }
+
+    /// Every head's output `z_h · W_O[h]` (`[heads, N, d]`, without `b_O`) from the mixed
+    /// values `[N, heads · d_head]`.
+    pub fn head_outputs(&self, z: &Tensor) -> Result<Tensor> {
+        if let Some(t) = ops::per_head_products(z, &self.w_o)? {
+            return Ok(t);
+        }
+        let (n, hd) = z.dims2()?;
+        let (h, dh) = (self.n_heads, hd / self.n_heads);
+        let z_heads = ops::swap_middle(z, (1, n, h, dh))?.reshape((h, n, dh))?;
+        Ok(z_heads.matmul(&self.w_o)?)
     }
 
     /// Query head `head`'s output for queries `[b, m, dh]` over all keys and values
@@ -398,7 +410,17 @@ impl Attention {
     /// The attention sublayer's contribution to the residual stream: the heads' sum plus `b_O`,
     /// through the output norm where there is one (with its statistics).
     pub fn output(&self, head_out: &Tensor) -> Result<(Tensor, Option<NormCache>)> {
-        let mut sum = ops::sum_leading(head_out)?;
+        self.finish_output(ops::sum_leading(head_out)?)
+    }
+
+    /// [`Attention::output`] from the mixed values (`[N, heads · d_head]`) in one GEMM over
+    /// the flat `W_O`, for a forward that needs no head's own output.
+    pub fn output_from_mixed(&self, z: &Tensor) -> Result<(Tensor, Option<NormCache>)> {
+        self.finish_output(z.matmul(&self.w_o_flat)?)
+    }
+
+    /// `b_O` and the output norm on the heads' sum.
+    fn finish_output(&self, mut sum: Tensor) -> Result<(Tensor, Option<NormCache>)> {
         if let Some(b) = &self.b_o {
             sum = ops::add_bias(&sum, b)?;
         }

@@ -14,7 +14,7 @@ use super::block::{AttentionCache, MlpCache, RowPositions};
 use super::config::Positions;
 use super::ops::{self, NormCache};
 use super::Model;
-use crate::graph::{Graph, Qkv};
+use crate::graph::{Graph, Qkv, Writer};
 use crate::{Error, Result};
 
 /// A batch of equal-length token sequences.
@@ -123,6 +123,16 @@ impl ReaderIntervention for PatchPlan {
 /// caller can fold activations into its own buffer (EAP's `Δ`) instead of keeping them all.
 pub trait WriterSink {
     fn write(&self, writer: usize, output: &Tensor) -> Result<()>;
+
+    /// Offered a layer's mixed values `z` (`[N, heads · d_head]`) and `W_O` (`[heads, d_head,
+    /// d_model]`) before its heads' outputs (writers `first_writer..first_writer + heads`)
+    /// exist: `true` when the sink takes what it needs of them from these and will not be sent
+    /// them, so the forward adds the attention output in one GEMM without computing each
+    /// head's. By default it takes nothing.
+    fn take_heads(&self, first_writer: usize, z: &Tensor, w_o: &Tensor) -> Result<bool> {
+        let _ = (first_writer, z, w_o);
+        Ok(false)
+    }
 }
 
 /// What a forward pass should compute and keep.
@@ -440,16 +450,14 @@ impl Model {
             writers.clear();
         }
         let mut residuals = Vec::new();
-        let mut next_writer = 0usize;
-        let mut sink = |t: &Tensor| -> Result<()> {
+        let sink = |writer: Writer, t: &Tensor| -> Result<()> {
             if let Some(s) = opts.writer_sink {
-                s.write(next_writer, t)?;
+                s.write(graph.writer_index(writer), t)?;
             }
-            next_writer += 1;
             Ok(())
         };
         if first_layer == 0 {
-            sink(&x)?;
+            sink(Writer::Input, &x)?;
         }
         let positions = self.row_positions(&Self::batch_positions(b, p))?;
         let mut masks: Vec<Option<Tensor>> = vec![None; 2];
@@ -498,8 +506,8 @@ impl Model {
             let q = project(Qkv::Q)?;
             let k = project(Qkv::K)?;
             let v = project(Qkv::V)?;
-            let (mut head_out, pattern) = attn.attend(&q, &k, &v, &mask)?; // [h, n, d]
-            let attn_frozen = match &opts.sublayer_override {
+            let (z, pattern) = attn.attend(&q, &k, &v, &mask)?; // [n, h·dh]
+            let frozen_heads = match &opts.sublayer_override {
                 Some(SublayerOverride::Attention { layer, heads }) if *layer == l => {
                     if heads.len() != h || heads.iter().any(|t| t.dims() != [n, d]) {
                         return Err(Error::Shape {
@@ -508,19 +516,37 @@ impl Model {
                             found: format!("{} tensors", heads.len()),
                         });
                     }
-                    head_out = Tensor::stack(heads, 0)?;
-                    true
+                    Some(heads)
                 }
-                _ => false,
+                _ => None,
             };
-            let (attn_out, post) = attn.output(&head_out)?;
-            for hh in 0..h {
-                let out = head_out.get(hh)?;
-                sink(&out)?;
-                if track_writers {
-                    writers.push(out);
+            let attn_frozen = frozen_heads.is_some();
+            // Each head's own output ([h, n, d], 19 MB per GPT-2 layer at 32 × 16 tokens) is
+            // computed only to keep it, to replace it, or for a sink that does not take the
+            // heads from z; otherwise the attention output is one GEMM over the flat W_O.
+            let first_head = Writer::Head { layer: l, head: 0 };
+            let heads_taken = !track_writers
+                && !attn_frozen
+                && match opts.writer_sink {
+                    Some(s) => s.take_heads(graph.writer_index(first_head), &z, attn.w_o())?,
+                    None => true,
+                };
+            let (attn_out, post) = if heads_taken {
+                attn.output_from_mixed(&z)?
+            } else {
+                let head_out = match frozen_heads {
+                    Some(heads) => Tensor::stack(heads, 0)?,
+                    None => attn.head_outputs(&z)?,
+                };
+                for hh in 0..h {
+                    let out = head_out.get(hh)?;
+                    sink(Writer::Head { layer: l, head: hh }, &out)?;
+                    if track_writers {
+                        writers.push(out);
+                    }
                 }
-            }
+                attn.output(&head_out)?
+            };
             let x_mid = (&x + attn_out)?;
             // Parallel blocks: the MLP reads the stream entering the layer.
             let mlp_site = if cfg.parallel_attn_mlp { &x } else { &x_mid };
@@ -556,7 +582,7 @@ impl Model {
                     if let Some(bias) = mlp.output_bias() {
                         x_next = ops::add_bias(&x_next, bias)?;
                     }
-                    sink(&out)?;
+                    sink(Writer::Mlp { layer: l }, &out)?;
                     if track_writers {
                         writers.push(out);
                     }

@@ -441,45 +441,96 @@ unsafe fn filled_in_chunks(
     v
 }
 
-/// Every head's product `x[h] · w[h]` (`[h, rows, k] × [h, k, n] → [h, rows, n]`) for CPU f32
-/// contiguous inputs, one single-threaded GEMM per head on rayon's threads: the per-head output
-/// projections `z_h · W_O[h]`. candle's batched matmul splits each of these small products
-/// (`k = d_head`) over both threads in turn and ran at ~105 GFLOP/s where this runs at ~180
-/// (GPT-2 shape, 2-core AVX-512 EPYC). `None` for other inputs.
-pub fn per_head_products(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let (h, rows, k) = x.dims3()?;
-    let (h2, k2, n) = w.dims3()?;
-    if h != h2 || k != k2 {
+/// Every head's output projection `z_h · W_O[h]` from mixed values `z` laid out `[rows, h·k]`
+/// (head `h`'s are columns `h·k..(h+1)·k`) and `w` `[h, k, n]`: `[h, rows, n]`, for CPU f32
+/// contiguous inputs; `None` for others. One single-threaded GEMM per head on rayon's threads:
+/// candle's batched matmul splits each of these small products (`k = d_head`) over both
+/// threads in turn and ran at ~105 GFLOP/s where this runs at ~180 (GPT-2 shape, 2-core
+/// AVX-512 EPYC).
+pub fn per_head_products(z: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (rows, hk) = z.dims2()?;
+    let (h, k, n) = w.dims3()?;
+    if h * k != hk {
         return Err(candle_core::Error::ShapeMismatchBinaryOp {
-            lhs: x.shape().clone(),
+            lhs: z.shape().clone(),
             rhs: w.shape().clone(),
             op: "per_head_products",
         }
         .into());
     }
-    let out = cpu_slices(&[x, w], |data| {
-        let (xs, ws) = (data[0], data[1]);
+    let out = cpu_slices(&[z, w], |data| {
         // SAFETY: each head's GEMM writes its whole `[rows, n]` chunk.
         unsafe {
             filled_in_chunks(h * rows * n, rows * n, |head, dst| {
-                let a = &xs[head * rows * k..(head + 1) * rows * k];
-                let b = &ws[head * k * n..(head + 1) * k * n];
-                gemm_serial(rows, n, k, a, k, (b, n, 1), dst);
+                head_product(data[0], data[1], (head, h), (rows, k, n), dst);
             })
         }
     });
     match out {
-        Some(v) => Ok(Some(Tensor::from_vec(v, (h, rows, n), x.device())?)),
+        Some(v) => Ok(Some(Tensor::from_vec(v, (h, rows, n), z.device())?)),
         None => Ok(None),
     }
+}
+
+/// [`per_head_products`] written into `out`: head `h`'s `[rows, n]` product fills the first
+/// `rows · n` floats of `out`'s `h`-th chunk of `chunk` floats (Δ's padded rows). `false`,
+/// writing nothing, for inputs that are not contiguous f32 on the CPU.
+pub fn per_head_products_into(
+    z: &Tensor,
+    w: &Tensor,
+    out: &mut [f32],
+    chunk: usize,
+) -> Result<bool> {
+    let (rows, hk) = z.dims2()?;
+    let (h, k, n) = w.dims3()?;
+    if h * k != hk || chunk < rows * n || out.len() < h * chunk {
+        return Err(crate::Error::Shape {
+            op: "per_head_products_into",
+            expected: format!(
+                "z [rows, {}] and {h} output chunks of at least rows · {n}",
+                h * k
+            ),
+            found: format!(
+                "z {:?}, {} floats in chunks of {chunk}",
+                z.dims(),
+                out.len()
+            ),
+        });
+    }
+    let done = cpu_slices(&[z, w], |data| {
+        out.par_chunks_mut(chunk)
+            .take(h)
+            .enumerate()
+            .for_each(|(head, dst)| {
+                // SAFETY: a `MaybeUninit<f32>` has the layout of an `f32`; gemm only writes.
+                let dst = unsafe {
+                    &mut *(&mut dst[..rows * n] as *mut [f32]
+                        as *mut [std::mem::MaybeUninit<f32>])
+                };
+                head_product(data[0], data[1], (head, h), (rows, k, n), dst);
+            });
+    });
+    Ok(done.is_some())
+}
+
+/// Head `head` of `heads`: `z[:, head·k..(head+1)·k] · w[head]` into `dst` (`[rows, n]`).
+fn head_product(
+    z: &[f32],
+    w: &[f32],
+    (head, heads): (usize, usize),
+    (rows, k, n): (usize, usize, usize),
+    dst: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let b = &w[head * k * n..(head + 1) * k * n];
+    gemm_serial(rows, n, k, &z[head * k..], heads * k, (b, n, 1), dst);
 }
 
 /// The longest key sequence [`short_attention`] takes; longer ones go through GEMMs.
 pub const SHORT_ATTENTION_MAX_KEYS: usize = 64;
 
 /// Attention over short sequences, per (batch, head) in plain loops: the pattern
-/// `softmax(q·kᵀ / scale + mask)` (`[b, h, m, p]`) and the mixed values `pattern · v` laid out per
-/// head, `[h, b·m, d_head]` (what the per-head output projections read). candle ran these as
+/// `softmax(q·kᵀ / scale + mask)` (`[b, h, m, p]`) and the mixed values `pattern · v` as
+/// `[b·m, h·d_head]` (what the output projection reads, flat or per head). candle ran these as
 /// batched matmuls of `[16, 64] × [64, 16]` with a softmax and a head reshuffle in between: ~3 ms
 /// per GPT-2 layer at 32 × 16 tokens for 2 MFLOP. `q` is `[b, h, m, dh]`, `k` and `v`
 /// `[b, h, p, dh]`, `mask` `[m, p]` (0 or −∞); `None` for more than
@@ -524,18 +575,20 @@ pub fn short_attention(
                 }
             })
         };
-        // SAFETY: each chunk is whole [m, dh] blocks (one head's rows of one batch element)
-        // in the [h, b, m, dh] order, each written in full.
+        // SAFETY: each chunk is one batch element's [m, h, dh] block; every head writes its
+        // dh columns of every row.
         let z = unsafe {
-            filled_in_chunks(h * b * m * dh, group * m * dh, |c, dst| {
+            filled_in_chunks(b * m * h * dh, m * h * dh, |batch, dst| {
                 let mut rows = vec![0f32; m * dh];
-                for (i, dst) in dst.chunks_mut(m * dh).enumerate() {
-                    let hb = c * group + i;
-                    let bh = (hb % b) * h + hb / b;
+                for head in 0..h {
+                    let bh = batch * h + head;
                     let pat = &pattern[bh * m * p..(bh + 1) * m * p];
                     mix_values(pat, &vs[bh * p * dh..(bh + 1) * p * dh], p, dh, &mut rows);
-                    for (d, r) in dst.iter_mut().zip(&rows) {
-                        d.write(*r);
+                    for (i, row) in rows.chunks_exact(dh).enumerate() {
+                        let at = (i * h + head) * dh;
+                        for (d, r) in dst[at..at + dh].iter_mut().zip(row) {
+                            d.write(*r);
+                        }
                     }
                 }
             })
@@ -547,7 +600,7 @@ pub fn short_attention(
     };
     Ok(Some((
         Tensor::from_vec(pattern, (b, h, m, p), q.device())?,
-        Tensor::from_vec(z, (h, b * m, dh), q.device())?,
+        Tensor::from_vec(z, (b * m, h * dh), q.device())?,
     )))
 }
 
@@ -1654,11 +1707,11 @@ mod tests {
                     assert_eq!(*x, 0.0);
                 }
             }
-            let z_want = want.matmul(&v).unwrap().transpose(0, 1).unwrap();
+            let z_want = want.matmul(&v).unwrap().transpose(1, 2).unwrap();
             let z_want = z_want
                 .contiguous()
                 .unwrap()
-                .reshape((h, b * p, dh))
+                .reshape((b * p, h * dh))
                 .unwrap();
             assert!(max_diff(&z, &z_want) < 1e-5, "values {b}x{h}x{p}x{dh}");
         }
@@ -1766,12 +1819,29 @@ mod tests {
             .unwrap();
         assert_eq!(to_vec(&got).unwrap(), to_vec(&want).unwrap());
 
-        let (x, w) = (randn(&[3, 17, 8], 5), randn(&[3, 8, 33], 6));
-        let got = per_head_products(&x, &w).unwrap().unwrap();
-        let want = x.matmul(&w).unwrap();
+        // Per-head output projections from [rows, h·k], alone and into padded chunks.
+        let (z, w) = (randn(&[17, 3 * 8], 5), randn(&[3, 8, 33], 6));
+        let z_heads = z.reshape((17, 3, 8)).unwrap().transpose(0, 1).unwrap();
+        let want = z_heads.contiguous().unwrap().matmul(&w).unwrap();
+        let got = per_head_products(&z, &w).unwrap().unwrap();
         assert_eq!(got.dims(), &[3, 17, 33]);
         assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
-        assert!(per_head_products(&x, &randn(&[3, 9, 33], 7)).is_err());
+        let chunk = 17 * 33 + 5;
+        let mut out = vec![f32::NAN; 3 * chunk];
+        assert!(per_head_products_into(&z, &w, &mut out, chunk).unwrap());
+        for (head, c) in out.chunks(chunk).enumerate() {
+            let want = to_vec(&want.get(head).unwrap()).unwrap();
+            assert!(c[..17 * 33]
+                .iter()
+                .zip(&want)
+                .all(|(g, w)| (g - w).abs() < 1e-5));
+            assert!(
+                c[17 * 33..].iter().all(|x| x.is_nan()),
+                "padding left alone"
+            );
+        }
+        assert!(per_head_products(&z, &randn(&[3, 9, 33], 7)).is_err());
+        assert!(per_head_products_into(&z, &w, &mut out, 17 * 33 - 1).is_err());
     }
 
     #[test]

@@ -290,10 +290,11 @@ fn bytes_per_example(model: &Model, len: usize) -> usize {
     let graph = model.graph();
     let n_w = graph.n_writers();
     // Δ, the reader gradients waiting for the contraction (up to half of Δ, at least one
-    // layer's), and each layer's backward cache.
+    // layer's), each layer's backward cache and the baseline run's mixed values per layer
+    // (the heads' Δ is taken from them).
     let pending = (n_w / 2).max(graph.readers_per_layer() + 1);
-    let per_token = (n_w + pending) * c.d_model
-        + c.n_layers * (6 * c.d_model + c.d_mlp.unwrap_or(0) + 4 * c.n_heads * len);
+    let per_layer = 6 * c.d_model + c.n_heads * c.d_head + c.d_mlp.unwrap_or(0);
+    let per_token = (n_w + pending) * c.d_model + c.n_layers * (per_layer + 4 * c.n_heads * len);
     4 * len * per_token
 }
 
