@@ -772,7 +772,11 @@ mod tests {
         };
         let seqs = |shift: usize| -> Vec<Vec<u32>> {
             (0..3)
-                .map(|b| (0..6).map(|p| ((b * 7 + p * 3 + shift) % 40) as u32).collect())
+                .map(|b| {
+                    (0..6)
+                        .map(|p| ((b * 7 + p * 3 + shift) % 40) as u32)
+                        .collect()
+                })
                 .collect()
         };
         let (clean, corrupted) = (

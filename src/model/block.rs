@@ -470,23 +470,22 @@ impl Attention {
             }
             None => g,
         };
-        let dz = g.matmul(&self.w_o_flat.t()?)?.reshape((b, p, h, dh))?;
-        let dz = ops::swap_middle(&dz, (b, p, h, dh))?;
-        let d_pattern = dz.matmul(&cache.v.t()?)?;
-        let dv = cache.pattern.t()?.matmul(&dz)?;
-        // Softmax backward: dS = P ⊙ (dP − Σ_j dP ⊙ P); masked entries have P = 0.
-        let inner = (&d_pattern * &cache.pattern)?.sum_keepdim(D::Minus1)?;
-        let d_capped = (cache.pattern.clone() * d_pattern.broadcast_sub(&inner)?)?;
-        let d_scores = match &cache.tanh {
-            None => (d_capped * (1.0 / self.scale as f64))?,
-            Some(t) => (ops::softcap_backward(&d_capped, t)? * (1.0 / self.scale as f64))?,
+        let dz = g.matmul(&self.w_o_flat.t()?)?; // [n, h·dh]
+        let short = match &cache.tanh {
+            None => ops::short_attention_backward(
+                &dz,
+                &cache.q,
+                &cache.k,
+                &cache.v,
+                &cache.pattern,
+                self.scale,
+            )?,
+            Some(_) => None,
         };
-        let dq = d_scores.matmul(&cache.k)?;
-        let dk = d_scores.t()?.matmul(&cache.q)?;
-        let to_heads = |t: Tensor| -> Result<Tensor> {
-            Ok(ops::swap_middle(&t, (1, b, h, p * dh))?.reshape((h, n, dh))?)
+        let (mut dq, mut dk, dv) = match short {
+            Some([dq, dk, dv]) => (dq, dk, dv),
+            None => self.pattern_backward(cache, &dz)?,
         };
-        let (mut dq, mut dk, dv) = (to_heads(dq)?, to_heads(dk)?, to_heads(dv)?);
         if let Some(rot) = &cache.rotary {
             // Rows of [h, n, dh] are (head, input row) pairs.
             let back = |t: &Tensor| -> Result<Tensor> {
@@ -520,6 +519,33 @@ impl Attention {
             }
             None => Ok(dxs),
         }
+    }
+
+    /// The gradients of `q`, `k` and `v` (`[h, N, dh]` each) from that of the mixed values
+    /// (`[N, h·dh]`) through candle's batched matmuls: long sequences and soft-capped scores.
+    fn pattern_backward(
+        &self,
+        cache: &AttentionCache,
+        dz: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, h, p, dh) = cache.q.dims4()?;
+        let n = b * p;
+        let dz = ops::swap_middle(&dz.reshape((b, p, h, dh))?, (b, p, h, dh))?;
+        let d_pattern = dz.matmul(&cache.v.t()?)?;
+        let dv = cache.pattern.t()?.matmul(&dz)?;
+        // Softmax backward: dS = P ⊙ (dP − Σ_j dP ⊙ P); masked entries have P = 0.
+        let inner = (&d_pattern * &cache.pattern)?.sum_keepdim(D::Minus1)?;
+        let d_capped = (cache.pattern.clone() * d_pattern.broadcast_sub(&inner)?)?;
+        let d_scores = match &cache.tanh {
+            None => (d_capped * (1.0 / self.scale as f64))?,
+            Some(t) => (ops::softcap_backward(&d_capped, t)? * (1.0 / self.scale as f64))?,
+        };
+        let dq = d_scores.matmul(&cache.k)?;
+        let dk = d_scores.t()?.matmul(&cache.q)?;
+        let to_heads = |t: Tensor| -> Result<Tensor> {
+            Ok(ops::swap_middle(&t, (1, b, h, p * dh))?.reshape((h, n, dh))?)
+        };
+        Ok((to_heads(dq)?, to_heads(dk)?, to_heads(dv)?))
     }
 }
 

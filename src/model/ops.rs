@@ -604,6 +604,82 @@ pub fn short_attention(
     )))
 }
 
+/// The backward of [`short_attention`] per (batch, head) in plain loops: from the gradient of
+/// the mixed values `dz` (`[b·m, h·d_head]`, as the output projection's backward gives it) and
+/// the forward's `q` (`[b, h, m, dh]`), `k`, `v` (`[b, h, p, dh]`) and `pattern`
+/// (`[b, h, m, p]`), the gradients of `q`, `k` and `v` laid out per head, `[h, b·m, dh]` each
+/// (`[h, b·p, dh]` for `k` and `v`). candle ran this as six batched matmuls, a softmax backward
+/// of broadcasts and three head reshuffles. `None` as for [`short_attention`].
+pub fn short_attention_backward(
+    dz: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pattern: &Tensor,
+    scale: f32,
+) -> Result<Option<[Tensor; 3]>> {
+    let (b, h, m, dh) = q.dims4()?;
+    let p = k.dim(2)?;
+    let agree = k.dims() == [b, h, p, dh]
+        && v.dims() == [b, h, p, dh]
+        && pattern.dims() == [b, h, m, p]
+        && dz.dims() == [b * m, h * dh];
+    if !agree {
+        return Err(crate::Error::Shape {
+            op: "attention backward",
+            expected: format!("q [{b}, {h}, {m}, {dh}], k and v [{b}, {h}, p, {dh}], a pattern [{b}, {h}, {m}, p], dz [{}, {}]", b * m, h * dh),
+            found: format!("k {:?}, v {:?}, pattern {:?}, dz {:?}", k.dims(), v.dims(), pattern.dims(), dz.dims()),
+        });
+    }
+    if p > SHORT_ATTENTION_MAX_KEYS || m == 0 || p == 0 || dh == 0 {
+        return Ok(None);
+    }
+    let out = cpu_slices(&[dz, q, k, v, pattern], |s| {
+        let (dzs, qs, ks, vs, ps) = (s[0], s[1], s[2], s[3], s[4]);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; h * b * m * dh],
+            vec![0f32; h * b * p * dh],
+            vec![0f32; h * b * p * dh],
+        );
+        dq.par_chunks_mut(m * dh)
+            .zip(dk.par_chunks_mut(p * dh))
+            .zip(dv.par_chunks_mut(p * dh))
+            .enumerate()
+            .for_each(|(hb, ((dq, dk), dv))| {
+                let (head, batch) = (hb / b, hb % b);
+                let bh = batch * h + head;
+                // This head's rows of dz, gathered: [m, dh].
+                let mut dzl = vec![0f32; m * dh];
+                for (i, row) in dzl.chunks_exact_mut(dh).enumerate() {
+                    let at = (batch * m + i) * h * dh + head * dh;
+                    row.copy_from_slice(&dzs[at..at + dh]);
+                }
+                attention_pattern_backward(
+                    &dzl,
+                    &qs[bh * m * dh..(bh + 1) * m * dh],
+                    &ks[bh * p * dh..(bh + 1) * p * dh],
+                    &vs[bh * p * dh..(bh + 1) * p * dh],
+                    &ps[bh * m * p..(bh + 1) * m * p],
+                    1.0 / scale,
+                    dh,
+                    dq,
+                    dk,
+                    dv,
+                );
+            });
+        (dq, dk, dv)
+    });
+    let Some((dq, dk, dv)) = out else {
+        return Ok(None);
+    };
+    let dev = q.device();
+    Ok(Some([
+        Tensor::from_vec(dq, (h, b * m, dh), dev)?,
+        Tensor::from_vec(dk, (h, b * p, dh), dev)?,
+        Tensor::from_vec(dv, (h, b * p, dh), dev)?,
+    ]))
+}
+
 /// A contiguous `[a, b, c, inner]` tensor as the contiguous `[a, c, b, inner]` one — the head
 /// reshuffles of attention (`[batch, pos, head, d_head] ↔ [batch, head, pos, d_head]`, per-head
 /// weights `[head, d, d_head] → [d, head, d_head]`). Written by hand because candle's strided copy
@@ -1011,6 +1087,67 @@ multiversion! {
             }
             let inv = 1.0 / sum;
             row.iter_mut().for_each(|s| *s *= inv);
+        }
+    }
+}
+
+multiversion! {
+    /// One (batch, head)'s attention backward, every slice contiguous: `dz`, `q`, `dq` `[m,
+    /// dh]`, `k`, `v`, `dk`, `dv` `[p, dh]`, `pattern` `[m, p]`. With `dP = dz·vᵀ`, the softmax
+    /// backward `dS = P ⊙ (dP − rowsum(P ⊙ dP)) · inv_scale`, then `dq = dS·k`, `dk = dSᵀ·q`,
+    /// `dv = Pᵀ·dz` (added into the zeroed outputs).
+    fn attention_pattern_backward(
+        dz: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        pattern: &[f32],
+        inv_scale: f32,
+        dh: usize,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) {
+        let p = k.len() / dh;
+        let split = dh / 16 * 16;
+        let mut ds = vec![0f32; p];
+        for (((dzi, prow), qi), dqi) in dz
+            .chunks_exact(dh)
+            .zip(pattern.chunks_exact(p))
+            .zip(q.chunks_exact(dh))
+            .zip(dq.chunks_exact_mut(dh))
+        {
+            let mut inner = 0f32;
+            for ((d, vj), &pij) in ds.iter_mut().zip(v.chunks_exact(dh)).zip(prow) {
+                let mut lanes = [0f32; 16];
+                for (a, b) in dzi[..split].chunks_exact(16).zip(vj[..split].chunks_exact(16)) {
+                    for l in 0..16 {
+                        lanes[l] += a[l] * b[l];
+                    }
+                }
+                let mut dot: f32 = lanes.iter().sum();
+                for (a, b) in dzi[split..].iter().zip(&vj[split..]) {
+                    dot += a * b;
+                }
+                *d = dot;
+                inner += pij * dot;
+            }
+            for (d, &pij) in ds.iter_mut().zip(prow) {
+                *d = pij * (*d - inner) * inv_scale;
+            }
+            for ((((&dsij, &pij), kj), dkj), dvj) in ds
+                .iter()
+                .zip(prow)
+                .zip(k.chunks_exact(dh))
+                .zip(dk.chunks_exact_mut(dh))
+                .zip(dv.chunks_exact_mut(dh))
+            {
+                for t in 0..dh {
+                    dqi[t] += dsij * kj[t];
+                    dkj[t] += dsij * qi[t];
+                    dvj[t] += pij * dzi[t];
+                }
+            }
         }
     }
 }
@@ -1716,12 +1853,78 @@ mod tests {
             assert!(max_diff(&z, &z_want) < 1e-5, "values {b}x{h}x{p}x{dh}");
         }
         let long = SHORT_ATTENTION_MAX_KEYS + 1;
+        let q = randn(&[1, long, 4], 1);
+        let dz = randn(&[long, 4], 2);
+        let pattern = randn(&[1, 1, long, long], 3);
+        let q4 = q.unsqueeze(0).unwrap();
+        assert!(short_attention_backward(&dz, &q4, &q4, &q4, &pattern, 2.0)
+            .unwrap()
+            .is_none());
         let q = randn(&[1, 1, long, 4], 1);
         let mask = attention_mask(long, true, None, &Device::Cpu).unwrap();
         assert!(short_attention(&q, &q, &q, &mask, 2.0).unwrap().is_none());
         let q = randn(&[1, 1, 4, 4], 1);
         let wrong = attention_mask(3, true, None, &Device::Cpu).unwrap();
         assert!(short_attention(&q, &q, &q, &wrong, 2.0).is_err());
+    }
+
+    /// The short-sequence attention backward gives the gradients of q, k and v that candle's
+    /// batched matmuls and softmax backward give (per head, `[h, b·p, dh]`), and finite
+    /// differences of `Σ z ⊙ dz` agree with its q gradient.
+    #[test]
+    fn short_attention_backward_equals_candles_and_finite_differences() {
+        for (b, h, p, dh, window) in [(2, 3, 16, 64, None), (3, 2, 5, 20, Some(2))] {
+            let q = randn(&[b, h, p, dh], 60 + p as u64);
+            let k = randn(&[b, h, p, dh], 61 + p as u64);
+            let v = randn(&[b, h, p, dh], 62 + p as u64);
+            let dz = randn(&[b * p, h * dh], 63 + p as u64);
+            let mask = attention_mask(p, true, window, &Device::Cpu).unwrap();
+            let scale = (dh as f32).sqrt();
+            let (pattern, _) = short_attention(&q, &k, &v, &mask, scale).unwrap().unwrap();
+            let [dq, dk, dv] = short_attention_backward(&dz, &q, &k, &v, &pattern, scale)
+                .unwrap()
+                .unwrap();
+            // candle: dz as [b, h, p, dh], then the formulas the fallback path runs.
+            let dz4 = dz.reshape((b, p, h, dh)).unwrap().transpose(1, 2).unwrap();
+            let dz4 = dz4.contiguous().unwrap();
+            let d_pattern = dz4.matmul(&v.t().unwrap()).unwrap();
+            let dv_want = pattern.t().unwrap().matmul(&dz4).unwrap();
+            let inner = (&d_pattern * &pattern).unwrap().sum_keepdim(3).unwrap();
+            let ds = (pattern.clone() * d_pattern.broadcast_sub(&inner).unwrap()).unwrap();
+            let ds = (ds * (1.0 / scale as f64)).unwrap();
+            let dq_want = ds.matmul(&k).unwrap();
+            let dk_want = ds.t().unwrap().matmul(&q).unwrap();
+            let heads = |t: Tensor| {
+                let t = t.transpose(0, 1).unwrap().contiguous().unwrap();
+                t.reshape((h, b * p, dh)).unwrap()
+            };
+            for (got, want, name) in [
+                (&dq, heads(dq_want), "q"),
+                (&dk, heads(dk_want), "k"),
+                (&dv, heads(dv_want), "v"),
+            ] {
+                assert!(max_diff(got, &want) < 1e-4, "d{name} {b}x{h}x{p}x{dh}");
+            }
+            // One coordinate of q by central differences of Σ z ⊙ dz (f64 sums).
+            let objective = |q: &Tensor| -> f64 {
+                let (_, z) = short_attention(q, &k, &v, &mask, scale).unwrap().unwrap();
+                let (z, g) = (to_vec(&z).unwrap(), to_vec(&dz).unwrap());
+                z.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum()
+            };
+            let mut qv = to_vec(&q).unwrap();
+            let at = ((b - 1) * h + 1) * p * dh + (p - 1) * dh + 3; // batch b-1, head 1, last row
+            let eps = 1e-2f32;
+            qv[at] += eps;
+            let up = objective(&Tensor::from_vec(qv.clone(), (b, h, p, dh), &Device::Cpu).unwrap());
+            qv[at] -= 2.0 * eps;
+            let down = objective(&Tensor::from_vec(qv, (b, h, p, dh), &Device::Cpu).unwrap());
+            let numeric = (up - down) / (2.0 * eps as f64);
+            let analytic = to_vec(&dq).unwrap()[(b * p + (b - 1) * p + p - 1) * dh + 3] as f64;
+            assert!(
+                (numeric - analytic).abs() < 2e-2 * analytic.abs().max(1.0),
+                "{numeric} vs {analytic}"
+            );
+        }
     }
 
     /// A left-hand side with padded rows (longer than the inner dimension) gives the product of
