@@ -457,8 +457,9 @@ impl Attention {
     /// The gradients of every head's q, k and v input — one `[h, N, d]` tensor per letter, in
     /// graph order (all queries, all keys, all values) — given the gradient `g` (`[N, d]`) of
     /// the residual stream attention writes to. Each is the derivative with respect to that
-    /// reader's own copy of the residual stream.
-    pub fn backward(&self, cache: &AttentionCache, g: &Tensor) -> Result<[Tensor; 3]> {
+    /// reader's own copy of the residual stream — and their sum over letters and heads
+    /// (`[N, d]`), the gradient the one shared residual stream receives.
+    pub fn backward(&self, cache: &AttentionCache, g: &Tensor) -> Result<([Tensor; 3], Tensor)> {
         let (b, h, p, dh) = cache.q.dims4()?;
         let n = b * p;
         // Without an output norm the residual gradient reaches every head's output unchanged.
@@ -512,13 +513,19 @@ impl Attention {
             dk.matmul(&ws[1].t()?)?,
             dv.matmul(&ws[2].t()?)?,
         ];
-        match &cache.norm {
+        let letters = match &cache.norm {
             Some(c) => {
                 let back = |dx: &Tensor| ops::layer_norm_backward(dx, c, self.norm.gain(), false);
-                Ok([back(&dxs[0])?, back(&dxs[1])?, back(&dxs[2])?])
+                [back(&dxs[0])?, back(&dxs[1])?, back(&dxs[2])?]
             }
-            None => Ok(dxs),
-        }
+            None => dxs,
+        };
+        let sums = letters
+            .iter()
+            .map(ops::sum_leading)
+            .collect::<Result<Vec<_>>>()?;
+        let sum = ((&sums[0] + &sums[1])? + &sums[2])?;
+        Ok((letters, sum))
     }
 
     /// The gradients of `q`, `k` and `v` (`[h, N, dh]` each) from that of the mixed values

@@ -742,17 +742,13 @@ impl Model {
             };
             // The layer's reader gradients in graph order: q, k and v of every head, one
             // `[h, n, d]` tensor per letter, then the MLP's.
-            let letters = if lc.attn_frozen {
+            let (letters, g_qkv_sum) = if lc.attn_frozen {
                 let zeros = Tensor::zeros((h, n, d), DType::F32, &self.device)?;
-                [zeros.clone(), zeros.clone(), zeros]
+                let sum = Tensor::zeros((n, d), DType::F32, &self.device)?;
+                ([zeros.clone(), zeros.clone(), zeros], sum)
             } else {
                 block.attn.backward(&lc.attn, &g_attn)?
             };
-            let sums = letters
-                .iter()
-                .map(ops::sum_leading)
-                .collect::<Result<Vec<_>>>()?;
-            let g_qkv_sum = ((&sums[0] + &sums[1])? + &sums[2])?;
             for (i, grads) in letters.into_iter().enumerate() {
                 let start = first_reader + i * h;
                 visit(ReaderGrads {

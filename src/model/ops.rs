@@ -284,17 +284,19 @@ fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The q, k and v reader gradients of one layer, one `[h, rows, d]` tensor per letter: for each
-/// letter and head, `d_in = LN1_backward(d_letter[h] · W_letter[h]ᵀ)`, the GEMM written straight
-/// into its slot and the LayerNorm backward applied in place, with no intermediate tensors. One
-/// tensor per letter so that each is a reader group of its own (the MLP's gradient is not copied
-/// in beside them). `None` when the inputs are not contiguous CPU f32, and the caller composes
-/// the same maths from candle ops.
+/// The q, k and v reader gradients of one layer, one `[h, rows, d]` tensor per letter, and their
+/// sum over letters and heads (`[rows, d]`, the gradient the residual stream receives from the
+/// layer's attention): for each letter and head, `d_in = LN1_backward(d_letter[h] ·
+/// W_letter[h]ᵀ)`, the GEMM written straight into its slot, the LayerNorm backward applied in
+/// place and the slot added into its thread's sum while it is in cache (summing afterwards
+/// re-read 57 MB per GPT-2 layer). One tensor per letter so that each is a reader group of its
+/// own. `None` when the inputs are not contiguous CPU f32, and the caller composes the same
+/// maths from candle ops.
 pub fn qkv_input_grads(
     d_heads: [&Tensor; 3],
     w_heads: [&Tensor; 3],
     norm: Option<(&NormCache, Option<&Tensor>)>,
-) -> Result<Option<[Tensor; 3]>> {
+) -> Result<Option<([Tensor; 3], Tensor)>> {
     let (h, rows, dh) = d_heads[0].dims3()?;
     let d = w_heads[0].dim(1)?;
     let usable = |t: &Tensor| t.device().is_cpu() && t.is_contiguous() && t.dtype() == DType::F32;
@@ -316,32 +318,62 @@ pub fn qkv_input_grads(
     ];
     let outs = cpu_slices(&operands, |data| {
         let (d_data, w_data) = data.split_at(3);
-        let letter_grads = |letter: usize| {
-            let fill = |head: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
-                let dsrc = &d_data[letter][head * rows * dh..(head + 1) * rows * dh];
-                let wsrc = &w_data[letter][head * d * dh..(head + 1) * d * dh];
-                // dst [rows, d] = dsrc [rows, dh] · W[h]ᵀ, W[h] being [d, dh].
-                gemm_serial(rows, d, dh, dsrc, dh, (wsrc, 1, dh), dst);
-                // SAFETY: the GEMM has just written all of `dst`.
-                let dst = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-                if let (Some(xhat), Some(inv)) = (&xhat, &inv) {
-                    ln_backward_in_place(dst, d, xhat, inv, wv.as_deref(), centered);
-                }
-            };
-            // SAFETY: `fill` writes each head's whole slot (the GEMM covers `rows × d`).
-            unsafe { filled_in_chunks(h * slot, slot, fill) }
+        let fill = |letter: usize, head: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
+            let dsrc = &d_data[letter][head * rows * dh..(head + 1) * rows * dh];
+            let wsrc = &w_data[letter][head * d * dh..(head + 1) * d * dh];
+            // dst [rows, d] = dsrc [rows, dh] · W[h]ᵀ, W[h] being [d, dh].
+            gemm_serial(rows, d, dh, dsrc, dh, (wsrc, 1, dh), dst);
+            // SAFETY: the GEMM has just written all of `dst`.
+            let dst = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+            if let (Some(xhat), Some(inv)) = (&xhat, &inv) {
+                ln_backward_in_place(dst, d, xhat, inv, wv.as_deref(), centered);
+            }
+            &*dst
         };
-        [letter_grads(0), letter_grads(1), letter_grads(2)]
+        let mut letters: [Vec<f32>; 3] = std::array::from_fn(|_| Vec::with_capacity(h * slot));
+        let slots: Vec<(usize, &mut [std::mem::MaybeUninit<f32>])> = letters
+            .iter_mut()
+            .flat_map(|v| v.spare_capacity_mut()[..h * slot].chunks_mut(slot))
+            .enumerate()
+            .collect();
+        // Two sums per thread at most: each is a [rows, d] buffer to clear and add in.
+        let per_sum = slots
+            .len()
+            .div_ceil(2 * rayon::current_num_threads())
+            .max(1);
+        let sum = slots
+            .into_par_iter()
+            .with_min_len(per_sum)
+            .fold(
+                || vec![0f32; slot],
+                |mut acc, (i, dst)| {
+                    add_in_place(&mut acc, fill(i / h, i % h, dst));
+                    acc
+                },
+            )
+            .reduce_with(|mut a, b| {
+                add_in_place(&mut a, &b);
+                a
+            })
+            .unwrap_or_else(|| vec![0f32; slot]);
+        for v in &mut letters {
+            // SAFETY: every slot of every letter was written by `fill` above.
+            unsafe { v.set_len(h * slot) };
+        }
+        (letters, sum)
     });
-    let Some([oq, ok, ov]) = outs else {
+    let Some(([oq, ok, ov], sum)) = outs else {
         return Ok(None);
     };
     let dev = d_heads[0].device();
-    Ok(Some([
-        Tensor::from_vec(oq, (h, rows, d), dev)?,
-        Tensor::from_vec(ok, (h, rows, d), dev)?,
-        Tensor::from_vec(ov, (h, rows, d), dev)?,
-    ]))
+    Ok(Some((
+        [
+            Tensor::from_vec(oq, (h, rows, d), dev)?,
+            Tensor::from_vec(ok, (h, rows, d), dev)?,
+            Tensor::from_vec(ov, (h, rows, d), dev)?,
+        ],
+        Tensor::from_vec(sum, (rows, d), dev)?,
+    )))
 }
 
 /// `C = A · Bᵀ` on one thread: `A` is `m × k` with rows `lda` apart, `B` is `n × k` with rows
@@ -1148,6 +1180,15 @@ multiversion! {
                     dvj[t] += pij * dzi[t];
                 }
             }
+        }
+    }
+}
+
+multiversion! {
+    /// `acc += x`.
+    fn add_in_place(acc: &mut [f32], x: &[f32]) {
+        for (a, x) in acc.iter_mut().zip(x) {
+            *a += x;
         }
     }
 }
