@@ -84,7 +84,7 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
         .collect();
     let batch = Batch::new(&seqs, device)?;
     let n_tok = opts.batch * opts.seq;
-    let fwd_flops = model.forward_flops(n_tok, opts.seq, opts.batch);
+    let fwd_flops = model.forward_flops(n_tok, opts.seq, (opts.batch, cfg.d_vocab_out));
     let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         f()?; // warm-up
         let mut best = f64::INFINITY;
@@ -132,8 +132,8 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
             fwd_flops / 1e9,
             gf(fwd_flops, fwd)
         );
-        // The activation-only backward does the forward's GEMMs once more, transposed.
-        let fb_flops = 2.0 * fwd_flops;
+        let fb_flops =
+            fwd_flops + model.backward_flops(n_tok, opts.seq, (opts.batch, cfg.d_vocab_out));
         say!(
             out,
             "forward+backward {:>8.3} s  {:>6.1} GFLOP  {:>6.1} GFLOP/s",
@@ -149,7 +149,13 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
         let contraction: f64 = (0..g.n_readers())
             .map(|r| 2.0 * g.n_upstream(r) as f64 * (n_tok * cfg.d_model) as f64)
             .sum();
-        let eap_flops = 3.0 * fwd_flops + contraction;
+        // EAP's passes unembed only the logit difference's two target columns.
+        let logits = (opts.batch, 2);
+        let (eap_fwd, eap_bwd) = (
+            model.forward_flops(n_tok, opts.seq, logits),
+            model.backward_flops(n_tok, opts.seq, logits),
+        );
+        let eap_flops = 2.0 * eap_fwd + eap_bwd + contraction;
         let mut best: Option<(f64, Phases)> = None;
         let eap_t = time(&mut || {
             let t = Instant::now();
@@ -189,8 +195,8 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
         );
         let floor = eap_flops / rate;
         for (name, s, flops) in [
-            ("forward x2", phases.forward, 2.0 * fwd_flops),
-            ("backward", phases.backward, fwd_flops),
+            ("forward x2", phases.forward, 2.0 * eap_fwd),
+            ("backward", phases.backward, eap_bwd),
             ("contraction", phases.contraction, contraction),
         ] {
             say!(

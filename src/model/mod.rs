@@ -254,17 +254,41 @@ impl Model {
         self.cfg.graph()
     }
 
-    /// Matmul FLOPs of one forward over `n_tokens` tokens unembedding `n_logit_rows` rows.
-    pub fn forward_flops(&self, n_tokens: usize, seq_len: usize, n_logit_rows: usize) -> f64 {
+    /// Matmul FLOPs of one forward over `n_tokens` tokens (sequences of `seq_len`) that unembeds
+    /// `logits.0` rows at `logits.1` vocabulary columns.
+    pub fn forward_flops(&self, n_tokens: usize, seq_len: usize, logits: (usize, usize)) -> f64 {
         let c = &self.cfg;
         let (d, hd) = (c.d_model as f64, (c.n_heads * c.d_head) as f64);
         let kvd = (c.n_kv_heads * c.d_head) as f64;
         let n = n_tokens as f64;
         // Q and O over every query head, K and V over the key/value heads; scores and mixing.
         let attn = 2.0 * n * d * (2.0 * hd + 2.0 * kvd) + 2.0 * 2.0 * n * seq_len as f64 * hd;
+        c.n_layers as f64 * (attn + self.mlp_flops(n)) + Self::unembed_flops(d, logits)
+    }
+
+    /// Matmul FLOPs of the activation-only backward EAP runs after such a forward: each GEMM
+    /// of the forward once more, transposed, except that every query head's key and value
+    /// inputs get their own gradient (each head reads its own copy of the stream: `[N, d_head]
+    /// × [d_head, d]` per query head and letter, more than the forward's grouped keys and
+    /// values), and the attention's four small products (`dP`, `dV`, `dQ`, `dK`) against the
+    /// forward's two.
+    pub fn backward_flops(&self, n_tokens: usize, seq_len: usize, logits: (usize, usize)) -> f64 {
+        let c = &self.cfg;
+        let (d, hd) = (c.d_model as f64, (c.n_heads * c.d_head) as f64);
+        let n = n_tokens as f64;
+        let attn = 2.0 * n * d * 4.0 * hd + 4.0 * 2.0 * n * seq_len as f64 * hd;
+        c.n_layers as f64 * (attn + self.mlp_flops(n)) + Self::unembed_flops(d, logits)
+    }
+
+    fn mlp_flops(&self, n: f64) -> f64 {
+        let c = &self.cfg;
         let matrices = if c.gated_mlp { 3.0 } else { 2.0 };
-        let mlp = c.d_mlp.map_or(0.0, |m| matrices * 2.0 * n * d * m as f64);
-        c.n_layers as f64 * (attn + mlp) + 2.0 * n_logit_rows as f64 * d * c.d_vocab_out as f64
+        c.d_mlp
+            .map_or(0.0, |m| matrices * 2.0 * n * c.d_model as f64 * m as f64)
+    }
+
+    fn unembed_flops(d: f64, (rows, cols): (usize, usize)) -> f64 {
+        2.0 * rows as f64 * d * cols as f64
     }
 }
 
