@@ -1084,7 +1084,7 @@ macro_rules! with_activation {
 
 multiversion! {
     /// One (batch, head)'s pattern: `out[i] = softmax(q[i]·kᵀ · inv_scale + mask[i])`, masked
-    /// (−∞) entries exactly 0. Each dot product keeps 16 partial sums (a register; a float
+    /// (−∞) entries exactly 0. Each dot product keeps 16 partial sums ([`lane_dot`]: a float
     /// sum over one accumulator does not vectorise).
     fn attention_pattern(
         q: &[f32],
@@ -1095,21 +1095,10 @@ multiversion! {
         out: &mut [f32],
     ) {
         let p = k.len() / dh;
-        let split = dh / 16 * 16;
         for ((qi, row), mrow) in q.chunks_exact(dh).zip(out.chunks_exact_mut(p)).zip(mask.chunks_exact(p)) {
             let mut max = f32::NEG_INFINITY;
             for ((s, kj), &mk) in row.iter_mut().zip(k.chunks_exact(dh)).zip(mrow) {
-                let mut lanes = [0f32; 16];
-                for (a, b) in qi[..split].chunks_exact(16).zip(kj[..split].chunks_exact(16)) {
-                    for l in 0..16 {
-                        lanes[l] += a[l] * b[l];
-                    }
-                }
-                let mut dot: f32 = lanes.iter().sum();
-                for (a, b) in qi[split..].iter().zip(&kj[split..]) {
-                    dot += a * b;
-                }
-                *s = dot * inv_scale + mk;
+                *s = lane_dot(qi, kj) * inv_scale + mk;
                 max = max.max(*s);
             }
             let mut sum = 0f32;
@@ -1141,7 +1130,6 @@ multiversion! {
         dv: &mut [f32],
     ) {
         let p = k.len() / dh;
-        let split = dh / 16 * 16;
         let mut ds = vec![0f32; p];
         for (((dzi, prow), qi), dqi) in dz
             .chunks_exact(dh)
@@ -1151,16 +1139,7 @@ multiversion! {
         {
             let mut inner = 0f32;
             for ((d, vj), &pij) in ds.iter_mut().zip(v.chunks_exact(dh)).zip(prow) {
-                let mut lanes = [0f32; 16];
-                for (a, b) in dzi[..split].chunks_exact(16).zip(vj[..split].chunks_exact(16)) {
-                    for l in 0..16 {
-                        lanes[l] += a[l] * b[l];
-                    }
-                }
-                let mut dot: f32 = lanes.iter().sum();
-                for (a, b) in dzi[split..].iter().zip(&vj[split..]) {
-                    dot += a * b;
-                }
+                let dot = lane_dot(dzi, vj);
                 *d = dot;
                 inner += pij * dot;
             }
