@@ -294,7 +294,11 @@ impl Attention {
             inp = inp.reshape((h, n, d))?.broadcast_add(pos)?;
         }
         let w = self.per_query_head_weights(letter)?;
-        let mut y = inp.reshape((h, n, d))?.matmul(&w)?; // [h, n, dh]
+        let inp = inp.reshape((h, n, d))?;
+        let mut y = match ops::batched_products(&inp, &w)? {
+            Some(y) => y,
+            None => inp.matmul(&w)?,
+        }; // [h, n, dh]
         if let Some(b) = self.per_query_head_bias(letter)? {
             y = y.broadcast_add(&b.reshape((h, 1, dh))?)?;
         }

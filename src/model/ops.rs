@@ -557,6 +557,37 @@ fn head_product(
     gemm_serial(rows, n, k, &z[head * k..], heads * k, (b, n, 1), dst);
 }
 
+/// `x[h] · w[h]` for every `h` (`[h, rows, k] × [h, k, n] → [h, rows, n]`), CPU f32 contiguous
+/// inputs, one single-threaded GEMM per head on rayon's threads (candle's batched matmul splits
+/// each small product over both threads in turn); `None` for other inputs. ACDC's per-head
+/// q/k/v projections of each head's own residual stream.
+pub fn batched_products(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (h, rows, k) = x.dims3()?;
+    let (h2, k2, n) = w.dims3()?;
+    if h != h2 || k != k2 {
+        return Err(candle_core::Error::ShapeMismatchBinaryOp {
+            lhs: x.shape().clone(),
+            rhs: w.shape().clone(),
+            op: "batched_products",
+        }
+        .into());
+    }
+    let out = cpu_slices(&[x, w], |data| {
+        // SAFETY: each head's GEMM writes its whole `[rows, n]` chunk.
+        unsafe {
+            filled_in_chunks(h * rows * n, rows * n, |head, dst| {
+                let a = &data[0][head * rows * k..(head + 1) * rows * k];
+                let b = &data[1][head * k * n..(head + 1) * k * n];
+                gemm_serial(rows, n, k, a, k, (b, n, 1), dst);
+            })
+        }
+    });
+    match out {
+        Some(v) => Ok(Some(Tensor::from_vec(v, (h, rows, n), x.device())?)),
+        None => Ok(None),
+    }
+}
+
 /// The longest key sequence [`short_attention`] takes; longer ones go through GEMMs.
 pub const SHORT_ATTENTION_MAX_KEYS: usize = 64;
 
@@ -2064,6 +2095,11 @@ mod tests {
             );
         }
         assert!(per_head_products(&z, &randn(&[3, 9, 33], 7)).is_err());
+        // Head-major inputs, [h, rows, k] × [h, k, n].
+        let x = randn(&[3, 17, 8], 8);
+        let got = batched_products(&x, &w).unwrap().unwrap();
+        assert!(max_diff(&got, &x.matmul(&w).unwrap()) < 1e-5);
+        assert!(batched_products(&x, &randn(&[2, 8, 33], 9)).is_err());
         assert!(per_head_products_into(&z, &w, &mut out, 17 * 33 - 1).is_err());
     }
 
