@@ -714,23 +714,14 @@ impl WriterSink for DeltaBuffer {
             // A baseline set row by row (mean or zero ablation): subtract the heads' outputs.
             return Ok(false);
         };
-        let dz = (baseline - z)?.contiguous()?;
+        let dz = (baseline - z)?;
         let heads = w_o.dim(0)?;
         let (start, end) = (
             first_writer * self.row_len,
             (first_writer + heads) * self.row_len,
         );
         let mut data = self.data.borrow_mut();
-        let rows = &mut data[start..end];
-        if !crate::model::ops::per_head_products_into(&dz, w_o, rows, self.row_len)? {
-            // Not CPU f32: candle's per-head products, copied in.
-            let (n, hd) = dz.dims2()?;
-            let dz_heads = dz.reshape((n, heads, hd / heads))?.transpose(0, 1)?;
-            let out = dz_heads.contiguous()?.matmul(w_o)?;
-            for (head, row) in rows.chunks_mut(self.row_len).enumerate() {
-                row[..self.row].copy_from_slice(&to_vec(&out.get(head)?)?);
-            }
-        }
+        crate::model::ops::per_head_products_into(&dz, w_o, &mut data[start..end], self.row_len)?;
         Ok(true)
     }
 }

@@ -295,10 +295,7 @@ impl Attention {
         }
         let w = self.per_query_head_weights(letter)?;
         let inp = inp.reshape((h, n, d))?;
-        let mut y = match ops::batched_products(&inp, &w)? {
-            Some(y) => y,
-            None => inp.matmul(&w)?,
-        }; // [h, n, dh]
+        let mut y = ops::batched_products(&inp, &w)?; // [h, n, dh]
         if let Some(b) = self.per_query_head_bias(letter)? {
             y = y.broadcast_add(&b.reshape((h, 1, dh))?)?;
         }
@@ -386,13 +383,7 @@ impl Attention {
     /// Every head's output `z_h · W_O[h]` (`[heads, N, d]`, without `b_O`) from the mixed
     /// values `[N, heads · d_head]`.
     pub fn head_outputs(&self, z: &Tensor) -> Result<Tensor> {
-        if let Some(t) = ops::per_head_products(z, &self.w_o)? {
-            return Ok(t);
-        }
-        let (n, hd) = z.dims2()?;
-        let (h, dh) = (self.n_heads, hd / self.n_heads);
-        let z_heads = ops::swap_middle(z, (1, n, h, dh))?.reshape((h, n, dh))?;
-        Ok(z_heads.matmul(&self.w_o)?)
+        ops::per_head_products(z, &self.w_o)
     }
 
     /// Query head `head`'s output for queries `[b, m, dh]` over all keys and values

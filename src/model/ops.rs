@@ -347,12 +347,13 @@ pub fn qkv_input_grads(
             .fold(
                 || vec![0f32; slot],
                 |mut acc, (i, dst)| {
-                    add_in_place(&mut acc, fill(i / h, i % h, dst));
+                    let slot = fill(i / h, i % h, dst);
+                    add_strided(slot, 1, slot.len(), 0, &mut acc); // acc += slot
                     acc
                 },
             )
             .reduce_with(|mut a, b| {
-                add_in_place(&mut a, &b);
+                add_strided(&b, 1, b.len(), 0, &mut a); // a += b
                 a
             })
             .unwrap_or_else(|| vec![0f32; slot]);
@@ -474,61 +475,39 @@ unsafe fn filled_in_chunks(
 }
 
 /// Every head's output projection `z_h · W_O[h]` from mixed values `z` laid out `[rows, h·k]`
-/// (head `h`'s are columns `h·k..(h+1)·k`) and `w` `[h, k, n]`: `[h, rows, n]`, for CPU f32
-/// contiguous inputs; `None` for others. One single-threaded GEMM per head on rayon's threads:
-/// candle's batched matmul splits each of these small products (`k = d_head`) over both
-/// threads in turn and ran at ~105 GFLOP/s where this runs at ~180 (GPT-2 shape, 2-core
-/// AVX-512 EPYC).
-pub fn per_head_products(z: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let (rows, hk) = z.dims2()?;
-    let (h, k, n) = w.dims3()?;
-    if h * k != hk {
-        return Err(candle_core::Error::ShapeMismatchBinaryOp {
-            lhs: z.shape().clone(),
-            rhs: w.shape().clone(),
-            op: "per_head_products",
-        }
-        .into());
+/// (head `h`'s are columns `h·k..(h+1)·k`) and `w` `[h, k, n]`: `[h, rows, n]`. For CPU f32
+/// contiguous inputs one single-threaded GEMM per head on rayon's threads: candle's batched
+/// matmul splits each of these small products (`k = d_head`) over both threads in turn and ran
+/// at ~105 GFLOP/s where this runs at ~180 (GPT-2 shape, 2-core AVX-512 EPYC); candle's for
+/// other inputs.
+pub fn per_head_products(z: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (rows, h, k, n) = interleaved_heads(z, w, "per_head_products")?;
+    let blocks = HeadBlocks {
+        stride: k,
+        lda: h * k,
+    };
+    if let Some(t) = per_head_gemms(z, w, blocks, (h, rows, k, n))? {
+        return Ok(t);
     }
-    let out = cpu_slices(&[z, w], |data| {
-        // SAFETY: each head's GEMM writes its whole `[rows, n]` chunk.
-        unsafe {
-            filled_in_chunks(h * rows * n, rows * n, |head, dst| {
-                head_product(data[0], data[1], (head, h), (rows, k, n), dst);
-            })
-        }
-    });
-    match out {
-        Some(v) => Ok(Some(Tensor::from_vec(v, (h, rows, n), z.device())?)),
-        None => Ok(None),
-    }
+    let z_heads = swap_middle(z, (1, rows, h, k))?.reshape((h, rows, k))?;
+    Ok(z_heads.matmul(w)?)
 }
 
 /// [`per_head_products`] written into `out`: head `h`'s `[rows, n]` product fills the first
-/// `rows · n` floats of `out`'s `h`-th chunk of `chunk` floats (Δ's padded rows). `false`,
-/// writing nothing, for inputs that are not contiguous f32 on the CPU.
-pub fn per_head_products_into(
-    z: &Tensor,
-    w: &Tensor,
-    out: &mut [f32],
-    chunk: usize,
-) -> Result<bool> {
-    let (rows, hk) = z.dims2()?;
-    let (h, k, n) = w.dims3()?;
-    if h * k != hk || chunk < rows * n || out.len() < h * chunk {
+/// `rows · n` floats of `out`'s `h`-th chunk of `chunk` floats (Δ's padded rows).
+pub fn per_head_products_into(z: &Tensor, w: &Tensor, out: &mut [f32], chunk: usize) -> Result<()> {
+    let (rows, h, k, n) = interleaved_heads(z, w, "per_head_products_into")?;
+    if chunk < rows * n || out.len() < h * chunk {
         return Err(crate::Error::Shape {
             op: "per_head_products_into",
-            expected: format!(
-                "z [rows, {}] and {h} output chunks of at least rows · {n}",
-                h * k
-            ),
-            found: format!(
-                "z {:?}, {} floats in chunks of {chunk}",
-                z.dims(),
-                out.len()
-            ),
+            expected: format!("{h} output chunks of at least {rows} · {n} floats"),
+            found: format!("{} floats in chunks of {chunk}", out.len()),
         });
     }
+    let blocks = HeadBlocks {
+        stride: k,
+        lda: h * k,
+    };
     let done = cpu_slices(&[z, w], |data| {
         out.par_chunks_mut(chunk)
             .take(h)
@@ -539,29 +518,22 @@ pub fn per_head_products_into(
                     &mut *(&mut dst[..rows * n] as *mut [f32]
                         as *mut [std::mem::MaybeUninit<f32>])
                 };
-                head_product(data[0], data[1], (head, h), (rows, k, n), dst);
+                head_product(data[0], data[1], blocks, head, (rows, k, n), dst);
             });
     });
-    Ok(done.is_some())
+    if done.is_none() {
+        let heads = per_head_products(z, w)?;
+        for (head, dst) in out.chunks_mut(chunk).take(h).enumerate() {
+            dst[..rows * n].copy_from_slice(&to_vec(&heads.get(head)?)?);
+        }
+    }
+    Ok(())
 }
 
-/// Head `head` of `heads`: `z[:, head·k..(head+1)·k] · w[head]` into `dst` (`[rows, n]`).
-fn head_product(
-    z: &[f32],
-    w: &[f32],
-    (head, heads): (usize, usize),
-    (rows, k, n): (usize, usize, usize),
-    dst: &mut [std::mem::MaybeUninit<f32>],
-) {
-    let b = &w[head * k * n..(head + 1) * k * n];
-    gemm_serial(rows, n, k, &z[head * k..], heads * k, (b, n, 1), dst);
-}
-
-/// `x[h] · w[h]` for every `h` (`[h, rows, k] × [h, k, n] → [h, rows, n]`), CPU f32 contiguous
-/// inputs, one single-threaded GEMM per head on rayon's threads (candle's batched matmul splits
-/// each small product over both threads in turn); `None` for other inputs. ACDC's per-head
-/// q/k/v projections of each head's own residual stream.
-pub fn batched_products(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+/// `x[h] · w[h]` for every `h` (`[h, rows, k] × [h, k, n] → [h, rows, n]`): ACDC's per-head
+/// q/k/v projections of each head's own residual stream. One single-threaded GEMM per head, as
+/// [`per_head_products`], for CPU f32 contiguous inputs; candle's batched matmul for others.
+pub fn batched_products(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (h, rows, k) = x.dims3()?;
     let (h2, k2, n) = w.dims3()?;
     if h != h2 || k != k2 {
@@ -572,18 +544,83 @@ pub fn batched_products(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         }
         .into());
     }
-    let out = cpu_slices(&[x, w], |data| {
+    let blocks = HeadBlocks {
+        stride: rows * k,
+        lda: k,
+    };
+    match per_head_gemms(x, w, blocks, (h, rows, k, n))? {
+        Some(t) => Ok(t),
+        None => Ok(x.matmul(w)?),
+    }
+}
+
+/// `(rows, h, k, n)` of mixed values `z` (`[rows, h·k]`) against per-head `w` (`[h, k, n]`).
+fn interleaved_heads(
+    z: &Tensor,
+    w: &Tensor,
+    op: &'static str,
+) -> Result<(usize, usize, usize, usize)> {
+    let (rows, hk) = z.dims2()?;
+    let (h, k, n) = w.dims3()?;
+    if h * k != hk {
+        return Err(candle_core::Error::ShapeMismatchBinaryOp {
+            lhs: z.shape().clone(),
+            rhs: w.shape().clone(),
+            op,
+        }
+        .into());
+    }
+    Ok((rows, h, k, n))
+}
+
+/// Where head `h`'s `[rows, k]` block of a per-head left operand starts (`h · stride`) and how
+/// far apart its rows are (`lda`): `(k, h·k)` in mixed values `[rows, h·k]`, `(rows·k, k)` in a
+/// head-major `[h, rows, k]` tensor.
+#[derive(Clone, Copy)]
+struct HeadBlocks {
+    stride: usize,
+    lda: usize,
+}
+
+/// Head `head`'s product `a[head] · w[head]` into `dst` (`[rows, n]`).
+fn head_product(
+    a: &[f32],
+    w: &[f32],
+    blocks: HeadBlocks,
+    head: usize,
+    (rows, k, n): (usize, usize, usize),
+    dst: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let b = &w[head * k * n..(head + 1) * k * n];
+    gemm_serial(
+        rows,
+        n,
+        k,
+        &a[head * blocks.stride..],
+        blocks.lda,
+        (b, n, 1),
+        dst,
+    );
+}
+
+/// Every head's product as `[h, rows, n]`, one single-threaded GEMM per head on rayon's
+/// threads; `None` unless both operands are contiguous f32 on the CPU.
+fn per_head_gemms(
+    a: &Tensor,
+    w: &Tensor,
+    blocks: HeadBlocks,
+    (h, rows, k, n): (usize, usize, usize, usize),
+) -> Result<Option<Tensor>> {
+    let out = cpu_slices(&[a, w], |data| {
         // SAFETY: each head's GEMM writes its whole `[rows, n]` chunk.
         unsafe {
             filled_in_chunks(h * rows * n, rows * n, |head, dst| {
-                let a = &data[0][head * rows * k..(head + 1) * rows * k];
-                let b = &data[1][head * k * n..(head + 1) * k * n];
-                gemm_serial(rows, n, k, a, k, (b, n, 1), dst);
+                head_product(data[0], data[1], blocks, head, (rows, k, n), dst);
             })
         }
     });
     match out {
-        Some(v) => Ok(Some(Tensor::from_vec(v, (h, rows, n), x.device())?)),
+        Some(v) => Ok(Some(Tensor::from_vec(v, (h, rows, n), a.device())?)),
         None => Ok(None),
     }
 }
@@ -1190,15 +1227,6 @@ multiversion! {
                     dvj[t] += pij * dzi[t];
                 }
             }
-        }
-    }
-}
-
-multiversion! {
-    /// `acc += x`.
-    fn add_in_place(acc: &mut [f32], x: &[f32]) {
-        for (a, x) in acc.iter_mut().zip(x) {
-            *a += x;
         }
     }
 }
@@ -2077,12 +2105,12 @@ mod tests {
         let (z, w) = (randn(&[17, 3 * 8], 5), randn(&[3, 8, 33], 6));
         let z_heads = z.reshape((17, 3, 8)).unwrap().transpose(0, 1).unwrap();
         let want = z_heads.contiguous().unwrap().matmul(&w).unwrap();
-        let got = per_head_products(&z, &w).unwrap().unwrap();
+        let got = per_head_products(&z, &w).unwrap();
         assert_eq!(got.dims(), &[3, 17, 33]);
         assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
         let chunk = 17 * 33 + 5;
         let mut out = vec![f32::NAN; 3 * chunk];
-        assert!(per_head_products_into(&z, &w, &mut out, chunk).unwrap());
+        per_head_products_into(&z, &w, &mut out, chunk).unwrap();
         for (head, c) in out.chunks(chunk).enumerate() {
             let want = to_vec(&want.get(head).unwrap()).unwrap();
             assert!(c[..17 * 33]
@@ -2097,8 +2125,25 @@ mod tests {
         assert!(per_head_products(&z, &randn(&[3, 9, 33], 7)).is_err());
         // Head-major inputs, [h, rows, k] × [h, k, n].
         let x = randn(&[3, 17, 8], 8);
-        let got = batched_products(&x, &w).unwrap().unwrap();
+        let got = batched_products(&x, &w).unwrap();
         assert!(max_diff(&got, &x.matmul(&w).unwrap()) < 1e-5);
+        // Strided mixed values take candle's path, alone and into chunks, with the same values.
+        let z_strided = z.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert!(!z_strided.is_contiguous());
+        let slow = per_head_products(&z_strided, &w).unwrap();
+        assert!(max_diff(&slow, &want) < 1e-5, "{}", max_diff(&slow, &want));
+        let mut slow_out = vec![f32::NAN; 3 * chunk];
+        per_head_products_into(&z_strided, &w, &mut slow_out, chunk).unwrap();
+        for (fast, slow) in out.chunks(chunk).zip(slow_out.chunks(chunk)) {
+            assert!(fast[..17 * 33]
+                .iter()
+                .zip(slow)
+                .all(|(a, b)| (a - b).abs() < 1e-5));
+            assert!(
+                slow[17 * 33..].iter().all(|x| x.is_nan()),
+                "padding left alone"
+            );
+        }
         assert!(batched_products(&x, &randn(&[2, 8, 33], 9)).is_err());
         assert!(per_head_products_into(&z, &w, &mut out, 17 * 33 - 1).is_err());
     }
