@@ -139,10 +139,13 @@ pub struct AttentionCache {
 pub struct Attention {
     pub norm: NormLayer,
     post_norm: Option<NormLayer>,
-    /// `[heads, d, dh]`: query heads for q, key/value heads for k and v.
-    w: [Tensor; 3],
-    /// `[heads · d_head]` each.
-    b: [Option<Tensor>; 3],
+    /// `[d, (n_heads + 2 · n_kv_heads) · d_head]`: every query head's `W_Q`, then every key
+    /// head's `W_K`, then every value head's `W_V`, as column blocks of one matrix, so that the
+    /// unpatched forward projects all three in one GEMM (three GEMMs of a third of the width,
+    /// and a relayout of each from the per-head layout on every call, cost ~25% more on GPT-2).
+    w_qkv: Tensor,
+    /// The biases in the same column order (zeros for a letter without one).
+    b_qkv: Option<Tensor>,
     w_o: Tensor,
     /// `[n_heads · d_head, d_model]`: `w_o`'s data for the backward's one GEMM.
     w_o_flat: Tensor,
@@ -188,26 +191,55 @@ impl Attention {
         let idx: Vec<u32> = (0..self.n_heads)
             .map(|h| self.weight_head(Qkv::K, h) as u32)
             .collect();
-        Ok(Tensor::from_vec(idx, self.n_heads, self.w[0].device())?)
+        Ok(Tensor::from_vec(idx, self.n_heads, self.w_qkv.device())?)
     }
 
-    /// `letter`'s weights per *query* head, `[n_heads, d, dh]`: key and value heads repeated
-    /// for each query head that reads them.
-    fn per_query_head_weights(&self, letter: Qkv) -> Result<Tensor> {
-        let w = &self.w[letter as usize];
-        if self.heads_of(letter) == self.n_heads {
-            return Ok(w.clone());
+    /// The column of the fused projection where `letter`'s first head starts.
+    fn first_column(&self, letter: Qkv) -> usize {
+        let dh = self.d_head;
+        match letter {
+            Qkv::Q => 0,
+            Qkv::K => self.n_heads * dh,
+            Qkv::V => (self.n_heads + self.n_kv_heads) * dh,
         }
-        Ok(w.index_select(&self.kv_index()?, 0)?)
+    }
+
+    /// The first column of `letter`'s weights for each *query* head (key and value heads
+    /// repeat for each query head that reads them).
+    fn head_columns(&self, letter: Qkv) -> Vec<usize> {
+        (0..self.n_heads)
+            .map(|h| self.first_column(letter) + self.weight_head(letter, h) * self.d_head)
+            .collect()
+    }
+
+    /// `letter`'s bias, `[heads · d_head]` over its own heads.
+    fn letter_bias(&self, letter: Qkv) -> Result<Option<Tensor>> {
+        let width = self.heads_of(letter) * self.d_head;
+        self.b_qkv
+            .as_ref()
+            .map(|b| b.narrow(0, self.first_column(letter), width))
+            .transpose()
+            .map_err(Error::from)
+    }
+
+    /// `letter`'s weights per *query* head, `[n_heads, d, dh]` (a copy: the backward's path
+    /// for inputs that are not CPU f32).
+    fn per_query_head_weights(&self, letter: Qkv) -> Result<Tensor> {
+        let heads = self
+            .head_columns(letter)
+            .into_iter()
+            .map(|c| self.w_qkv.narrow(1, c, self.d_head))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&heads, 0)?)
     }
 
     /// `letter`'s bias per query head, `[n_heads · d_head]`.
     fn per_query_head_bias(&self, letter: Qkv) -> Result<Option<Tensor>> {
-        let Some(b) = &self.b[letter as usize] else {
+        let Some(b) = self.letter_bias(letter)? else {
             return Ok(None);
         };
         if self.heads_of(letter) == self.n_heads {
-            return Ok(Some(b.clone()));
+            return Ok(Some(b));
         }
         let dh = self.d_head;
         let heads = b.reshape((self.n_kv_heads, dh))?;
@@ -244,36 +276,73 @@ impl Attention {
         batch: usize,
         seq_len: usize,
     ) -> Result<Tensor> {
-        let (h, dh) = (self.n_heads, self.d_head);
-        let heads = self.heads_of(letter);
-        let (n, d) = xn.dims2()?;
+        let width = self.heads_of(letter) * self.d_head;
         let mut inp = xn.clone();
         if let (Some(pos), true) = (&positions.added, letter != Qkv::V) {
             inp = (inp + pos)?;
         }
-        // All heads in one GEMM: [d, heads·dh] built from the per-head layout (a 2.4 MB copy on
-        // GPT-2, cheaper than keeping both layouts resident).
-        let w = ops::swap_middle(&self.w[letter as usize], (1, heads, d, dh))?
-            .reshape((d, heads * dh))?;
+        let w = self.w_qkv.narrow(1, self.first_column(letter), width)?;
         let mut y = inp.matmul(&w)?;
-        if let Some(b) = &self.b[letter as usize] {
+        if let Some(b) = self.letter_bias(letter)? {
+            y = ops::add_bias(&y, &b)?;
+        }
+        self.split_heads(letter, &y, 0, positions, (batch, seq_len))
+    }
+
+    /// [`project_all`](Attention::project_all) of all three letters, `[q, k, v]`: one GEMM over
+    /// the fused weights when the three read the same input (no positional embedding added
+    /// to queries and keys only).
+    pub fn project_qkv(
+        &self,
+        xn: &Tensor,
+        positions: &RowPositions,
+        batch: usize,
+        seq_len: usize,
+    ) -> Result<[Tensor; 3]> {
+        if positions.added.is_some() {
+            let [q, k, v] = Qkv::ALL.map(|l| self.project_all(l, xn, positions, batch, seq_len));
+            return Ok([q?, k?, v?]);
+        }
+        let mut y = xn.matmul(&self.w_qkv)?;
+        if let Some(b) = &self.b_qkv {
             y = ops::add_bias(&y, b)?;
         }
+        let [q, k, v] = Qkv::ALL
+            .map(|l| self.split_heads(l, &y, self.first_column(l), positions, (batch, seq_len)));
+        Ok([q?, k?, v?])
+    }
+
+    /// `letter`'s heads from the columns of `y` (`[N, width]`) that start at `first`, rotated
+    /// where the model rotates them, as `[batch, n_heads, positions, d_head]` (key and value
+    /// heads repeated per query head).
+    fn split_heads(
+        &self,
+        letter: Qkv,
+        y: &Tensor,
+        first: usize,
+        positions: &RowPositions,
+        (batch, seq_len): (usize, usize),
+    ) -> Result<Tensor> {
+        let (h, dh) = (self.n_heads, self.d_head);
+        let heads = self.heads_of(letter);
+        let mut t = ops::heads_of_columns(y, first, (heads, dh), (batch, seq_len))?;
         if positions.rotary.is_some() && letter != Qkv::V {
-            let rows = y.reshape((n * heads, dh))?;
-            y = self
-                .rotate(letter, rows, positions, &|j| j / heads)?
-                .reshape((n, heads * dh))?;
+            // Row j of [batch, heads, positions] is input row (j / (heads·p))·p + j % p.
+            let per_batch = heads * seq_len;
+            let rows = t.reshape((batch * per_batch, dh))?;
+            let row_of = |j: usize| (j / per_batch) * seq_len + j % seq_len;
+            t = self
+                .rotate(letter, rows, positions, &row_of)?
+                .reshape((batch, heads, seq_len, dh))?;
         }
-        let mut y = y.reshape((batch, seq_len, heads, dh))?;
         if heads != h {
             let g = h / heads;
-            y = y
-                .unsqueeze(3)?
-                .broadcast_as((batch, seq_len, heads, g, dh))?
-                .reshape((batch, seq_len, h, dh))?;
+            t = t
+                .unsqueeze(2)?
+                .broadcast_as((batch, heads, g, seq_len, dh))?
+                .reshape((batch, h, seq_len, dh))?;
         }
-        ops::swap_middle(&y, (batch, seq_len, h, dh))
+        Ok(t)
     }
 
     /// Each query head's projection for `letter` of its own residual stream (`inputs[h]`,
@@ -293,9 +362,9 @@ impl Attention {
         if let (Some(pos), true) = (&positions.added, letter != Qkv::V) {
             inp = inp.reshape((h, n, d))?.broadcast_add(pos)?;
         }
-        let w = self.per_query_head_weights(letter)?;
         let inp = inp.reshape((h, n, d))?;
-        let mut y = ops::batched_products(&inp, &w)?; // [h, n, dh]
+        let columns = self.head_columns(letter);
+        let mut y = ops::batched_products(&inp, &self.w_qkv, &columns, dh)?; // [h, n, dh]
         if let Some(b) = self.per_query_head_bias(letter)? {
             y = y.broadcast_add(&b.reshape((h, 1, dh))?)?;
         }
@@ -324,11 +393,10 @@ impl Attention {
             xn = (xn + pos)?;
         }
         let dh = self.d_head;
-        let wh = self.weight_head(letter, head);
-        let w = self.w[letter as usize].get(wh)?;
-        let mut y = xn.matmul(&w)?;
-        if let Some(b) = &self.b[letter as usize] {
-            y = y.broadcast_add(&b.narrow(0, wh * dh, dh)?)?;
+        let column = self.first_column(letter) + self.weight_head(letter, head) * dh;
+        let mut y = xn.matmul(&self.w_qkv.narrow(1, column, dh)?)?;
+        if let Some(b) = &self.b_qkv {
+            y = y.broadcast_add(&b.narrow(0, column, dh)?)?;
         }
         self.rotate(letter, y, positions, &|j| j)
     }
@@ -492,16 +560,14 @@ impl Attention {
             dq = back(&dq)?;
             dk = back(&dk)?;
         }
-        let ws = [
-            self.per_query_head_weights(Qkv::Q)?,
-            self.per_query_head_weights(Qkv::K)?,
-            self.per_query_head_weights(Qkv::V)?,
-        ];
-        let wr = [&ws[0], &ws[1], &ws[2]];
+        let columns = Qkv::ALL.map(|l| self.head_columns(l));
+        let cols = [&columns[0][..], &columns[1][..], &columns[2][..]];
         let norm = cache.norm.as_ref().map(|c| (c, self.norm.gain()));
-        if let Some(grads) = ops::qkv_input_grads([&dq, &dk, &dv], wr, norm)? {
+        if let Some(grads) = ops::qkv_input_grads([&dq, &dk, &dv], &self.w_qkv, cols, norm)? {
             return Ok(grads);
         }
+        let [wq, wk, wv] = Qkv::ALL.map(|l| self.per_query_head_weights(l));
+        let ws = [wq?, wk?, wv?];
         // Any device: per-letter batched products, then the norm's backward.
         let dxs = [
             dq.matmul(&ws[0].t()?)?,
@@ -742,10 +808,32 @@ impl Block {
         check("W_K", &attn.w_k, &[kv, d, dh])?;
         check("W_V", &attn.w_v, &[kv, d, dh])?;
         check("W_O", &attn.w_o, &[h, dh, d])?;
-        let bias = |b: Option<Tensor>, heads: usize| -> Result<Option<Tensor>> {
-            b.map(|b| b.reshape(heads * dh))
-                .transpose()
-                .map_err(Error::from)
+        // The fused projection: each letter's [heads, d, dh] as the column blocks of [d,
+        // heads·dh], side by side; biases in the same order, zeros for a letter without one.
+        let columns = |w: Tensor, heads: usize| -> Result<Tensor> {
+            let w = ops::swap_middle(&w.to_dtype(DType::F32)?.contiguous()?, (1, heads, d, dh))?;
+            Ok(w.reshape((d, heads * dh))?)
+        };
+        let w_qkv = Tensor::cat(
+            &[
+                columns(attn.w_q, h)?,
+                columns(attn.w_k, kv)?,
+                columns(attn.w_v, kv)?,
+            ],
+            1,
+        )?;
+        let biases = [(attn.b_q, h), (attn.b_k, kv), (attn.b_v, kv)];
+        let b_qkv = if biases.iter().any(|(b, _)| b.is_some()) {
+            let parts = biases
+                .into_iter()
+                .map(|(b, heads)| match b {
+                    Some(b) => Ok(b.to_dtype(DType::F32)?.reshape(heads * dh)?),
+                    None => Ok(Tensor::zeros(heads * dh, DType::F32, w_qkv.device())?),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?)
+        } else {
+            None
         };
         let mlp = mlp.map(|m| Mlp::new(cfg, m)).transpose()?;
         if cfg.d_mlp.is_some() != mlp.is_some() {
@@ -753,17 +841,12 @@ impl Block {
                 "the configuration and the weights disagree on whether the model has MLPs",
             ));
         }
-        let to_f32 = |t: Tensor| t.to_dtype(DType::F32);
         Ok(Block {
             attn: Attention {
                 norm: NormLayer::new(cfg, attn.norm),
                 post_norm: attn.post_norm.map(|w| NormLayer::new(cfg, Some(w))),
-                w: [
-                    to_f32(attn.w_q.contiguous()?)?,
-                    to_f32(attn.w_k.contiguous()?)?,
-                    to_f32(attn.w_v.contiguous()?)?,
-                ],
-                b: [bias(attn.b_q, h)?, bias(attn.b_k, kv)?, bias(attn.b_v, kv)?],
+                w_qkv,
+                b_qkv,
                 w_o_flat: attn.w_o.reshape((h * dh, d))?,
                 w_o: attn.w_o.contiguous()?,
                 b_o: attn.b_o,

@@ -503,9 +503,11 @@ impl Model {
                     .collect::<Result<Vec<_>>>()?;
                 attn.project_per_head(letter, &per_head, pos, b, p)
             };
-            let q = project(Qkv::Q)?;
-            let k = project(Qkv::K)?;
-            let v = project(Qkv::V)?;
+            let [q, k, v] = if deltas.iter().all(Option::is_none) {
+                attn.project_qkv(&xn, &positions, b, p)?
+            } else {
+                [project(Qkv::Q)?, project(Qkv::K)?, project(Qkv::V)?]
+            };
             let (z, pattern) = attn.attend(&q, &k, &v, &mask)?; // [n, h·dh]
             let frozen_heads = match &opts.sublayer_override {
                 Some(SublayerOverride::Attention { layer, heads }) if *layer == l => {

@@ -290,17 +290,30 @@ fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
 /// W_letter[h]ᵀ)`, the GEMM written straight into its slot, the LayerNorm backward applied in
 /// place and the slot added into its thread's sum while it is in cache (summing afterwards
 /// re-read 57 MB per GPT-2 layer). One tensor per letter so that each is a reader group of its
-/// own. `None` when the inputs are not contiguous CPU f32, and the caller composes the same
-/// maths from candle ops.
+/// own. The weights are the layer's fused `[d, columns]` projection: query head `h`'s
+/// `W_letter[h]` is the `dh` columns from `columns[letter][h]` (key and value heads repeat for
+/// the query heads that read them). `None` when the inputs are not contiguous CPU f32, and the
+/// caller composes the same maths from candle ops.
 pub fn qkv_input_grads(
     d_heads: [&Tensor; 3],
-    w_heads: [&Tensor; 3],
+    w_qkv: &Tensor,
+    columns: [&[usize]; 3],
     norm: Option<(&NormCache, Option<&Tensor>)>,
 ) -> Result<Option<([Tensor; 3], Tensor)>> {
     let (h, rows, dh) = d_heads[0].dims3()?;
-    let d = w_heads[0].dim(1)?;
+    let (d, width) = w_qkv.dims2()?;
+    if columns
+        .iter()
+        .any(|c| c.len() != h || c.iter().any(|&c| c + dh > width))
+    {
+        return Err(crate::Error::Shape {
+            op: "qkv_input_grads",
+            expected: format!("{h} heads' columns of {dh} within {width}"),
+            found: format!("{columns:?}"),
+        });
+    }
     let usable = |t: &Tensor| t.device().is_cpu() && t.is_contiguous() && t.dtype() == DType::F32;
-    if !d_heads.iter().chain(w_heads.iter()).all(|t| usable(t)) {
+    if !d_heads.iter().all(|t| usable(t)) || !usable(w_qkv) {
         return Ok(None);
     }
     let (xhat, inv, wv) = match norm {
@@ -313,16 +326,15 @@ pub fn qkv_input_grads(
     };
     let centered = norm.is_none_or(|(c, _)| c.centered);
     let slot = rows * d;
-    let operands = [
-        d_heads[0], d_heads[1], d_heads[2], w_heads[0], w_heads[1], w_heads[2],
-    ];
+    let operands = [d_heads[0], d_heads[1], d_heads[2], w_qkv];
     let outs = cpu_slices(&operands, |data| {
-        let (d_data, w_data) = data.split_at(3);
+        let (d_data, w_data) = (&data[..3], data[3]);
         let fill = |letter: usize, head: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
             let dsrc = &d_data[letter][head * rows * dh..(head + 1) * rows * dh];
-            let wsrc = &w_data[letter][head * d * dh..(head + 1) * d * dh];
-            // dst [rows, d] = dsrc [rows, dh] · W[h]ᵀ, W[h] being [d, dh].
-            gemm_serial(rows, d, dh, dsrc, dh, (wsrc, 1, dh), dst);
+            // dst [rows, d] = dsrc [rows, dh] · W[h]ᵀ: W[h]ᵀ's element (j, i) is the fused
+            // matrix's (i, column + j).
+            let wsrc = &w_data[columns[letter][head]..];
+            gemm_serial(rows, d, dh, dsrc, dh, (wsrc, 1, width), dst);
             // SAFETY: the GEMM has just written all of `dst`.
             let dst = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
             if let (Some(xhat), Some(inv)) = (&xhat, &inv) {
@@ -486,7 +498,8 @@ pub fn per_head_products(z: &Tensor, w: &Tensor) -> Result<Tensor> {
         stride: k,
         lda: h * k,
     };
-    if let Some(t) = per_head_gemms(z, w, blocks, (h, rows, k, n))? {
+    let weights = HeadWeights::stacked(h, k, n);
+    if let Some(t) = per_head_gemms(z, w, blocks, &weights, (h, rows, k, n))? {
         return Ok(t);
     }
     let z_heads = swap_middle(z, (1, rows, h, k))?.reshape((h, rows, k))?;
@@ -508,6 +521,7 @@ pub fn per_head_products_into(z: &Tensor, w: &Tensor, out: &mut [f32], chunk: us
         stride: k,
         lda: h * k,
     };
+    let weights = HeadWeights::stacked(h, k, n);
     let done = cpu_slices(&[z, w], |data| {
         out.par_chunks_mut(chunk)
             .take(h)
@@ -518,7 +532,7 @@ pub fn per_head_products_into(z: &Tensor, w: &Tensor, out: &mut [f32], chunk: us
                     &mut *(&mut dst[..rows * n] as *mut [f32]
                         as *mut [std::mem::MaybeUninit<f32>])
                 };
-                head_product(data[0], data[1], blocks, head, (rows, k, n), dst);
+                head_product(data[0], data[1], blocks, &weights, head, (rows, k, n), dst);
             });
     });
     if done.is_none() {
@@ -530,27 +544,38 @@ pub fn per_head_products_into(z: &Tensor, w: &Tensor, out: &mut [f32], chunk: us
     Ok(())
 }
 
-/// `x[h] · w[h]` for every `h` (`[h, rows, k] × [h, k, n] → [h, rows, n]`): ACDC's per-head
-/// q/k/v projections of each head's own residual stream. One single-threaded GEMM per head, as
-/// [`per_head_products`], for CPU f32 contiguous inputs; candle's batched matmul for others.
-pub fn batched_products(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x[h] · W[h]` for every `h` (`[h, rows, k]` → `[h, rows, n]`), `W[h]` being the `n`
+/// columns of `w` (`[k, width]`) from `columns[h]`: ACDC's per-head q/k/v projections of each
+/// head's own residual stream, read from the fused projection. One single-threaded GEMM per
+/// head, as [`per_head_products`], for CPU f32 contiguous inputs; candle's batched matmul for
+/// others.
+pub fn batched_products(x: &Tensor, w: &Tensor, columns: &[usize], n: usize) -> Result<Tensor> {
     let (h, rows, k) = x.dims3()?;
-    let (h2, k2, n) = w.dims3()?;
-    if h != h2 || k != k2 {
-        return Err(candle_core::Error::ShapeMismatchBinaryOp {
-            lhs: x.shape().clone(),
-            rhs: w.shape().clone(),
+    let (k2, width) = w.dims2()?;
+    if h != columns.len() || k != k2 || columns.iter().any(|&c| c + n > width) {
+        return Err(crate::Error::Shape {
             op: "batched_products",
-        }
-        .into());
+            expected: format!("{h} blocks of {n} columns within [{k}, width]"),
+            found: format!("columns {columns:?} of {:?}", w.dims()),
+        });
     }
     let blocks = HeadBlocks {
         stride: rows * k,
         lda: k,
     };
-    match per_head_gemms(x, w, blocks, (h, rows, k, n))? {
+    let weights = HeadWeights {
+        offsets: std::borrow::Cow::Borrowed(columns),
+        row: width,
+    };
+    match per_head_gemms(x, w, blocks, &weights, (h, rows, k, n))? {
         Some(t) => Ok(t),
-        None => Ok(x.matmul(w)?),
+        None => {
+            let heads = columns
+                .iter()
+                .map(|&c| w.narrow(1, c, n))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(x.matmul(&Tensor::stack(&heads, 0)?)?)
+        }
     }
 }
 
@@ -582,23 +607,41 @@ struct HeadBlocks {
     lda: usize,
 }
 
+/// Where each head's `[k, n]` right operand sits in a weight slice: head `h`'s element
+/// `(kk, j)` is at `offsets[h] + kk · row + j`. `[h, k, n]` stacked heads have offsets
+/// `h · k · n` and rows `n` apart; heads as column blocks of one `[k, width]` matrix have their
+/// first columns as offsets and rows `width` apart.
+struct HeadWeights<'a> {
+    offsets: std::borrow::Cow<'a, [usize]>,
+    row: usize,
+}
+
+impl HeadWeights<'_> {
+    fn stacked(h: usize, k: usize, n: usize) -> HeadWeights<'static> {
+        HeadWeights {
+            offsets: (0..h).map(|i| i * k * n).collect(),
+            row: n,
+        }
+    }
+}
+
 /// Head `head`'s product `a[head] · w[head]` into `dst` (`[rows, n]`).
 fn head_product(
     a: &[f32],
     w: &[f32],
     blocks: HeadBlocks,
+    weights: &HeadWeights,
     head: usize,
     (rows, k, n): (usize, usize, usize),
     dst: &mut [std::mem::MaybeUninit<f32>],
 ) {
-    let b = &w[head * k * n..(head + 1) * k * n];
     gemm_serial(
         rows,
         n,
         k,
         &a[head * blocks.stride..],
         blocks.lda,
-        (b, n, 1),
+        (&w[weights.offsets[head]..], weights.row, 1),
         dst,
     );
 }
@@ -609,19 +652,61 @@ fn per_head_gemms(
     a: &Tensor,
     w: &Tensor,
     blocks: HeadBlocks,
+    weights: &HeadWeights,
     (h, rows, k, n): (usize, usize, usize, usize),
 ) -> Result<Option<Tensor>> {
     let out = cpu_slices(&[a, w], |data| {
         // SAFETY: each head's GEMM writes its whole `[rows, n]` chunk.
         unsafe {
             filled_in_chunks(h * rows * n, rows * n, |head, dst| {
-                head_product(data[0], data[1], blocks, head, (rows, k, n), dst);
+                head_product(data[0], data[1], blocks, weights, head, (rows, k, n), dst);
             })
         }
     });
     match out {
         Some(v) => Ok(Some(Tensor::from_vec(v, (h, rows, n), a.device())?)),
         None => Ok(None),
+    }
+}
+
+/// Every head's `[batch, heads, seq, dh]` block of a projection `y` (`[batch · seq, width]`)
+/// whose head `i` is the `dh` columns from `first + i · dh`: the fused q/k/v GEMM's output
+/// split into what attention reads, one pass over the rows.
+pub fn heads_of_columns(
+    y: &Tensor,
+    first: usize,
+    (heads, dh): (usize, usize),
+    (batch, seq): (usize, usize),
+) -> Result<Tensor> {
+    let (n, width) = y.dims2()?;
+    if n != batch * seq || first + heads * dh > width {
+        return Err(crate::Error::Shape {
+            op: "heads_of_columns",
+            expected: format!("[{}, at least {}]", batch * seq, first + heads * dh),
+            found: format!("{:?}", y.dims()),
+        });
+    }
+    let done = cpu_slice(y, |src| {
+        // SAFETY: each chunk is one (batch, head) pair's [seq, dh] block, every row copied.
+        unsafe {
+            filled_in_chunks(n * heads * dh, seq * dh, |bh, dst| {
+                let (bi, hi) = (bh / heads, bh % heads);
+                for (pi, row) in dst.chunks_mut(dh).enumerate() {
+                    let from = (bi * seq + pi) * width + first + hi * dh;
+                    for (d, s) in row.iter_mut().zip(&src[from..from + dh]) {
+                        d.write(*s);
+                    }
+                }
+            })
+        }
+    });
+    match done {
+        Some(v) => Ok(Tensor::from_vec(v, (batch, heads, seq, dh), y.device())?),
+        None => Ok(y
+            .narrow(1, first, heads * dh)?
+            .reshape((batch, seq, heads, dh))?
+            .transpose(1, 2)?
+            .contiguous()?),
     }
 }
 
@@ -2123,10 +2208,39 @@ mod tests {
             );
         }
         assert!(per_head_products(&z, &randn(&[3, 9, 33], 7)).is_err());
-        // Head-major inputs, [h, rows, k] × [h, k, n].
+        // Head-major inputs against column blocks of one matrix: [h, rows, k] × [k, width].
         let x = randn(&[3, 17, 8], 8);
-        let got = batched_products(&x, &w).unwrap();
-        assert!(max_diff(&got, &x.matmul(&w).unwrap()) < 1e-5);
+        let fused = randn(&[8, 100], 10);
+        let columns = [40, 0, 67];
+        let got = batched_products(&x, &fused, &columns, 33).unwrap();
+        let heads: Vec<Tensor> = columns
+            .iter()
+            .map(|&c| fused.narrow(1, c, 33).unwrap())
+            .collect();
+        let want_heads = x.matmul(&Tensor::stack(&heads, 0).unwrap()).unwrap();
+        assert!(max_diff(&got, &want_heads) < 1e-5);
+        let slow = batched_products(
+            &x.t().unwrap().contiguous().unwrap().t().unwrap(),
+            &fused,
+            &columns,
+            33,
+        );
+        assert!(max_diff(&slow.unwrap(), &want_heads) < 1e-5);
+        assert!(batched_products(&x, &fused, &[40, 0, 68], 33).is_err());
+        // Heads split from column blocks of a projection.
+        let y = randn(&[2 * 5, 30], 11);
+        let got = heads_of_columns(&y, 6, (3, 4), (2, 5)).unwrap();
+        let want_split = y
+            .narrow(1, 6, 12)
+            .unwrap()
+            .reshape((2, 5, 3, 4))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        assert_eq!(to_vec(&got).unwrap(), to_vec(&want_split).unwrap());
+        assert!(heads_of_columns(&y, 19, (3, 4), (2, 5)).is_err());
         // Strided mixed values take candle's path, alone and into chunks, with the same values.
         let z_strided = z.t().unwrap().contiguous().unwrap().t().unwrap();
         assert!(!z_strided.is_contiguous());
@@ -2144,7 +2258,6 @@ mod tests {
                 "padding left alone"
             );
         }
-        assert!(batched_products(&x, &randn(&[2, 8, 33], 9)).is_err());
         assert!(per_head_products_into(&z, &w, &mut out, 17 * 33 - 1).is_err());
     }
 
