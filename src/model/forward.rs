@@ -253,6 +253,10 @@ impl Model {
         let rows = columns.map(|c| self.unembed_rows(c)).transpose()?;
         let mut logits = match (&rows, self.mapped_vocab()) {
             (Some(rows), _) => xn.matmul(&rows.t()?)?,
+            // A tied (or transposed-stored) unembedding: its rows are the vocabulary's.
+            (None, None) if self.embed.w_u.t()?.is_contiguous() => {
+                ops::matmul_nt_wide(&xn.contiguous()?, &self.embed.w_u.t()?)?
+            }
             (None, None) => xn.matmul(&self.embed.w_u)?,
             (None, Some(loader)) => {
                 // Blocks of vocabulary rows [len, d], converted one at a time: x · rowsᵀ.

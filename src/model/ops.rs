@@ -970,6 +970,38 @@ pub fn matmul_nt_many(a: &Tensor, k: usize, bs: &[(&Tensor, usize)]) -> Result<V
     }
 }
 
+/// `A · Bᵀ` for row-major `a: [m, k]` with few rows and `b: [n, k]` with many (`m` ≤ 256,
+/// `k` ≤ 16,384): the unembedding of the metric's rows against a tied embedding's rows, 32 × 768
+/// against 50,257 × 768 for GPT-2. gemm packs the transposed `b` first and ran it at ~60 GFLOP/s
+/// (40 ms per KL evaluation, most of an ACDC pass from the logits); this reads each row of `b`
+/// once from memory, in blocks of 64 rows, with an AVX-512 register tile: 26–33 ms. Other
+/// shapes, devices and CPUs take candle's matmul.
+pub fn matmul_nt_wide(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, k) = a.dims2()?;
+    let (n, k2) = b.dims2()?;
+    if k != k2 {
+        return Err(crate::Error::Shape {
+            op: "matmul_nt_wide",
+            expected: format!("[n, {k}] right-hand rows"),
+            found: format!("[{n}, {k2}]"),
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if m <= 256 && k <= 16_384 && std::arch::is_x86_feature_detected!("avx512f") {
+        let fast = cpu_slices(&[a, b], |s| {
+            let a = Strided {
+                data: s[0],
+                row_len: k,
+            };
+            nt_avx512::wide(a, s[1], m, n, k)
+        });
+        if let Some(out) = fast {
+            return Ok(Tensor::from_vec(out, (m, n), a.device())?);
+        }
+    }
+    Ok(a.matmul(&b.t()?)?)
+}
+
 /// A row-major matrix whose rows are `row_len` floats apart (at least as many as are read).
 #[derive(Clone, Copy)]
 struct Strided<'a> {
@@ -1069,6 +1101,111 @@ mod nt_avx512 {
                 }
                 x
             })
+    }
+
+    /// Rows of `a` and of `b` in [`wide`]'s register tile: 24 accumulators, and 10 loads per
+    /// 24 multiply-adds of which the 6 of `b` come from L1 (the 4 × 6 tile with `b`'s rows
+    /// outside ran its GPT-2 shape in 26–33 ms against 31–37 for the contraction's 6 × 4 with
+    /// `a`'s outside, and 40–45 for gemm).
+    const WM: usize = 4;
+    const WN: usize = 6;
+
+    /// Rows of `b` per task in [`wide`]: 192 KiB of GPT-2's embedding, well inside L2 while
+    /// every tile of `a` passes over it.
+    const WIDE_BLOCK: usize = 64;
+
+    /// `a · bᵀ` (`[m, n]`) for `b: [n, k]` with many rows: blocks of rows of `b` in parallel,
+    /// each tile of `WN` rows of `b` against every tile of `a`, so each row of `b` is read
+    /// from memory once and stays in L1 while `a` (in L2) passes over it.
+    pub(super) fn wide(a: Strided, b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        // `a` padded with zero rows to whole tiles; the padding's products are dropped.
+        let mp = m.div_ceil(WM) * WM;
+        let mut ap = vec![0f32; mp * k];
+        for i in 0..m {
+            ap[i * k..(i + 1) * k].copy_from_slice(&a.data[i * a.row_len..i * a.row_len + k]);
+        }
+        let nb = WIDE_BLOCK;
+        let parts: Vec<Vec<f32>> = (0..n.div_ceil(nb))
+            .into_par_iter()
+            .map(|t| {
+                let (j0, len) = (t * nb, nb.min(n - t * nb));
+                let bb = &b[j0 * k..(j0 + len) * k];
+                let mut c = vec![0f32; mp * len];
+                let whole = len / WN * WN;
+                for j in (0..whole).step_by(WN) {
+                    for i in (0..mp).step_by(WM) {
+                        // SAFETY: the caller checked avx512f at run time; rows i..i+WM of the
+                        // padded a and j..j+WN of the block hold k floats each.
+                        unsafe { wide_tile(&ap[i * k..], &bb[j * k..], k, &mut c, (i, j), len) };
+                    }
+                }
+                if whole < len {
+                    // The block's last rows of b, fewer than a tile, with the general kernel
+                    // (its output rows are `len − whole` apart).
+                    let rest = len - whole;
+                    let mut t = vec![0f32; mp * rest];
+                    let pa = Strided {
+                        data: &ap,
+                        row_len: k,
+                    };
+                    // SAFETY: as above; the block's rows whole..len hold k floats each.
+                    unsafe { block(pa, &bb[whole * k..], mp, rest, k, 0, k, &mut t) };
+                    for i in 0..mp {
+                        c[i * len + whole..(i + 1) * len]
+                            .copy_from_slice(&t[i * rest..(i + 1) * rest]);
+                    }
+                }
+                c
+            })
+            .collect();
+        let mut out = vec![0f32; m * n];
+        for (t, part) in parts.iter().enumerate() {
+            let (j0, len) = (t * nb, nb.min(n - t * nb));
+            for i in 0..m {
+                out[i * n + j0..i * n + j0 + len].copy_from_slice(&part[i * len..(i + 1) * len]);
+            }
+        }
+        out
+    }
+
+    /// `c[i + r, j + s] = a[r] · b[s]` for `WM` rows of `a` and `WN` of `b` (each `k` floats,
+    /// rows `k` apart); `c`'s rows are `ldc` apart.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // register tiles indexed by (r, s)
+    unsafe fn wide_tile(
+        a: &[f32],
+        b: &[f32],
+        k: usize,
+        c: &mut [f32],
+        (i, j): (usize, usize),
+        ldc: usize,
+    ) {
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); WN]; WM];
+        let k16 = k / 16 * 16;
+        let mut kk = 0;
+        while kk < k16 {
+            let mut bv = [_mm512_setzero_ps(); WN];
+            for s in 0..WN {
+                bv[s] = _mm512_loadu_ps(bp.add(s * k + kk));
+            }
+            for r in 0..WM {
+                let av = _mm512_loadu_ps(ap.add(r * k + kk));
+                for s in 0..WN {
+                    acc[r][s] = _mm512_fmadd_ps(av, bv[s], acc[r][s]);
+                }
+            }
+            kk += 16;
+        }
+        for r in 0..WM {
+            for s in 0..WN {
+                let mut v = _mm512_reduce_add_ps(acc[r][s]);
+                for t in k16..k {
+                    v += a[r * k + t] * b[s * k + t];
+                }
+                c[(i + r) * ldc + j + s] = v;
+            }
+        }
     }
 
     /// Adds `a[i..i+mi] · b[j..j+nj]ᵀ` over columns `k0..k0+kb` into `c` (`[m, n]`); a `FULL`
@@ -1979,6 +2116,33 @@ mod tests {
             }
             check(&to_vec(&matmul_nt(&a, &b).unwrap()).unwrap(), "dispatch");
         }
+    }
+
+    /// The unembedding's kernel (few rows of `a` against many of `b`) against a plain f64
+    /// product, at shapes with ragged tiles everywhere: rows of `a` not a multiple of 4, blocks
+    /// of `b` with a partial tile, a last partial block, `k` with a remainder of 16.
+    #[test]
+    fn wide_product_matches_a_plain_product() {
+        for (m, n, k) in [(32, 200, 768), (7, 131, 37), (1, 6, 16), (5, 64, 5)] {
+            let a = randn(&[m, k], 31 + n as u64);
+            let b = randn(&[n, k], 32 + n as u64);
+            let (av, bv) = (to_vec(&a).unwrap(), to_vec(&b).unwrap());
+            let got = to_vec(&matmul_nt_wide(&a, &b).unwrap()).unwrap();
+            assert_eq!(got.len(), m * n);
+            for (ij, g) in got.iter().enumerate() {
+                let (i, j) = (ij / n, ij % n);
+                let w: f64 = (0..k)
+                    .map(|t| av[i * k + t] as f64 * bv[j * k + t] as f64)
+                    .sum();
+                let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-4;
+                assert!(
+                    (*g as f64 - w).abs() < tol,
+                    "{m}x{n}x{k} at {i},{j}: {g} vs {w}"
+                );
+            }
+        }
+        let (a, b) = (randn(&[2, 8], 1), randn(&[3, 9], 2));
+        assert!(matmul_nt_wide(&a, &b).is_err());
     }
 
     /// The short-sequence attention gives candle's pattern (softmax of the scaled, masked
