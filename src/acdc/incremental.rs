@@ -78,18 +78,41 @@ fn fold(
     if terms.is_empty() {
         return Ok(init.cloned());
     }
+    fold_into(init, terms, rows, None).map(Some)
+}
+
+/// `base[rows] + fold(None, terms, rows)` with the same bits, in one pass over the terms and
+/// one output buffer instead of a sum, a gathered copy of `base` and their sum.
+fn onto_base(
+    base: &Tensor,
+    terms: &[(&Tensor, &Tensor)],
+    rows: Option<&[usize]>,
+) -> Result<Tensor> {
+    if terms.is_empty() {
+        return add_base(base, rows, None);
+    }
+    fold_into(None, terms, rows, Some(base))
+}
+
+/// [`fold`]'s sum of at least one term, with `base[rows]` added last when given.
+fn fold_into(
+    init: Option<&Tensor>,
+    terms: &[(&Tensor, &Tensor)],
+    rows: Option<&[usize]>,
+    base: Option<&Tensor>,
+) -> Result<Tensor> {
     let d = terms[0].0.dim(1)?;
     let out_rows = rows.map_or(terms[0].0.dim(0)?, <[usize]>::len);
-    let mut all: Vec<&Tensor> = Vec::with_capacity(2 * terms.len() + 1);
+    let mut all: Vec<&Tensor> = Vec::with_capacity(2 * terms.len() + 2);
     for (p, m) in terms {
         all.push(p);
         all.push(m);
     }
-    if let Some(i) = init {
-        all.push(i);
-    }
+    all.extend(init);
+    all.extend(base);
     let fast = ops::cpu_slices(&all, |s| {
         let k = terms.len();
+        let base = base.map(|_| s[s.len() - 1]);
         let mut out = vec![0f32; out_rows * d];
         // Output elements `out_off..` read the terms' elements `src..`, one contiguous run.
         let body = |o: &mut [f32], out_off: usize, src: usize| {
@@ -113,25 +136,34 @@ fn fold(
                     *o += p - m;
                 }
             }
+            if let Some(b) = base {
+                for (o, b) in o.iter_mut().zip(&b[src..src + n]) {
+                    *o += b;
+                }
+            }
         };
         match rows {
             None => out
                 .par_chunks_mut(FOLD_CHUNK)
                 .enumerate()
                 .for_each(|(c, o)| body(o, c * FOLD_CHUNK, c * FOLD_CHUNK)),
-            Some(rows) => out
-                .par_chunks_mut(d)
-                .enumerate()
-                .for_each(|(i, o)| body(o, i * d, rows[i] * d)),
+            // Whole rows per task, about FOLD_CHUNK floats of them.
+            Some(rows) => {
+                let per_task = (FOLD_CHUNK / d.max(1)).max(1);
+                out.par_chunks_mut(per_task * d)
+                    .enumerate()
+                    .for_each(|(t, o)| {
+                        for (j, o) in o.chunks_mut(d).enumerate() {
+                            let i = t * per_task + j;
+                            body(o, i * d, rows[i] * d);
+                        }
+                    })
+            }
         }
         out
     });
     if let Some(v) = fast {
-        return Ok(Some(Tensor::from_vec(
-            v,
-            (out_rows, d),
-            terms[0].0.device(),
-        )?));
+        return Ok(Tensor::from_vec(v, (out_rows, d), terms[0].0.device())?);
     }
     // Any device: the same additions through candle.
     let pick = |t: &Tensor| -> Result<Tensor> {
@@ -150,7 +182,11 @@ fn fold(
             Some(a) => (a + t)?,
         });
     }
-    Ok(acc)
+    let sum = acc.expect("at least one term");
+    match base {
+        Some(b) => add_base(b, rows, Some(sum)),
+        None => Ok(sum),
+    }
 }
 
 fn row_index(rows: &[usize], device: &candle_core::Device) -> Result<Tensor> {
@@ -188,6 +224,8 @@ struct ChunkState {
     base_sites: Vec<Tensor>,
     /// Rows whose logits the metric reads.
     logit_rows: Vec<usize>,
+    /// The other rows, in the order of [`split_rows`]'s first part.
+    rest_rows: Vec<usize>,
     /// Where the rows sit in their sequences (shortformer embeddings, rotary angles): every
     /// row, the rows before the last position, the last position's rows.
     positions: (RowPositions, Option<RowPositions>, RowPositions),
@@ -359,6 +397,36 @@ fn parts(input: &Tensor, need: Need, b: usize, p: usize) -> Result<(Option<Tenso
     }
 }
 
+/// A reader's input at the rows its node is computed on.
+enum NodeInput {
+    /// At the rows of the node's [`Need`]: every row in order, or the last position's rows.
+    Rows(Tensor),
+    /// The rows before the last position (`None` under `Need::Last` or for one position) and
+    /// the last position's rows, as [`split_rows`] lays them out.
+    Split(Option<Tensor>, Tensor),
+}
+
+impl NodeInput {
+    /// The rows before the last position and the last position's rows of a query's or an
+    /// MLP's input.
+    fn parts(self, need: Need, b: usize, p: usize) -> Result<(Option<Tensor>, Tensor)> {
+        match self {
+            NodeInput::Rows(t) => parts(&t, need, b, p),
+            NodeInput::Split(rest, last) => Ok((rest, last)),
+        }
+    }
+
+    /// A key's or value's input (every row), or the logits' (the last position's rows).
+    fn rows(self) -> Result<Tensor> {
+        match self {
+            NodeInput::Rows(t) | NodeInput::Split(None, t) => Ok(t),
+            NodeInput::Split(Some(_), _) => Err(Error::invalid(
+                "incremental ACDC: a key, value or logits input split by position",
+            )),
+        }
+    }
+}
+
 /// The node computations of one chunk, row-restricted by [`Need`].
 struct NodeCtx<'c> {
     model: &'c Model,
@@ -378,14 +446,14 @@ impl NodeCtx<'_> {
         layer: usize,
         head: usize,
         need: Need,
-        inputs: [Option<Tensor>; 3],
+        inputs: [Option<NodeInput>; 3],
         cached: &[Tensor; 3],
     ) -> Result<([Option<Tensor>; 3], Tensor)> {
         let (b, p, dh) = (self.batch, self.seq_len, self.model.cfg.d_head);
         let mut new: [Option<Tensor>; 3] = [None, None, None];
         let [q_in, k_in, v_in] = inputs;
         if let Some(input) = q_in {
-            let (rest, last) = parts(&input, need, b, p)?;
+            let (rest, last) = input.parts(need, b, p)?;
             let q_last = lw.attn.project_head(Qkv::Q, head, &last, &self.pos.2)?;
             let q_rest = match &rest {
                 Some(r) => Some(lw.attn.project_head(
@@ -401,6 +469,7 @@ impl NodeCtx<'_> {
         for (letter, input) in [(Qkv::K, k_in), (Qkv::V, v_in)] {
             if let Some(input) = input {
                 let pos = &self.pos.0;
+                let input = input.rows()?;
                 new[letter as usize] = Some(lw.attn.project_head(letter, head, &input, pos)?);
             }
         }
@@ -429,10 +498,10 @@ impl NodeCtx<'_> {
     }
 
     /// The MLP's output `[N, d]` from its input at the rows of `need`.
-    fn mlp(&self, lw: &Block, need: Need, input: &Tensor) -> Result<Tensor> {
+    fn mlp(&self, lw: &Block, need: Need, input: NodeInput) -> Result<Tensor> {
         let (b, p) = (self.batch, self.seq_len);
         let mlp = lw.mlp.as_ref().expect("MLP reader of a layer with an MLP");
-        let (rest, last) = parts(input, need, b, p)?;
+        let (rest, last) = input.parts(need, b, p)?;
         let (out_last, _) = mlp.forward(&last)?;
         let out_rest = match &rest {
             Some(r) => Some(mlp.forward(r)?.0),
@@ -488,6 +557,7 @@ impl<'a> AcdcState<'a> {
                 sites: Vec::new(),
                 base_sites: residual_sites(model, &p.baseline)?,
                 logit_rows: (0..b).map(|i| i * len + len - 1).collect(),
+                rest_rows: (0..b * len).filter(|r| r % len != len - 1).collect(),
                 positions,
                 batch: b,
                 seq_len: len,
@@ -648,15 +718,15 @@ impl<'a> AcdcState<'a> {
             for h in 0..g.n_heads {
                 let u = g.writer_index(Writer::Head { layer: l, head: h });
                 if needs[u] != Need::None {
-                    let mut inputs: [Option<Tensor>; 3] = [None, None, None];
+                    let mut inputs: [Option<NodeInput>; 3] = [None, None, None];
                     for (letter, &qkv) in Qkv::ALL.iter().enumerate() {
                         let r = g.reader_index(Reader::Head {
                             layer: l,
                             head: h,
                             qkv,
                         });
-                        let rows = self.rows_for(c, self.reader_need(r, needs));
-                        inputs[letter] = Some(self.canonical_input(c, r, &writers, &sites, rows)?);
+                        let need = self.reader_need(r, needs);
+                        inputs[letter] = Some(self.canonical_input(c, r, &writers, &sites, need)?);
                     }
                     let hn = l * g.n_heads + h;
                     let (new, out) = self.ctx(c).head(&lw, l, h, needs[u], inputs, &proj[hn])?;
@@ -671,17 +741,15 @@ impl<'a> AcdcState<'a> {
                 let u = g.writer_index(Writer::Mlp { layer: l });
                 if needs[u] != Need::None {
                     let r = g.reader_index(Reader::Mlp { layer: l });
-                    let rows = self.rows_for(c, needs[u]);
-                    let input = self.canonical_input(c, r, &writers, &sites, rows)?;
-                    writers[u] = self.ctx(c).mlp(&lw, needs[u], &input)?;
+                    let input = self.canonical_input(c, r, &writers, &sites, needs[u])?;
+                    writers[u] = self.ctx(c).mlp(&lw, needs[u], input)?;
                 }
             }
             sites.push(after_mlp(&g, &lw, l, &sites[2 * l + 1], &writers)?);
         }
         let r = g.reader_index(Reader::Logits);
-        let rows = self.chunks[c].logit_rows.clone();
-        let input = self.canonical_input(c, r, &writers, &sites, Some(&rows))?;
-        let metric = self.chunk_metric(c, &input)?;
+        let input = self.canonical_input(c, r, &writers, &sites, Need::Last)?;
+        let metric = self.chunk_metric(c, &input.rows()?)?;
         let st = &mut self.chunks[c];
         st.writers = writers;
         st.proj = proj;
@@ -690,17 +758,19 @@ impl<'a> AcdcState<'a> {
         Ok(())
     }
 
-    /// Reader `r`'s input in its canonical form: form A (the site's residual plus its patched
-    /// edges' `b − a`) while it is undecided, form B (the baseline's residual plus its
-    /// unpatched edges' `a − b`) once decided; writers from the highest index down.
+    /// Reader `r`'s input in its canonical form at the rows of `need` (a query's or an MLP's
+    /// needed at every row split by position, [`NodeInput::Split`]): form A (the site's
+    /// residual plus its patched edges' `b − a`) while it is undecided, form B (the baseline's
+    /// residual plus its unpatched edges' `a − b`) once decided; writers from the highest
+    /// index down.
     fn canonical_input(
         &self,
         c: usize,
         r: usize,
         writers: &[Tensor],
         sites: &[Tensor],
-        rows: Option<&[usize]>,
-    ) -> Result<Tensor> {
+        need: Need,
+    ) -> Result<NodeInput> {
         let g = self.graph;
         let nr = g.n_readers();
         let st = &self.chunks[c];
@@ -723,7 +793,28 @@ impl<'a> AcdcState<'a> {
         } else {
             &sites[site]
         };
-        add_base(base, rows, fold(None, &terms, rows)?)
+        let split = matches!(
+            g.reader(r),
+            Reader::Mlp { .. } | Reader::Head { qkv: Qkv::Q, .. }
+        );
+        if need != Need::All {
+            return Ok(NodeInput::Split(
+                None,
+                onto_base(base, &terms, Some(&st.logit_rows))?,
+            ));
+        }
+        if !split {
+            return Ok(NodeInput::Rows(onto_base(base, &terms, None)?));
+        }
+        // Each part summed at its own rows: no full-row sum to copy apart.
+        let rest = match st.seq_len {
+            1 => None,
+            _ => Some(onto_base(base, &terms, Some(&st.rest_rows))?),
+        };
+        Ok(NodeInput::Split(
+            rest,
+            onto_base(base, &terms, Some(&st.logit_rows))?,
+        ))
     }
 
     fn chunk_metric(&self, c: usize, logits_input: &Tensor) -> Result<f32> {
@@ -985,10 +1076,10 @@ impl<'a> AcdcState<'a> {
             let up = g.n_upstream(r);
             changed.iter().any(|&u| u < up && !self.patched[u * nr + r])
         };
-        let mut input_of = |r: usize, changed: &[usize], writers: &[Tensor]| -> Result<Tensor> {
+        let mut input_of = |r: usize, changed: &[usize], writers: &[Tensor]| -> Result<NodeInput> {
             if r == forced {
                 if let Some(t) = forced_input.take() {
-                    return Ok(t);
+                    return Ok(NodeInput::Rows(t));
                 }
             }
             if !self.decided(r) && changed.iter().any(|&u| u < g.n_upstream(r)) {
@@ -997,8 +1088,7 @@ impl<'a> AcdcState<'a> {
                     g.reader_name(r)
                 )));
             }
-            let rows = self.rows_for(c, self.reader_need(r, needs));
-            self.canonical_input(c, r, writers, &st.sites, rows)
+            self.canonical_input(c, r, writers, &st.sites, self.reader_need(r, needs))
         };
         for l in layer_of(&g, forced)..g.n_layers {
             let mut lw: Option<std::sync::Arc<Block>> = None;
@@ -1023,7 +1113,7 @@ impl<'a> AcdcState<'a> {
                         w
                     }
                 };
-                let mut inputs: [Option<Tensor>; 3] = [None, None, None];
+                let mut inputs: [Option<NodeInput>; 3] = [None, None, None];
                 for letter in 0..3 {
                     if dirty[letter] {
                         inputs[letter] = Some(input_of(readers[letter], &changed, &writers)?);
@@ -1049,7 +1139,7 @@ impl<'a> AcdcState<'a> {
                         None => model.layer(l)?,
                     };
                     let input = input_of(r, &changed, &writers)?;
-                    let out = ctx.mlp(&lw, needs[node], &input)?;
+                    let out = ctx.mlp(&lw, needs[node], input)?;
                     writers[node] = out.clone();
                     update.writers.push((node, out));
                     changed.push(node);
@@ -1059,7 +1149,7 @@ impl<'a> AcdcState<'a> {
         let r = g.reader_index(Reader::Logits);
         if r == forced || reads_changed(r, &changed) {
             let input = input_of(r, &changed, &writers)?;
-            update.metric = Some(self.chunk_metric(c, &input)?);
+            update.metric = Some(self.chunk_metric(c, &input.rows()?)?);
         }
         Ok(update)
     }

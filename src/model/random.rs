@@ -324,11 +324,32 @@ pub fn random_model(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Mod
     let embed = EmbedWeights {
         w_pos: Some(u(&[cfg.n_ctx, d], 0.01)?),
         ln_final: norm(&mut u)?,
-        w_u: u(&[d, cfg.d_vocab_out], w)?,
+        w_u: vocabulary_rows(&u(&[d, cfg.d_vocab_out], w)?)?,
         b_u: None,
         w_e,
     };
     Model::from_weights(format!("random (seed {seed})"), cfg.clone(), embed, layers)
+}
+
+/// `w_u` (`[d, V]`) with the same values, stored as the transpose of its `[V, d]` rows, the
+/// layout Hugging Face checkpoints and tied embeddings have: the unembedding of a few rows then
+/// reads each vocabulary row contiguously ([`ops::matmul_nt_wide`](super::ops::matmul_nt_wide)).
+fn vocabulary_rows(w_u: &Tensor) -> Result<Tensor> {
+    let (d, v) = w_u.dims2()?;
+    let src = super::ops::to_vec(w_u)?;
+    let mut rows = vec![0f32; d * v];
+    // Blocks of 64 vocabulary columns: each block's reads and writes stay in cache.
+    rows.par_chunks_mut(64 * d)
+        .enumerate()
+        .for_each(|(blk, out)| {
+            let j0 = blk * 64;
+            for i in 0..d {
+                for (jj, o) in out.chunks_mut(d).enumerate() {
+                    o[i] = src[i * v + j0 + jj];
+                }
+            }
+        });
+    Ok(Tensor::from_vec(rows, (v, d), w_u.device())?.t()?)
 }
 
 /// The storage types [`write_random_checkpoint`] writes.
