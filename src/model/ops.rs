@@ -1131,12 +1131,18 @@ mod nt_avx512 {
                 let (j0, len) = (t * nb, nb.min(n - t * nb));
                 let bb = &b[j0 * k..(j0 + len) * k];
                 let mut c = vec![0f32; mp * len];
+                let pa = Strided {
+                    data: &ap,
+                    row_len: k,
+                };
                 let whole = len / WN * WN;
                 for j in (0..whole).step_by(WN) {
                     for i in (0..mp).step_by(WM) {
                         // SAFETY: the caller checked avx512f at run time; rows i..i+WM of the
                         // padded a and j..j+WN of the block hold k floats each.
-                        unsafe { wide_tile(&ap[i * k..], &bb[j * k..], k, &mut c, (i, j), len) };
+                        unsafe {
+                            tile::<WM, WN, true>(pa, bb, (i, WM), (j, WN), len, k, (0, k), &mut c)
+                        };
                     }
                 }
                 if whole < len {
@@ -1144,10 +1150,6 @@ mod nt_avx512 {
                     // (its output rows are `len − whole` apart).
                     let rest = len - whole;
                     let mut t = vec![0f32; mp * rest];
-                    let pa = Strided {
-                        data: &ap,
-                        row_len: k,
-                    };
                     // SAFETY: as above; the block's rows whole..len hold k floats each.
                     unsafe { block(pa, &bb[whole * k..], mp, rest, k, 0, k, &mut t) };
                     for i in 0..mp {
@@ -1168,51 +1170,11 @@ mod nt_avx512 {
         out
     }
 
-    /// `c[i + r, j + s] = a[r] · b[s]` for `WM` rows of `a` and `WN` of `b` (each `k` floats,
-    /// rows `k` apart); `c`'s rows are `ldc` apart.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::needless_range_loop)] // register tiles indexed by (r, s)
-    unsafe fn wide_tile(
-        a: &[f32],
-        b: &[f32],
-        k: usize,
-        c: &mut [f32],
-        (i, j): (usize, usize),
-        ldc: usize,
-    ) {
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [[_mm512_setzero_ps(); WN]; WM];
-        let k16 = k / 16 * 16;
-        let mut kk = 0;
-        while kk < k16 {
-            let mut bv = [_mm512_setzero_ps(); WN];
-            for s in 0..WN {
-                bv[s] = _mm512_loadu_ps(bp.add(s * k + kk));
-            }
-            for r in 0..WM {
-                let av = _mm512_loadu_ps(ap.add(r * k + kk));
-                for s in 0..WN {
-                    acc[r][s] = _mm512_fmadd_ps(av, bv[s], acc[r][s]);
-                }
-            }
-            kk += 16;
-        }
-        for r in 0..WM {
-            for s in 0..WN {
-                let mut v = _mm512_reduce_add_ps(acc[r][s]);
-                for t in k16..k {
-                    v += a[r * k + t] * b[s * k + t];
-                }
-                c[(i + r) * ldc + j + s] = v;
-            }
-        }
-    }
-
     /// Adds `a[i..i+mi] · b[j..j+nj]ᵀ` over columns `k0..k0+kb` into `c` (`[m, n]`); a `FULL`
     /// tile (`mi = TM`, `nj = TN`) has constant bounds and unrolls completely.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // register tiles indexed by (r, s)
-    unsafe fn tile<const FULL: bool>(
+    unsafe fn tile<const TM: usize, const TN: usize, const FULL: bool>(
         a: Strided,
         b: &[f32],
         (i, mi): (usize, usize),
@@ -1268,9 +1230,9 @@ mod nt_avx512 {
             for j in (0..n).step_by(TN) {
                 let (mi, nj) = (TM.min(m - i), TN.min(n - j));
                 if mi == TM && nj == TN {
-                    tile::<true>(a, b, (i, mi), (j, nj), n, k, (k0, kb), c);
+                    tile::<TM, TN, true>(a, b, (i, mi), (j, nj), n, k, (k0, kb), c);
                 } else {
-                    tile::<false>(a, b, (i, mi), (j, nj), n, k, (k0, kb), c);
+                    tile::<TM, TN, false>(a, b, (i, mi), (j, nj), n, k, (k0, kb), c);
                 }
             }
         }
