@@ -2038,10 +2038,15 @@ mod tests {
 
     /// `matmul_nt` dispatches to the AVX-512 kernel where the CPU has it, so the portable
     /// split-K path is called here directly: every host runs both kernels (where it can) against
-    /// a plain f64 product, at shapes with several k-blocks, a ragged last block and odd m, n.
+    /// a plain f64 product, at shapes with several k-blocks, a ragged last block and odd m, n;
+    /// and the unembedding's `matmul_nt_wide` at shapes with ragged tiles everywhere (rows of
+    /// `a` not a multiple of 4, blocks of `b` with a partial tile, a last partial block, `k`
+    /// with a remainder of 16).
     #[test]
     fn every_contraction_kernel_matches_a_plain_product() {
-        for (m, n, k) in [(6, 5, 9000), (17, 3, 4096), (1, 1, 1), (33, 19, 12_345)] {
+        let shapes = [(6, 5, 9000), (17, 3, 4096), (1, 1, 1), (33, 19, 12_345)];
+        let wide = [(32, 200, 768), (7, 131, 37), (1, 6, 16), (5, 64, 5)];
+        for (m, n, k) in shapes.into_iter().chain(wide) {
             let a = randn(&[m, k], 21 + k as u64);
             let b = randn(&[n, k], 22 + k as u64);
             let (av, bv) = (to_vec(&a).unwrap(), to_vec(&b).unwrap());
@@ -2077,31 +2082,7 @@ mod tests {
                 );
             }
             check(&to_vec(&matmul_nt(&a, &b).unwrap()).unwrap(), "dispatch");
-        }
-    }
-
-    /// The unembedding's kernel (few rows of `a` against many of `b`) against a plain f64
-    /// product, at shapes with ragged tiles everywhere: rows of `a` not a multiple of 4, blocks
-    /// of `b` with a partial tile, a last partial block, `k` with a remainder of 16.
-    #[test]
-    fn wide_product_matches_a_plain_product() {
-        for (m, n, k) in [(32, 200, 768), (7, 131, 37), (1, 6, 16), (5, 64, 5)] {
-            let a = randn(&[m, k], 31 + n as u64);
-            let b = randn(&[n, k], 32 + n as u64);
-            let (av, bv) = (to_vec(&a).unwrap(), to_vec(&b).unwrap());
-            let got = to_vec(&matmul_nt_wide(&a, &b).unwrap()).unwrap();
-            assert_eq!(got.len(), m * n);
-            for (ij, g) in got.iter().enumerate() {
-                let (i, j) = (ij / n, ij % n);
-                let w: f64 = (0..k)
-                    .map(|t| av[i * k + t] as f64 * bv[j * k + t] as f64)
-                    .sum();
-                let tol = 1e-5 * (k as f64).sqrt() * 4.0 + 1e-4;
-                assert!(
-                    (*g as f64 - w).abs() < tol,
-                    "{m}x{n}x{k} at {i},{j}: {g} vs {w}"
-                );
-            }
+            check(&to_vec(&matmul_nt_wide(&a, &b).unwrap()).unwrap(), "wide");
         }
         let (a, b) = (randn(&[2, 8], 1), randn(&[3, 9], 2));
         assert!(matmul_nt_wide(&a, &b).is_err());
