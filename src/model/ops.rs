@@ -1118,43 +1118,22 @@ mod nt_avx512 {
     /// each tile of `WN` rows of `b` against every tile of `a`, so each row of `b` is read
     /// from memory once and stays in L1 while `a` (in L2) passes over it.
     pub(super) fn wide(a: Strided, b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-        // `a` padded with zero rows to whole tiles; the padding's products are dropped.
-        let mp = m.div_ceil(WM) * WM;
-        let mut ap = vec![0f32; mp * k];
-        for i in 0..m {
-            ap[i * k..(i + 1) * k].copy_from_slice(&a.data[i * a.row_len..i * a.row_len + k]);
-        }
         let nb = WIDE_BLOCK;
         let parts: Vec<Vec<f32>> = (0..n.div_ceil(nb))
             .into_par_iter()
             .map(|t| {
                 let (j0, len) = (t * nb, nb.min(n - t * nb));
                 let bb = &b[j0 * k..(j0 + len) * k];
-                let mut c = vec![0f32; mp * len];
-                let pa = Strided {
-                    data: &ap,
-                    row_len: k,
-                };
-                let whole = len / WN * WN;
-                for j in (0..whole).step_by(WN) {
-                    for i in (0..mp).step_by(WM) {
-                        // SAFETY: the caller checked avx512f at run time; rows i..i+WM of the
-                        // padded a and j..j+WN of the block hold k floats each.
+                let mut c = vec![0f32; m * len];
+                for j in (0..len).step_by(WN) {
+                    let nj = WN.min(len - j);
+                    for i in (0..m).step_by(WM) {
+                        let mi = WM.min(m - i);
+                        // SAFETY: the caller checked avx512f at run time; rows i..i+mi of a
+                        // and j..j+nj of the block hold k floats each; c is [m, len].
                         unsafe {
-                            tile::<WM, WN, true>(pa, bb, (i, WM), (j, WN), len, k, (0, k), &mut c)
+                            any_tile::<WM, WN>(a, bb, (i, mi), (j, nj), len, k, (0, k), &mut c)
                         };
-                    }
-                }
-                if whole < len {
-                    // The block's last rows of b, fewer than a tile, with the general kernel
-                    // (its output rows are `len − whole` apart).
-                    let rest = len - whole;
-                    let mut t = vec![0f32; mp * rest];
-                    // SAFETY: as above; the block's rows whole..len hold k floats each.
-                    unsafe { block(pa, &bb[whole * k..], mp, rest, k, 0, k, &mut t) };
-                    for i in 0..mp {
-                        c[i * len + whole..(i + 1) * len]
-                            .copy_from_slice(&t[i * rest..(i + 1) * rest]);
                     }
                 }
                 c
@@ -1214,6 +1193,26 @@ mod nt_avx512 {
         }
     }
 
+    /// [`tile`] with its bounds unrolled when the tile is whole.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn any_tile<const TM: usize, const TN: usize>(
+        a: Strided,
+        b: &[f32],
+        (i, mi): (usize, usize),
+        (j, nj): (usize, usize),
+        n: usize,
+        k: usize,
+        kk: (usize, usize),
+        c: &mut [f32],
+    ) {
+        if mi == TM && nj == TN {
+            tile::<TM, TN, true>(a, b, (i, mi), (j, nj), n, k, kk, c);
+        } else {
+            tile::<TM, TN, false>(a, b, (i, mi), (j, nj), n, k, kk, c);
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn block(
@@ -1229,11 +1228,7 @@ mod nt_avx512 {
         for i in (0..m).step_by(TM) {
             for j in (0..n).step_by(TN) {
                 let (mi, nj) = (TM.min(m - i), TN.min(n - j));
-                if mi == TM && nj == TN {
-                    tile::<TM, TN, true>(a, b, (i, mi), (j, nj), n, k, (k0, kb), c);
-                } else {
-                    tile::<TM, TN, false>(a, b, (i, mi), (j, nj), n, k, (k0, kb), c);
-                }
+                any_tile::<TM, TN>(a, b, (i, mi), (j, nj), n, k, (k0, kb), c);
             }
         }
     }

@@ -12,7 +12,7 @@ use super::config::{
     Activation, CheckpointLayout, ModelConfig, Norm, Positions, RopeScaling, Rotary, SlidingWindow,
     WeightFormat,
 };
-use super::weights::EmbedWeights;
+use super::weights::{transpose_values, EmbedWeights};
 use super::Model;
 use crate::{Error, Result};
 
@@ -336,19 +336,7 @@ pub fn random_model(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Mod
 /// reads each vocabulary row contiguously ([`ops::matmul_nt_wide`](super::ops::matmul_nt_wide)).
 fn vocabulary_rows(w_u: &Tensor) -> Result<Tensor> {
     let (d, v) = w_u.dims2()?;
-    let src = super::ops::to_vec(w_u)?;
-    let mut rows = vec![0f32; d * v];
-    // Blocks of 64 vocabulary columns: each block's reads and writes stay in cache.
-    rows.par_chunks_mut(64 * d)
-        .enumerate()
-        .for_each(|(blk, out)| {
-            let j0 = blk * 64;
-            for i in 0..d {
-                for (jj, o) in out.chunks_mut(d).enumerate() {
-                    o[i] = src[i * v + j0 + jj];
-                }
-            }
-        });
+    let rows = transpose_values(&super::ops::to_vec(w_u)?, d, v);
     Ok(Tensor::from_vec(rows, (v, d), w_u.device())?.t()?)
 }
 

@@ -330,24 +330,30 @@ fn transpose_f32(
 ) -> Vec<f32> {
     // One copy of the loop per stored dtype, so the inner loop has no branch.
     match dtype {
-        safetensors::Dtype::BF16 => transpose_with(bytes, batch, rows, cols, |b, i| {
-            decode_at(safetensors::Dtype::BF16, b, i)
+        safetensors::Dtype::BF16 => transpose_with(batch, rows, cols, |i| {
+            decode_at(safetensors::Dtype::BF16, bytes, i)
         }),
-        safetensors::Dtype::F16 => transpose_with(bytes, batch, rows, cols, |b, i| {
-            decode_at(safetensors::Dtype::F16, b, i)
+        safetensors::Dtype::F16 => transpose_with(batch, rows, cols, |i| {
+            decode_at(safetensors::Dtype::F16, bytes, i)
         }),
-        _ => transpose_with(bytes, batch, rows, cols, |b, i| {
-            decode_at(safetensors::Dtype::F32, b, i)
+        _ => transpose_with(batch, rows, cols, |i| {
+            decode_at(safetensors::Dtype::F32, bytes, i)
         }),
     }
 }
 
+/// A row-major `[rows, cols]` f32 matrix transposed to `[cols, rows]`, with [`transpose_f32`]'s
+/// blocking.
+pub(super) fn transpose_values(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    transpose_with(1, rows, cols, |i| values[i])
+}
+
+/// `[batch, rows, cols]` values (element `i` is `value(i)`) as `[batch, cols, rows]`.
 fn transpose_with(
-    bytes: &[u8],
     batch: usize,
     rows: usize,
     cols: usize,
-    decode: impl Fn(&[u8], usize) -> f32 + Sync,
+    value: impl Fn(usize) -> f32 + Sync,
 ) -> Vec<f32> {
     use rayon::prelude::*;
     const TILE: usize = 64;
@@ -371,7 +377,7 @@ fn transpose_with(
                             let first = src + r0 * cols + c0 + j;
                             let o = &mut tile[j * rows + r0..j * rows + r0 + n];
                             for (i, x) in o.iter_mut().enumerate() {
-                                *x = decode(bytes, first + i * cols);
+                                *x = value(first + i * cols);
                             }
                         }
                     }
