@@ -502,9 +502,9 @@ impl NodeCtx<'_> {
         let (b, p) = (self.batch, self.seq_len);
         let mlp = lw.mlp.as_ref().expect("MLP reader of a layer with an MLP");
         let (rest, last) = input.parts(need, b, p)?;
-        let (out_last, _) = mlp.forward(&last)?;
+        let out_last = mlp.output(&last)?;
         let out_rest = match &rest {
-            Some(r) => Some(mlp.forward(r)?.0),
+            Some(r) => Some(mlp.output(r)?),
             None => None,
         };
         join_rows(out_rest.as_ref(), &out_last, b, p)

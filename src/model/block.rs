@@ -95,6 +95,19 @@ impl NormLayer {
         }
     }
 
+    /// [`NormLayer::forward`]'s rows alone (the same bits), for a forward with no backward.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.gain();
+        match self.kind {
+            Norm::None => Ok(x.clone()),
+            Norm::LayerNorm | Norm::LayerNormPre => {
+                let b = self.weights.as_ref().and_then(|n| n.b.as_ref());
+                ops::normalized(x, w, b, self.eps, true)
+            }
+            Norm::RmsNorm => ops::normalized(x, w, None, self.eps, false),
+        }
+    }
+
     /// The gain applied after normalising (for the fused backward kernels).
     fn gain(&self) -> Option<&Tensor> {
         self.weights.as_ref().map(|n| &n.w)
@@ -358,7 +371,7 @@ impl Attention {
         let (h, dh) = (self.n_heads, self.d_head);
         let (n, d) = inputs[0].dims2()?;
         let inp = Tensor::stack(inputs, 0)?; // [h, n, d]
-        let (mut inp, _) = self.norm.forward(&inp.reshape((h * n, d))?)?;
+        let mut inp = self.norm.apply(&inp.reshape((h * n, d))?)?;
         if let (Some(pos), true) = (&positions.added, letter != Qkv::V) {
             inp = inp.reshape((h, n, d))?.broadcast_add(pos)?;
         }
@@ -388,7 +401,7 @@ impl Attention {
         input: &Tensor,
         positions: &RowPositions,
     ) -> Result<Tensor> {
-        let (mut xn, _) = self.norm.forward(input)?;
+        let mut xn = self.norm.apply(input)?;
         if let (Some(pos), true) = (&positions.added, letter != Qkv::V) {
             xn = (xn + pos)?;
         }
@@ -717,8 +730,21 @@ impl Mlp {
     /// The MLP's output (`[rows, d]`, without `b_out`, after the output norm where there is
     /// one) for its input rows (not yet normalised), and what the backward needs.
     pub fn forward(&self, input: &Tensor) -> Result<(Tensor, MlpCache)> {
+        self.run(input, true)
+    }
+
+    /// [`Mlp::forward`]'s output alone (the same bits), for a forward with no backward.
+    pub fn output(&self, input: &Tensor) -> Result<Tensor> {
+        Ok(self.run(input, false)?.0)
+    }
+
+    /// The MLP's output, with the norm's statistics in the cache when `keep_norm`.
+    fn run(&self, input: &Tensor, keep_norm: bool) -> Result<(Tensor, MlpCache)> {
         let w = &self.weights;
-        let (xn, norm) = self.norm.forward(input)?;
+        let (xn, norm) = match keep_norm {
+            true => self.norm.forward(input)?,
+            false => (self.norm.apply(input)?, None),
+        };
         let mut up = xn.matmul(&w.w_in)?;
         if let Some(b) = &w.b_in {
             up = ops::add_bias(&up, b)?;

@@ -490,7 +490,10 @@ impl Model {
                     m
                 }
             };
-            let (xn, ln1) = attn.norm.forward(&x)?;
+            let (xn, ln1) = match opts.keep_cache {
+                true => attn.norm.forward(&x)?,
+                false => (attn.norm.apply(&x)?, None),
+            };
             let project = |letter: Qkv| -> Result<Tensor> {
                 let ds = &deltas[letter as usize * h..(letter as usize + 1) * h];
                 let pos = &positions;
@@ -571,7 +574,13 @@ impl Model {
                         Some(dlt) => (mlp_site + dlt)?,
                         None => mlp_site.clone(),
                     };
-                    let (mut out, cache) = mlp.forward(&inp)?;
+                    let (mut out, cache) = match opts.keep_cache {
+                        true => {
+                            let (out, cache) = mlp.forward(&inp)?;
+                            (out, Some(cache))
+                        }
+                        false => (mlp.output(&inp)?, None),
+                    };
                     if let Some(SublayerOverride::Mlp { layer, output }) = &opts.sublayer_override {
                         if *layer == l {
                             if output.dims() != [n, d] {
@@ -592,7 +601,7 @@ impl Model {
                     if track_writers {
                         writers.push(out);
                     }
-                    (Some(cache), x_next)
+                    (cache, x_next)
                 }
             };
             if opts.keep_cache {

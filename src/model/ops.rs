@@ -98,8 +98,8 @@ fn normalize(
                         wv.as_deref(),
                         bv.as_deref(),
                         y,
-                        xh,
-                        inv,
+                        Some(xh),
+                        Some(inv),
                     )
                 });
             (y, xhat, inv)
@@ -138,6 +138,44 @@ fn normalize(
             centered,
         },
     ))
+}
+
+/// [`layer_norm`] (`centered`) or [`rms_norm`]'s output alone, with the same bits, for a
+/// forward that keeps no statistics: one output buffer instead of three (ACDC's per-head
+/// projections and MLP inputs, the corrupted run's norms).
+pub fn normalized(
+    x: &Tensor,
+    w: Option<&Tensor>,
+    b: Option<&Tensor>,
+    eps: f32,
+    centered: bool,
+) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let wv = w.map(to_vec).transpose()?;
+    let bv = b.map(to_vec).transpose()?;
+    let fast = cpu_slice(x, |xs| {
+        let mut y = vec![0f32; xs.len()];
+        y.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(xs.par_chunks(d * ROWS_PER_TASK))
+            .for_each(|(y, xs)| {
+                normalize_rows(
+                    xs,
+                    d,
+                    centered,
+                    eps,
+                    wv.as_deref(),
+                    bv.as_deref(),
+                    y,
+                    None,
+                    None,
+                )
+            });
+        y
+    });
+    match fast {
+        Some(y) => Ok(Tensor::from_vec(y, x.shape().clone(), x.device())?),
+        None => Ok(normalize(x, w, b, eps, centered, false)?.0),
+    }
 }
 
 /// Backward of [`layer_norm`] for upstream gradients `g` of shape `[k, rows, d]` or `[rows, d]`:
@@ -1488,9 +1526,10 @@ multiversion! {
         w: Option<&[f32]>,
         b: Option<&[f32]>,
         y: &mut [f32],
-        xh: &mut [f32],
-        inv: &mut [f32],
+        xh: Option<&mut [f32]>,
+        inv: Option<&mut [f32]>,
     ) {
+        let (mut xh, mut inv) = (xh, inv);
         for (r, xr) in xs.chunks(d).enumerate() {
             let mean = match centered {
                 true => lane_sum_f64(xr, 0.0, false) / d as f64,
@@ -1498,12 +1537,37 @@ multiversion! {
             };
             let var = lane_sum_f64(xr, mean, true) / d as f64;
             let is = (1.0 / (var + eps as f64).sqrt()) as f32;
-            inv[r] = is;
-            let (yr, xhr) = (&mut y[r * d..(r + 1) * d], &mut xh[r * d..(r + 1) * d]);
+            if let Some(inv) = inv.as_deref_mut() {
+                inv[r] = is;
+            }
+            let yr = &mut y[r * d..(r + 1) * d];
             let m = mean as f32;
+            // Without the statistics the normalised row is built in `y` itself: the same
+            // operations on the same values, so the same bits as with them.
+            let xhr: &mut [f32] = match xh.as_deref_mut() {
+                Some(xh) => &mut xh[r * d..(r + 1) * d],
+                None => yr,
+            };
             for (xh, &x) in xhr.iter_mut().zip(xr) {
                 *xh = (x - m) * is;
             }
+            let Some(xh) = xh.as_deref() else {
+                match (w, b) {
+                    (Some(w), Some(b)) => {
+                        for ((y, &w), &b) in yr.iter_mut().zip(w).zip(b) {
+                            *y = *y * w + b;
+                        }
+                    }
+                    (Some(w), None) => {
+                        for (y, &w) in yr.iter_mut().zip(w) {
+                            *y *= w;
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            };
+            let xhr = &xh[r * d..(r + 1) * d];
             match (w, b) {
                 (Some(w), Some(b)) => {
                     for (((y, &n), &w), &b) in yr.iter_mut().zip(xhr.iter()).zip(w).zip(b) {
@@ -1989,6 +2053,32 @@ mod tests {
             let b1 = activation_backward(&g, &x, act, false).unwrap();
             let b2 = activation_backward(&g, &x, act, true).unwrap();
             assert!(max_diff(&b1, &b2) < 1e-4, "{act:?}");
+        }
+    }
+
+    /// The statistics-free norm gives the bits of the norm with statistics, with and without
+    /// a gain and a bias, centred or not, over row counts that split into ragged tasks.
+    #[test]
+    fn norms_without_statistics_give_the_same_bits() {
+        let x = randn(&[37, 24], 3);
+        let (w, b) = (randn(&[24], 4), randn(&[24], 5));
+        let bits = |t: &Tensor| {
+            to_vec(t)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        for (w, b) in [(Some(&w), Some(&b)), (Some(&w), None), (None, None)] {
+            let (y, _) = layer_norm(&x, w, b, 1e-5, false).unwrap();
+            assert_eq!(bits(&normalized(&x, w, b, 1e-5, true).unwrap()), bits(&y));
+            if b.is_none() {
+                let (y, _) = rms_norm(&x, w, 1e-6, false).unwrap();
+                assert_eq!(
+                    bits(&normalized(&x, w, None, 1e-6, false).unwrap()),
+                    bits(&y)
+                );
+            }
         }
     }
 
