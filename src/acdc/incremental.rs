@@ -305,6 +305,11 @@ fn site_of(graph: &Graph, reader: usize) -> usize {
     }
 }
 
+/// The reader indices of head `head` of layer `layer`: its query, key and value inputs.
+fn head_readers(g: &Graph, layer: usize, head: usize) -> [usize; 3] {
+    Qkv::ALL.map(|qkv| g.reader_index(Reader::Head { layer, head, qkv }))
+}
+
 /// The residual stream at every site given every writer's output (`writers` of the run, or
 /// the baseline's): left-to-right sums, the same in every build.
 fn residual_sites(model: &Model, writers: &[Tensor]) -> Result<Vec<Tensor>> {
@@ -1071,17 +1076,12 @@ impl<'a> AcdcState<'a> {
         let mut writers: Vec<Tensor> = st.writers.clone();
         let mut changed: Vec<usize> = Vec::new();
         let mut update = ChunkUpdate::default();
-        let mut forced_input = forced_input;
         let reads_changed = |r: usize, changed: &[usize]| -> bool {
             let up = g.n_upstream(r);
             changed.iter().any(|&u| u < up && !self.patched[u * nr + r])
         };
-        let mut input_of = |r: usize, changed: &[usize], writers: &[Tensor]| -> Result<NodeInput> {
-            if r == forced {
-                if let Some(t) = forced_input.take() {
-                    return Ok(NodeInput::Rows(t));
-                }
-            }
+        // A reader's new input: the forced one, else its canonical sum.
+        let canonical = |r: usize, changed: &[usize], writers: &[Tensor]| -> Result<NodeInput> {
             if !self.decided(r) && changed.iter().any(|&u| u < g.n_upstream(r)) {
                 return Err(Error::invalid(format!(
                     "incremental ACDC: undecided reader {} depends on a changed writer",
@@ -1090,45 +1090,59 @@ impl<'a> AcdcState<'a> {
             }
             self.canonical_input(c, r, writers, &st.sites, self.reader_need(r, needs))
         };
+        let mut forced_input = forced_input.map(NodeInput::Rows);
         for l in layer_of(&g, forced)..g.n_layers {
             let mut lw: Option<std::sync::Arc<Block>> = None;
+            // The layer's dirty heads, with the forced reader's input where it is one of theirs.
+            // Heads of one layer read only writers below it: they are independent of each other.
+            let mut dirty_heads: Vec<(usize, [bool; 3], Option<NodeInput>)> = Vec::new();
             for h in 0..g.n_heads {
                 let node = g.writer_index(Writer::Head { layer: l, head: h });
-                let readers = Qkv::ALL.map(|qkv| {
-                    g.reader_index(Reader::Head {
-                        layer: l,
-                        head: h,
-                        qkv,
-                    })
-                });
+                let readers = head_readers(&g, l, h);
                 let dirty = readers.map(|r| r == forced || reads_changed(r, &changed));
                 if !dirty.iter().any(|&d| d) || needs[node] == Need::None {
                     continue;
                 }
-                let lw = match &lw {
-                    Some(w) => w.clone(),
-                    None => {
-                        let w = model.layer(l)?;
-                        lw = Some(w.clone());
-                        w
+                let given = forced_input.take_if(|_| readers.contains(&forced));
+                dirty_heads.push((h, dirty, given));
+            }
+            if !dirty_heads.is_empty() {
+                let w = model.layer(l)?;
+                lw = Some(w.clone());
+                // One head per thread, its input sums included: a head's products ([512, 768]
+                // × [768, 64] on GPT-2) are too small to split over threads without much of
+                // the time going to waking and joining them.
+                let (changed_now, writers_now) = (&changed, &writers);
+                let outs = dirty_heads
+                    .into_par_iter()
+                    .map(|(h, dirty, mut given)| {
+                        let mut inputs: [Option<NodeInput>; 3] = [None, None, None];
+                        for (letter, r) in head_readers(&g, l, h).into_iter().enumerate() {
+                            if dirty[letter] {
+                                inputs[letter] = Some(match given.take_if(|_| r == forced) {
+                                    Some(t) => t,
+                                    None => canonical(r, changed_now, writers_now)?,
+                                });
+                            }
+                        }
+                        let node = g.writer_index(Writer::Head { layer: l, head: h });
+                        let hn = l * g.n_heads + h;
+                        ctx.head(&w, l, h, needs[node], inputs, &st.proj[hn])
+                            .map(|r| (h, r))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                for (h, (new, out)) in outs {
+                    let node = g.writer_index(Writer::Head { layer: l, head: h });
+                    let hn = l * g.n_heads + h;
+                    for (letter, t) in new.into_iter().enumerate() {
+                        if let Some(t) = t {
+                            update.proj.push((hn, letter, t));
+                        }
                     }
-                };
-                let mut inputs: [Option<NodeInput>; 3] = [None, None, None];
-                for letter in 0..3 {
-                    if dirty[letter] {
-                        inputs[letter] = Some(input_of(readers[letter], &changed, &writers)?);
-                    }
+                    writers[node] = out.clone();
+                    update.writers.push((node, out));
+                    changed.push(node);
                 }
-                let hn = l * g.n_heads + h;
-                let (new, out) = ctx.head(&lw, l, h, needs[node], inputs, &st.proj[hn])?;
-                for (letter, t) in new.into_iter().enumerate() {
-                    if let Some(t) = t {
-                        update.proj.push((hn, letter, t));
-                    }
-                }
-                writers[node] = out.clone();
-                update.writers.push((node, out));
-                changed.push(node);
             }
             if g.has_mlp {
                 let r = g.reader_index(Reader::Mlp { layer: l });
@@ -1138,7 +1152,10 @@ impl<'a> AcdcState<'a> {
                         Some(w) => w.clone(),
                         None => model.layer(l)?,
                     };
-                    let input = input_of(r, &changed, &writers)?;
+                    let input = match forced_input.take_if(|_| r == forced) {
+                        Some(t) => t,
+                        None => canonical(r, &changed, &writers)?,
+                    };
                     let out = ctx.mlp(&lw, needs[node], input)?;
                     writers[node] = out.clone();
                     update.writers.push((node, out));
@@ -1148,7 +1165,10 @@ impl<'a> AcdcState<'a> {
         }
         let r = g.reader_index(Reader::Logits);
         if r == forced || reads_changed(r, &changed) {
-            let input = input_of(r, &changed, &writers)?;
+            let input = match forced_input.take_if(|_| r == forced) {
+                Some(t) => t,
+                None => canonical(r, &changed, &writers)?,
+            };
             update.metric = Some(self.chunk_metric(c, &input.rows()?)?);
         }
         Ok(update)
