@@ -113,23 +113,30 @@ fn fold_into(
     let fast = ops::cpu_slices(&all, |s| {
         let k = terms.len();
         let base = base.map(|_| s[s.len() - 1]);
-        let mut out = vec![0f32; out_rows * d];
+        // Every element is written by the first term (or `init`) before any is read, so the
+        // buffer is not cleared first (a write of every byte that no one reads).
+        let mut out: Vec<f32> = Vec::with_capacity(out_rows * d);
         // Output elements `out_off..` read the terms' elements `src..`, one contiguous run.
-        let body = |o: &mut [f32], out_off: usize, src: usize| {
+        let body = |o: &mut [std::mem::MaybeUninit<f32>], out_off: usize, src: usize| {
             let n = o.len();
             let first = match init {
                 Some(_) => {
-                    o.copy_from_slice(&s[2 * k][out_off..out_off + n]);
+                    for (o, i) in o.iter_mut().zip(&s[2 * k][out_off..out_off + n]) {
+                        o.write(*i);
+                    }
                     0
                 }
                 None => {
                     let (p, m) = (&s[0][src..src + n], &s[1][src..src + n]);
                     for ((o, p), m) in o.iter_mut().zip(p).zip(m) {
-                        *o = p - m;
+                        o.write(p - m);
                     }
                     1
                 }
             };
+            // SAFETY: every element of `o` was written just above, and `MaybeUninit<f32>` has
+            // the layout of `f32`.
+            let o = unsafe { &mut *(o as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
             for t in first..k {
                 let (p, m) = (&s[2 * t][src..src + n], &s[2 * t + 1][src..src + n]);
                 for ((o, p), m) in o.iter_mut().zip(p).zip(m) {
@@ -142,15 +149,17 @@ fn fold_into(
                 }
             }
         };
+        let slots = &mut out.spare_capacity_mut()[..out_rows * d];
         match rows {
-            None => out
+            None => slots
                 .par_chunks_mut(FOLD_CHUNK)
                 .enumerate()
                 .for_each(|(c, o)| body(o, c * FOLD_CHUNK, c * FOLD_CHUNK)),
             // Whole rows per task, about FOLD_CHUNK floats of them.
             Some(rows) => {
                 let per_task = (FOLD_CHUNK / d.max(1)).max(1);
-                out.par_chunks_mut(per_task * d)
+                slots
+                    .par_chunks_mut(per_task * d)
                     .enumerate()
                     .for_each(|(t, o)| {
                         for (j, o) in o.chunks_mut(d).enumerate() {
@@ -160,6 +169,8 @@ fn fold_into(
                     })
             }
         }
+        // SAFETY: the chunks above cover all `out_rows · d` elements and `body` writes each.
+        unsafe { out.set_len(out_rows * d) };
         out
     });
     if let Some(v) = fast {
