@@ -263,7 +263,7 @@ impl Model {
         let n = n_tokens as f64;
         // Q and O over every query head, K and V over the key/value heads; scores and mixing.
         let attn = 2.0 * n * d * (2.0 * hd + 2.0 * kvd) + 2.0 * 2.0 * n * seq_len as f64 * hd;
-        c.n_layers as f64 * (attn + self.mlp_flops(n)) + Self::unembed_flops(d, logits)
+        c.n_layers as f64 * attn + self.all_mlp_flops(n, logits.0) + Self::unembed_flops(d, logits)
     }
 
     /// Matmul FLOPs of the activation-only backward EAP runs after such a forward: each GEMM
@@ -277,7 +277,17 @@ impl Model {
         let (d, hd) = (c.d_model as f64, (c.n_heads * c.d_head) as f64);
         let n = n_tokens as f64;
         let attn = 2.0 * n * d * 4.0 * hd + 4.0 * 2.0 * n * seq_len as f64 * hd;
-        c.n_layers as f64 * (attn + self.mlp_flops(n)) + Self::unembed_flops(d, logits)
+        c.n_layers as f64 * attn + self.all_mlp_flops(n, logits.0) + Self::unembed_flops(d, logits)
+    }
+
+    /// Every layer's MLP over `n` rows, but the last one's over the `logit_rows` the metric
+    /// reads when they are fewer: nothing else reads its output (the forward's `last_mlp_rows`).
+    fn all_mlp_flops(&self, n: f64, logit_rows: usize) -> f64 {
+        let last = (logit_rows as f64).min(n);
+        match self.cfg.n_layers {
+            0 => 0.0,
+            l => (l - 1) as f64 * self.mlp_flops(n) + self.mlp_flops(last),
+        }
     }
 
     fn mlp_flops(&self, n: f64) -> f64 {
