@@ -903,6 +903,18 @@ mod tests {
         ]
     }
 
+    /// Asserts two tensors of the same size agree to 1e-5 of the first's largest |value|.
+    fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
+        let (a, b) = (ops::to_vec(a).unwrap(), ops::to_vec(b).unwrap());
+        assert_eq!(a.len(), b.len(), "{what}");
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+        let err = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 1e-5 * scale, "{what}: {err} of {scale}");
+    }
+
     fn targets() -> Vec<Target> {
         (0..3)
             .map(|i| Target {
@@ -912,9 +924,6 @@ mod tests {
             .collect()
     }
 
-    /// A forward restricted to some vocabulary columns gives those columns of the full
-    /// logits, and its backward the reader gradients of the full backward whose dlogits are
-    /// zero elsewhere — on every variant, the soft-capped and the tied ones included.
     /// The last layer's MLP runs on the metric's rows alone unless the caller keeps the
     /// residual stream: both give the same logits and every reader the same gradient, with
     /// one logit position or several, on every architecture variant.
@@ -942,20 +951,12 @@ mod tests {
                         .unwrap()
                 };
                 let (all_rows, metric_rows) = (run(true), run(false));
-                let close = |a: &Tensor, b: &Tensor, what: &str| {
-                    let (a, b) = (ops::to_vec(a).unwrap(), ops::to_vec(b).unwrap());
-                    assert_eq!(a.len(), b.len(), "{name} {what}");
-                    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-                    let err = a
-                        .iter()
-                        .zip(&b)
-                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                    assert!(
-                        err <= 1e-5 * scale,
-                        "{name} {what} {positions:?}: {err} of {scale}"
-                    );
-                };
-                close(&all_rows.logits, &metric_rows.logits, "logits");
+                let what = format!("{name} {positions:?}");
+                assert_close(
+                    &all_rows.logits,
+                    &metric_rows.logits,
+                    &format!("{what} logits"),
+                );
                 let n = all_rows.logits.elem_count();
                 let dl: Vec<f32> = (0..n).map(|i| ((i * 37) % 11) as f32 * 0.2 - 1.0).collect();
                 let grads = |out: &ForwardOutput| {
@@ -966,12 +967,15 @@ mod tests {
                         .unwrap()
                 };
                 for (a, b) in grads(&all_rows).iter().zip(&grads(&metric_rows)) {
-                    close(a, b, "reader gradient");
+                    assert_close(a, b, &format!("{what} reader gradient"));
                 }
             }
         }
     }
 
+    /// A forward restricted to some vocabulary columns gives those columns of the full
+    /// logits, and its backward the reader gradients of the full backward whose dlogits are
+    /// zero elsewhere — on every variant, the soft-capped and the tied ones included.
     #[test]
     fn logit_columns_give_the_full_logits_and_gradients_of_those_columns() {
         let dev = Device::Cpu;
@@ -1021,13 +1025,7 @@ mod tests {
             };
             let (gf, gp) = (grads(&full, dl_full), grads(&part, dl_part));
             for (a, b) in gf.iter().zip(&gp) {
-                let (a, b) = (ops::to_vec(a).unwrap(), ops::to_vec(b).unwrap());
-                let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
-                let err = a
-                    .iter()
-                    .zip(&b)
-                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                assert!(err <= 1e-5 * scale, "{name}: {err} of {scale}");
+                assert_close(a, b, name);
             }
         }
         let model = random_model(&variants()[0].1, 3, &dev).unwrap();
