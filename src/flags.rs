@@ -217,7 +217,8 @@ pub struct DataArgs {
     /// Keep the weights memory-mapped in their stored dtype and convert one layer at a time in
     /// each pass: the peak memory stays near one layer, not the whole model in f32. Each pass
     /// pays the conversion: right for attribution's three passes, slow for evaluate's many
-    /// patched runs. Models over 8 GB in f32 always stream.
+    /// patched runs. `attribute` streams without it when EAP (or clean-corrupted) runs in one
+    /// chunk; models over 8 GB in f32 always stream.
     #[arg(long)]
     pub stream_weights: bool,
     /// Metric: logit-diff, prob-diff, kl, nll (default: the task's, else logit-diff).
@@ -493,11 +494,31 @@ impl JobArgs {
     }
 }
 
+impl AttributeArgs {
+    /// The job, its metric and the method, with the layers where the run is fastest: loaded
+    /// streamed, and made resident unless EAP (or clean-corrupted) runs in one chunk. Those
+    /// three passes convert each layer three times, which costs less than converting it once
+    /// into fresh f32 memory that stays resident: first touches of new pages dominate on the
+    /// VMs measured (docs/performance.md, 2026-12-04). More chunks, or EAP-IG's passes per
+    /// step, repay one conversion.
+    pub fn load(&self) -> anyhow::Result<(Job, Metric, Method)> {
+        let (mut job, metric) = self.data.load(true)?;
+        let method = Method::new(self.method, self.ig_steps)?;
+        let d = &self.data;
+        let chunks = eap::runs::chunk_count(&job.model, &job.data, d.batch_size, d.memory_budget)?;
+        let few_passes = chunks == 1 && matches!(method, Method::Eap | Method::CleanCorrupted);
+        if !d.stream_weights && !few_passes {
+            job.model.make_layers_resident()?;
+        }
+        Ok((job, metric, method))
+    }
+}
+
 impl DataArgs {
     /// The model, its examples and the metric (`--metric`, else the task's). `few_passes`
-    /// (attribution's two forwards and a backward) keeps the vocabulary matrices mapped and
-    /// reads their rows per pass; evaluations, with a pass per point of their curves, convert
-    /// them once.
+    /// (attribution) loads the weights streamed, leaving the caller to make the layers
+    /// resident once it knows the passes are many ([`eap::model::Model::make_layers_resident`]);
+    /// evaluations, with a pass per point of their curves, convert them once.
     pub fn load(&self, few_passes: bool) -> anyhow::Result<(Job, Metric)> {
         let spec = JobSpec {
             model: Some(self.model.clone()),
@@ -505,7 +526,7 @@ impl DataArgs {
             examples: self.source.examples(),
             residency: match (self.stream_weights, few_passes) {
                 (true, _) => eap::model::Residency::Streamed,
-                (false, true) => eap::model::Residency::MappedVocabulary,
+                (false, true) => eap::model::Residency::Streamed,
                 (false, false) => eap::model::Residency::Auto,
             },
             ..Default::default()

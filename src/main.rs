@@ -13,7 +13,7 @@ use candle_core::Device;
 use clap::Parser;
 
 use eap::acdc::{hybrid, run_acdc, threshold_sweep, AcdcOptions, Persist, PruneWith, RunIdentity};
-use eap::attribution::{attribute, AttributionOptions, Method};
+use eap::attribution::{attribute, AttributionOptions};
 use eap::discover::{discover, DiscoverOptions};
 use eap::eval::{roc_from_graph, FaithfulnessBaseline};
 use eap::fsutil::write_atomic;
@@ -109,9 +109,9 @@ fn run(command: Command) -> Result<()> {
 fn cmd_attribute(a: AttributeArgs) -> Result<()> {
     check_outputs(&[("--out", Some(&a.out), true)])?;
     let to_stdout = eap::fsutil::is_stdout(&a.out);
-    let (job, metric) = a.data.load(true)?;
+    let (job, metric, method) = a.load()?;
     let opts = AttributionOptions {
-        method: Method::new(a.method, a.ig_steps)?,
+        method,
         metric,
         ablation: a.data.ablation,
         batch_size: a.data.batch_size,

@@ -175,6 +175,11 @@ fn streamed_models_match_resident_ones() {
         let streamed = Model::load_dir_with(dir.path(), &Device::Cpu, 0).unwrap();
         let path = dir.path().to_str().unwrap();
         let mapped = Model::load_with(path, &Device::Cpu, Residency::MappedVocabulary).unwrap();
+        // Streamed at load, then made resident (what `attribute` does for many passes).
+        let mut converted = Model::load_with(path, &Device::Cpu, Residency::Streamed).unwrap();
+        assert!(converted.layers_streamed());
+        assert!(converted.make_layers_resident().unwrap());
+        assert!(!converted.layers_streamed());
         let data = dataset(300);
         let tokens: Vec<Vec<u32>> = data.examples.iter().map(|e| e.clean.clone()).collect();
         let batch = Batch::new(&tokens, &Device::Cpu).unwrap();
@@ -184,7 +189,12 @@ fn streamed_models_match_resident_ones() {
                 .logits
         };
         let a = logits(&resident);
-        for (what, other) in [("streamed", &streamed), ("mapped", &mapped)] {
+        let others = [
+            ("streamed", &streamed),
+            ("mapped", &mapped),
+            ("converted", &converted),
+        ];
+        for (what, other) in others {
             let err = max_abs(&(&a - &logits(other)).unwrap());
             assert!(
                 err <= 1e-5 * max_abs(&a),
@@ -198,7 +208,7 @@ fn streamed_models_match_resident_ones() {
                 ..Default::default()
             };
             let sa = attribute(&resident, &data, &opts).unwrap().scores;
-            for (what, other) in [("streamed", &streamed), ("mapped", &mapped)] {
+            for (what, other) in others {
                 let sb = attribute(other, &data, &opts).unwrap().scores;
                 let (err, scale) = max_diff(&sa.values, &sb.values);
                 assert!(scale > 0.0, "{preset}: the test needs nonzero scores");
@@ -449,17 +459,31 @@ fn a_budget_below_one_example_is_a_clear_error() {
     }
 }
 
-/// `attribute --stream-weights` scores what the resident run scores, on a checkpoint of every
-/// Llama-family layout the fixtures have.
+/// `attribute` streams the layers for EAP over one chunk (or with `--stream-weights`) and keeps
+/// them resident for more chunks, and each way scores what the others score, on a checkpoint
+/// of every Llama-family layout the fixtures have.
 #[test]
 fn stream_weights_flag_gives_the_resident_scores() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("d.jsonl");
     write_jsonl(&dataset(24), &data);
+    // (flags, the layers the run should report): the 3 examples fit one chunk by default.
+    // The EAP runs agree with the first, the EAP-IG runs with each other.
+    const IG: [&str; 4] = ["--method", "eap-ig", "--ig-steps", "2"];
+    let runs: [(&[&str], &str); 5] = [
+        (&[], "streamed"),
+        (&["--batch-size", "1"], "resident"),
+        (&["--batch-size", "1", "--stream-weights"], "streamed"),
+        (&IG, "resident"),
+        (
+            &[IG[0], IG[1], IG[2], IG[3], "--stream-weights"],
+            "streamed",
+        ),
+    ];
     for name in FAMILY_FIXTURES {
         let model = fixture_dir(name);
         let mut files = Vec::new();
-        for (i, extra) in [&[][..], &["--stream-weights"][..]].iter().enumerate() {
+        for (i, (extra, layers)) in runs.iter().enumerate() {
             let out = format!("{name}.{i}.safetensors");
             let model = model.to_str().unwrap();
             let args = [
@@ -474,12 +498,17 @@ fn stream_weights_flag_gives_the_resident_scores() {
             ];
             let (ok, _, stderr) = eap(dir.path(), &[&args[..], extra].concat());
             assert!(ok, "{name}: {stderr}");
-            files.push(CircuitFile::read(dir.path().join(&out)).unwrap());
+            let file = CircuitFile::read(dir.path().join(&out)).unwrap();
+            assert_eq!(file.meta["layers"], *layers, "{name} {extra:?}");
+            files.push(file);
         }
-        let (err, scale) = max_diff(&files[0].scores.values, &files[1].scores.values);
-        assert!(
-            scale > 0.0 && err <= 1e-5 * scale,
-            "{name}: {err} of {scale}"
-        );
+        for (i, j) in [(0, 1), (0, 2), (3, 4)] {
+            let extra = runs[j].0;
+            let (err, scale) = max_diff(&files[i].scores.values, &files[j].scores.values);
+            assert!(
+                scale > 0.0 && err <= 1e-5 * scale,
+                "{name} {extra:?}: {err} of {scale}"
+            );
+        }
     }
 }

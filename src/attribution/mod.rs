@@ -197,6 +197,11 @@ impl Attribution {
         let mut meta = self.meta();
         meta["model"] = serde_json::json!(model.name);
         meta["d_model"] = serde_json::json!(model.cfg.d_model);
+        // Which way the layers ran explains the phase times (each pass converts streamed ones).
+        meta["layers"] = serde_json::json!(match model.layers_streamed() {
+            true => "streamed",
+            false => "resident",
+        });
         let circuit = Circuit::full(self.scores.graph);
         CircuitFile::new(self.scores.clone(), circuit, meta)
     }

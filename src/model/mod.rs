@@ -230,6 +230,28 @@ impl Model {
         })
     }
 
+    /// Whether each pass converts the layers from the mapped checkpoint.
+    pub fn layers_streamed(&self) -> bool {
+        matches!(self.layers, LayerStore::Streamed(_))
+    }
+
+    /// Converts streamed layers to f32 once and keeps them, when they take at most the
+    /// resident limit (8 GB, `EAP_RESIDENT_BYTES`): for a run whose passes turn out to be
+    /// many. The vocabulary stays mapped. Returns whether the layers are now resident.
+    pub fn make_layers_resident(&mut self) -> Result<bool> {
+        let LayerStore::Streamed(loader) = &self.layers else {
+            return Ok(true);
+        };
+        if self.cfg.n_params().saturating_mul(4) > resident_bytes_limit() {
+            return Ok(false);
+        }
+        let layers = (0..self.cfg.n_layers)
+            .map(|i| loader.layer(i).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        self.layers = LayerStore::Resident(layers);
+        Ok(true)
+    }
+
     /// Layer `i`, its weights converted to f32 (a shared handle when resident).
     pub fn layer(&self, i: usize) -> Result<Arc<Block>> {
         match &self.layers {

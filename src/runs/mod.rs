@@ -94,25 +94,7 @@ impl<'a> Runner<'a> {
                 message,
             })?;
         }
-        let max_len = data
-            .examples
-            .iter()
-            .map(|e| e.clean.len())
-            .max()
-            .unwrap_or(1);
-        let per_example = bytes_per_example(model, max_len);
-        if per_example > memory_budget {
-            // Refused before anything is allocated: running over the budget is how a large
-            // model ends with the OOM killer instead of a message.
-            return Err(Error::MemoryBudget {
-                tokens: max_len,
-                needed: per_example,
-                budget: memory_budget,
-            });
-        }
-        let chunk_size = batch_size
-            .max(1)
-            .min((memory_budget / per_example.max(1)).max(1));
+        let chunk_size = chunk_size(model, data, batch_size, memory_budget)?;
         let mut runner = Runner {
             model,
             data,
@@ -128,12 +110,8 @@ impl<'a> Runner<'a> {
 
     /// Chunks of equal-length examples, in order of first appearance of each length.
     pub fn chunks(&self) -> Result<Vec<Chunk>> {
-        let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (i, ex) in self.data.examples.iter().enumerate() {
-            by_len.entry(ex.clean.len()).or_default().push(i);
-        }
         let mut chunks = Vec::new();
-        for indices in by_len.values() {
+        for indices in by_length(self.data).values() {
             // Equal-sized chunks (32 examples under a cap of 20 run as 16 + 16, not 20 + 12).
             let size = indices
                 .len()
@@ -284,6 +262,60 @@ fn check_example(
     Ok(())
 }
 
+/// Example indices grouped by token length: a chunk holds examples of one length.
+fn by_length(data: &Dataset) -> BTreeMap<usize, Vec<usize>> {
+    let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, ex) in data.examples.iter().enumerate() {
+        by_len.entry(ex.clean.len()).or_default().push(i);
+    }
+    by_len
+}
+
+/// Examples per chunk: at most `batch_size`, fewer where their activations would not fit in
+/// `memory_budget` bytes; an error when not even one example fits.
+fn chunk_size(
+    model: &Model,
+    data: &Dataset,
+    batch_size: usize,
+    memory_budget: usize,
+) -> Result<usize> {
+    let max_len = data
+        .examples
+        .iter()
+        .map(|e| e.clean.len())
+        .max()
+        .unwrap_or(1);
+    let per_example = bytes_per_example(model, max_len);
+    if per_example > memory_budget {
+        // Refused before anything is allocated: running over the budget is how a large
+        // model ends with the OOM killer instead of a message.
+        return Err(Error::MemoryBudget {
+            tokens: max_len,
+            needed: per_example,
+            budget: memory_budget,
+        });
+    }
+    Ok(batch_size
+        .max(1)
+        .min((memory_budget / per_example.max(1)).max(1)))
+}
+
+/// How many chunks a [`Runner`] with these settings runs `data` in (what
+/// [`Runner::chunks`] returns, without building them): each chunk is a set of passes over
+/// every layer, which decides whether converting the weights once pays.
+pub fn chunk_count(
+    model: &Model,
+    data: &Dataset,
+    batch_size: usize,
+    memory_budget: usize,
+) -> Result<usize> {
+    let size = chunk_size(model, data, batch_size, memory_budget)?;
+    Ok(by_length(data)
+        .values()
+        .map(|indices| indices.len().div_ceil(size))
+        .sum())
+}
+
 /// Bytes of activations one example of `len` tokens needs during attribution.
 fn bytes_per_example(model: &Model, len: usize) -> usize {
     let c = &model.cfg;
@@ -345,6 +377,43 @@ pub fn prepare(runner: &Runner) -> Result<Vec<PreparedChunk>> {
 mod tests {
     use super::*;
     use clap::ValueEnum;
+
+    /// `chunk_count` counts what `Runner::chunks` builds: per token length, under a batch
+    /// size and under a memory budget that holds only a few examples.
+    #[test]
+    fn chunk_count_matches_the_chunks_run() {
+        use crate::model::{random::random_model, ModelConfig, WeightFormat};
+        let cfg = ModelConfig::classic(2, 16, 4, 8, Some(24), 20, 16, WeightFormat::InMemory);
+        let model = random_model(&cfg, 3, &candle_core::Device::Cpu).unwrap();
+        let examples = [3usize, 3, 5, 3, 5, 3, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| crate::tasks::Example {
+                clean: (0..len as u32).map(|t| (t + i as u32) % 20).collect(),
+                corrupted: vec![1; len],
+                target: Target {
+                    answers: vec![2],
+                    wrongs: vec![3],
+                },
+            })
+            .collect();
+        let data = Dataset {
+            name: "lengths".into(),
+            examples,
+        };
+        let per_example = bytes_per_example(&model, 5);
+        for (batch, budget) in [(32, usize::MAX), (2, usize::MAX), (32, 2 * per_example)] {
+            let runner = Runner::new(&model, &data, Ablation::Corrupted, batch, budget).unwrap();
+            let built = runner.chunks().unwrap().len();
+            assert_eq!(chunk_count(&model, &data, batch, budget).unwrap(), built);
+            assert!(
+                built >= 2,
+                "{batch} {budget}: the lengths alone make two chunks"
+            );
+        }
+        // Five examples of 3 tokens in chunks of 2, two of 5 tokens in one.
+        assert_eq!(chunk_count(&model, &data, 2, usize::MAX).unwrap(), 3 + 1);
+    }
 
     #[test]
     fn ablation_names() {
