@@ -45,6 +45,8 @@ pub struct BenchOptions {
     pub memory_budget: usize,
     /// Time only EAP, so that the process's peak memory is EAP's.
     pub eap_only: bool,
+    /// The precision of the layers' weight products.
+    pub products: crate::model::bf16::Products,
 }
 
 macro_rules! say {
@@ -65,15 +67,17 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
     let cfg = preset.cfg.clone();
     check_size(&cfg, opts)?;
     let t = Instant::now();
-    let model = crate::model::random::random_preset(&preset, 0, device)?;
+    let mut model = crate::model::random::random_preset(&preset, 0, device)?;
+    model.set_products(opts.products);
     say!(
         out,
-        "{}-shaped random model built in {:.2} s; batch {} x {} tokens, {} threads",
+        "{}-shaped random model built in {:.2} s; batch {} x {} tokens, {} threads, {} weight products",
         preset.name,
         t.elapsed().as_secs_f64(),
         opts.batch,
         opts.seq,
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        opts.products.name()
     );
     let seqs: Vec<Vec<u32>> = (0..opts.batch)
         .map(|b| {

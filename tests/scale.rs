@@ -512,3 +512,62 @@ fn stream_weights_flag_gives_the_resident_scores() {
         }
     }
 }
+
+/// `--products bf16` scores every family fixture, resident or streamed, to bf16's precision
+/// of the f32 scores (the inputs of the weight products rounded to 2⁻⁹), records itself in
+/// the scores' `meta`, and is not the f32 run under another name.
+#[test]
+fn bf16_products_flag_scores_near_the_f32_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    write_jsonl(&dataset(24), &data);
+    let runs: [&[&str]; 3] = [
+        &[],
+        &["--products", "bf16"],
+        &["--products", "bf16", "--batch-size", "1"],
+    ];
+    for name in FAMILY_FIXTURES {
+        let model = fixture_dir(name);
+        let mut files = Vec::new();
+        for (i, extra) in runs.iter().enumerate() {
+            let out = format!("{name}.{i}.safetensors");
+            let args = [
+                "-q",
+                "attribute",
+                "--model",
+                model.to_str().unwrap(),
+                "--data",
+                "d.jsonl",
+                "--out",
+                &out,
+            ];
+            let (ok, _, stderr) = eap(dir.path(), &[&args[..], extra].concat());
+            assert!(ok, "{name}: {stderr}");
+            files.push(CircuitFile::read(dir.path().join(&out)).unwrap());
+        }
+        assert_eq!(files[0].meta["products"], "f32", "{name}");
+        for file in &files[1..] {
+            assert_eq!(file.meta["products"], "bf16", "{name}");
+            let (err, scale) = max_diff(&files[0].scores.values, &file.scores.values);
+            assert!(
+                scale > 0.0 && err > 0.0 && err <= 3e-2 * scale,
+                "{name}: bf16 scores off by {err} of {scale}"
+            );
+        }
+    }
+    let (ok, _, stderr) = eap(
+        dir.path(),
+        &[
+            "attribute",
+            "--model",
+            "m",
+            "--data",
+            "d.jsonl",
+            "--products",
+            "f16",
+            "--out",
+            "x",
+        ],
+    );
+    assert!(!ok && stderr.contains("f32 or bf16"), "{stderr}");
+}

@@ -202,6 +202,7 @@ impl Attribution {
             true => "streamed",
             false => "resident",
         });
+        meta["products"] = serde_json::json!(model.products().name());
         let circuit = Circuit::full(self.scores.graph);
         CircuitFile::new(self.scores.clone(), circuit, meta)
     }

@@ -16,9 +16,12 @@
 //!
 //! The drivers in `forward.rs` (full forward, cached-prefix restarts, the activation-only
 //! backward) and ACDC's incremental state call these; none of them multiplies a weight itself.
+//! With [`Products::Bf16`] ([`Block::set_products`]) the big weight products of the forward
+//! and the backward go through [`bf16::product`]; every other product stays f32.
 
 use candle_core::{DType, Tensor, D};
 
+use super::bf16::{self, LazyPacked, Products};
 use super::config::{Activation, ModelConfig, Norm};
 use super::ops::{self, NormCache, RotaryRows};
 use crate::graph::Qkv;
@@ -30,6 +33,34 @@ use crate::{Error, Result};
 pub struct NormWeights {
     pub w: Tensor,
     pub b: Option<Tensor>,
+}
+
+/// `x · w`, through `packed`'s bf16 panels when the layer computes its products in bf16 (and
+/// `x` is a CPU matrix), else candle's f32 matmul.
+fn times(x: &Tensor, w: &Tensor, packed: Option<&LazyPacked>) -> Result<Tensor> {
+    match packed {
+        Some(p) if x.device().is_cpu() && x.rank() == 2 => bf16::product(x, p.get(w)?),
+        _ => Ok(x.matmul(w)?),
+    }
+}
+
+/// The bf16 packings of one attention sublayer's weights, each made on first use.
+#[derive(Debug, Clone, Default)]
+struct AttentionPacks {
+    qkv: LazyPacked,
+    o: LazyPacked,
+    o_t: LazyPacked,
+}
+
+/// The bf16 packings of one MLP's weights and of their transposes (the backward's).
+#[derive(Debug, Clone, Default)]
+struct MlpPacks {
+    w_in: LazyPacked,
+    w_gate: LazyPacked,
+    w_out: LazyPacked,
+    w_in_t: LazyPacked,
+    w_gate_t: LazyPacked,
+    w_out_t: LazyPacked,
 }
 
 /// One layer's attention weights in eap's layout, whatever the checkpoint's: per-head
@@ -169,6 +200,8 @@ pub struct Attention {
     /// Attention scores are divided by this.
     scale: f32,
     softcap: Option<f32>,
+    /// Present when the layer computes its weight products in bf16.
+    packs: Option<AttentionPacks>,
 }
 
 impl Attention {
@@ -316,7 +349,7 @@ impl Attention {
             let [q, k, v] = Qkv::ALL.map(|l| self.project_all(l, xn, positions, batch, seq_len));
             return Ok([q?, k?, v?]);
         }
-        let mut y = xn.matmul(&self.w_qkv)?;
+        let mut y = times(xn, &self.w_qkv, self.packs.as_ref().map(|p| &p.qkv))?;
         if let Some(b) = &self.b_qkv {
             y = ops::add_bias(&y, b)?;
         }
@@ -509,7 +542,8 @@ impl Attention {
     /// [`Attention::output`] from the mixed values (`[N, heads · d_head]`) in one GEMM over
     /// the flat `W_O`, for a forward that needs no head's own output.
     pub fn output_from_mixed(&self, z: &Tensor) -> Result<(Tensor, Option<NormCache>)> {
-        self.finish_output(z.matmul(&self.w_o_flat)?)
+        let packed = self.packs.as_ref().map(|p| &p.o);
+        self.finish_output(times(z, &self.w_o_flat, packed)?)
     }
 
     /// `b_O` and the output norm on the heads' sum.
@@ -564,7 +598,8 @@ impl Attention {
             }
             None => g,
         };
-        let dz = g.matmul(&self.w_o_flat.t()?)?; // [n, h·dh]
+        let packed = self.packs.as_ref().map(|p| &p.o_t);
+        let dz = times(g, &self.w_o_flat.t()?, packed)?; // [n, h·dh]
         let short = match &cache.tanh {
             None => ops::short_attention_backward(
                 &dz,
@@ -689,6 +724,8 @@ pub struct Mlp {
     post_norm: Option<NormLayer>,
     weights: MlpWeights,
     act: Activation,
+    /// Present when the layer computes its weight products in bf16.
+    packs: Option<MlpPacks>,
 }
 
 impl Mlp {
@@ -715,6 +752,7 @@ impl Mlp {
                 .map(|w| NormLayer::new(cfg, Some(w))),
             weights,
             act: cfg.act,
+            packs: None,
         })
     }
 
@@ -745,19 +783,21 @@ impl Mlp {
             true => self.norm.forward(input)?,
             false => (self.norm.apply(input)?, None),
         };
-        let mut up = xn.matmul(&w.w_in)?;
+        let packs = self.packs.as_ref();
+        let mut up = times(&xn, &w.w_in, packs.map(|p| &p.w_in))?;
         if let Some(b) = &w.b_in {
             up = ops::add_bias(&up, b)?;
         }
+        let out_packed = packs.map(|p| &p.w_out);
         let (out, pre, up) = match &w.w_gate {
             None => {
                 let post = ops::activation(&up, self.act, false)?;
-                (post.matmul(&w.w_out)?, up, None)
+                (times(&post, &w.w_out, out_packed)?, up, None)
             }
             Some(w_gate) => {
-                let gate = xn.matmul(w_gate)?;
+                let gate = times(&xn, w_gate, packs.map(|p| &p.w_gate))?;
                 let hidden = ops::gated_activation(&gate, &up, self.act, false)?;
-                (hidden.matmul(&w.w_out)?, gate, Some(up))
+                (times(&hidden, &w.w_out, out_packed)?, gate, Some(up))
             }
         };
         let (out, post) = match &self.post_norm {
@@ -786,16 +826,19 @@ impl Mlp {
             }
             None => g,
         };
-        let d_hidden = g.matmul(&w.w_out.t()?)?;
+        let packs = self.packs.as_ref();
+        let d_hidden = times(g, &w.w_out.t()?, packs.map(|p| &p.w_out_t))?;
+        let in_t = packs.map(|p| &p.w_in_t);
         let d_xn = match (&w.w_gate, &cache.up) {
             (Some(w_gate), Some(up)) => {
                 let (d_gate, d_up) =
                     ops::gated_activation_backward(&d_hidden, &cache.pre, up, self.act, false)?;
-                (d_up.matmul(&w.w_in.t()?)? + d_gate.matmul(&w_gate.t()?)?)?
+                let from_gate = times(&d_gate, &w_gate.t()?, packs.map(|p| &p.w_gate_t))?;
+                (times(&d_up, &w.w_in.t()?, in_t)? + from_gate)?
             }
             _ => {
                 let d_pre = ops::activation_backward(&d_hidden, &cache.pre, self.act, false)?;
-                d_pre.matmul(&w.w_in.t()?)?
+                times(&d_pre, &w.w_in.t()?, in_t)?
             }
         };
         self.norm.backward(&d_xn, &cache.norm)
@@ -898,9 +941,21 @@ impl Block {
                 d_head: dh,
                 scale: cfg.attn_scale,
                 softcap: cfg.attn_softcap,
+                packs: None,
             },
             mlp,
         })
+    }
+
+    /// Which precision the layer's weight products take from now on. The bf16 packings are
+    /// made on first use (the forward's and the backward's separately) and kept with the
+    /// layer; `F32` drops them.
+    pub fn set_products(&mut self, products: Products) {
+        let bf16 = products == Products::Bf16;
+        self.attn.packs = bf16.then(AttentionPacks::default);
+        if let Some(mlp) = &mut self.mlp {
+            mlp.packs = bf16.then(MlpPacks::default);
+        }
     }
 
     /// Builds a layer from per-head TransformerLens-layout tensors (already f32 on one device):

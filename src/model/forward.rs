@@ -924,6 +924,57 @@ mod tests {
             .collect()
     }
 
+    /// With bf16 weight products, logits and every reader's gradient follow the f32 model's
+    /// to bf16's precision (a relative 2⁻⁹ per rounded input), on every architecture variant
+    /// and the classic one; they are not equal to them, so the bf16 path did run.
+    #[test]
+    fn bf16_products_follow_the_f32_model_to_bf16_precision() {
+        let dev = Device::Cpu;
+        let seqs: Vec<Vec<u32>> = (0..3)
+            .map(|b| (0..6).map(|p| ((b * 13 + p * 7 + 1) % 40) as u32).collect())
+            .collect();
+        let batch = Batch::new(&seqs, &dev).unwrap();
+        let classic = ModelConfig::classic(2, 16, 4, 8, Some(24), 40, 16, WeightFormat::InMemory);
+        for (name, cfg) in variants().into_iter().chain([("classic", classic)]) {
+            let reference = random_model(&cfg, 5, &dev).unwrap();
+            let mut bf16 = random_model(&cfg, 5, &dev).unwrap();
+            bf16.set_products(crate::model::bf16::Products::Bf16);
+            let run = |model: &Model| {
+                let opts = ForwardOptions {
+                    keep_cache: true,
+                    ..Default::default()
+                };
+                let out = model.forward(&batch, &opts).unwrap();
+                let n = out.logits.elem_count();
+                let dl: Vec<f32> = (0..n).map(|i| ((i * 37) % 11) as f32 * 0.2 - 1.0).collect();
+                let dl = Tensor::from_vec(dl, out.logits.shape().clone(), &dev).unwrap();
+                let grads = model.reader_gradients(out.cache.as_ref().unwrap(), &dl);
+                (out.logits, grads.unwrap())
+            };
+            let ((logits, grads), (logits16, grads16)) = (run(&reference), run(&bf16));
+            let worst = |a: &Tensor, b: &Tensor| {
+                let (a, b) = (ops::to_vec(a).unwrap(), ops::to_vec(b).unwrap());
+                let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let err = a
+                    .iter()
+                    .zip(&b)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                err / scale
+            };
+            let mut errs = vec![worst(&logits, &logits16)];
+            errs.extend(grads.iter().zip(&grads16).map(|(a, b)| worst(a, b)));
+            let max = errs.iter().fold(0f32, |m, &e| m.max(e));
+            assert!(
+                max <= 2e-2,
+                "{name}: bf16 products off by {max} of the largest value"
+            );
+            assert!(
+                errs[0] > 0.0,
+                "{name}: bf16 logits equal the f32 ones: no bf16 product ran"
+            );
+        }
+    }
+
     /// The last layer's MLP runs on the metric's rows alone unless the caller keeps the
     /// residual stream: both give the same logits and every reader the same gradient, with
     /// one logit position or several, on every architecture variant.

@@ -15,6 +15,7 @@
 //! * [`Model::backward`] — from `dM/dlogits` to `dM/d in_v` for every reader `v` of DESIGN §2,
 //!   layer by layer, without weight gradients.
 
+pub mod bf16;
 mod block;
 pub mod config;
 mod forward;
@@ -42,6 +43,7 @@ pub use weights::EmbedWeights;
 
 use crate::graph::Graph;
 use crate::{Error, Result};
+use bf16::Products;
 use weights::{Checkpoint, WeightLoader};
 
 /// The pickled TransformerLens config of an InterpBench case folder.
@@ -99,6 +101,8 @@ pub struct Model {
     /// Where the embedding and unembedding stay mapped, read by rows
     /// ([`WeightLoader::vocab_rows`]): `embed` then holds empty placeholders for them.
     vocab: Option<Arc<WeightLoader>>,
+    /// The precision of the layers' weight products ([`Model::set_products`]).
+    products: Products,
 }
 
 impl std::fmt::Debug for Model {
@@ -134,6 +138,7 @@ impl Model {
             embed,
             layers: LayerStore::Resident(layers.into_iter().map(Arc::new).collect()),
             vocab: None,
+            products: Products::F32,
         })
     }
 
@@ -227,6 +232,7 @@ impl Model {
             embed,
             layers,
             vocab: vocab_mapped.then_some(loader),
+            products: Products::F32,
         })
     }
 
@@ -246,17 +252,41 @@ impl Model {
             return Ok(false);
         }
         let layers = (0..self.cfg.n_layers)
-            .map(|i| loader.layer(i).map(Arc::new))
+            .map(|i| self.load_layer(loader, i).map(Arc::new))
             .collect::<Result<Vec<_>>>()?;
         self.layers = LayerStore::Resident(layers);
         Ok(true)
+    }
+
+    /// Makes the layers' weight products f32 (the default) or bf16 ([`Products`]). Resident
+    /// layers keep their bf16 packings from their first use on; streamed layers pack theirs in
+    /// each pass, in place of nothing (the f32 conversion is made either way).
+    pub fn set_products(&mut self, products: Products) {
+        self.products = products;
+        if let LayerStore::Resident(layers) = &mut self.layers {
+            for layer in layers {
+                Arc::make_mut(layer).set_products(products);
+            }
+        }
+    }
+
+    /// The precision of the layers' weight products.
+    pub fn products(&self) -> Products {
+        self.products
+    }
+
+    /// Layer `i` converted from the mapped checkpoint, set to this model's products.
+    fn load_layer(&self, loader: &WeightLoader, i: usize) -> Result<Block> {
+        let mut layer = loader.layer(i)?;
+        layer.set_products(self.products);
+        Ok(layer)
     }
 
     /// Layer `i`, its weights converted to f32 (a shared handle when resident).
     pub fn layer(&self, i: usize) -> Result<Arc<Block>> {
         match &self.layers {
             LayerStore::Resident(layers) => Ok(layers[i].clone()),
-            LayerStore::Streamed(loader) => Ok(Arc::new(loader.layer(i)?)),
+            LayerStore::Streamed(loader) => Ok(Arc::new(self.load_layer(loader, i)?)),
         }
     }
 
