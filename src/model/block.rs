@@ -896,18 +896,20 @@ impl Block {
         check("W_O", &attn.w_o, &[h, dh, d])?;
         // The fused projection: each letter's [heads, d, dh] as the column blocks of [d,
         // heads·dh], side by side; biases in the same order, zeros for a letter without one.
-        let columns = |w: Tensor, heads: usize| -> Result<Tensor> {
-            let w = ops::swap_middle(&w.to_dtype(DType::F32)?.contiguous()?, (1, heads, d, dh))?;
-            Ok(w.reshape((d, heads * dh))?)
+        let [w_q, w_k, w_v] = [attn.w_q, attn.w_k, attn.w_v]
+            .map(|w| w.to_dtype(DType::F32).and_then(|w| w.contiguous()));
+        let (w_q, w_k, w_v) = (w_q?, w_k?, w_v?);
+        let w_qkv = match ops::fused_columns(&[&w_q, &w_k, &w_v])? {
+            Some(w) => w,
+            None => {
+                let columns = |w: &Tensor, heads: usize| -> Result<Tensor> {
+                    let w = ops::swap_middle(w, (1, heads, d, dh))?;
+                    Ok(w.reshape((d, heads * dh))?)
+                };
+                let parts = [columns(&w_q, h)?, columns(&w_k, kv)?, columns(&w_v, kv)?];
+                Tensor::cat(&parts, 1)?
+            }
         };
-        let w_qkv = Tensor::cat(
-            &[
-                columns(attn.w_q, h)?,
-                columns(attn.w_k, kv)?,
-                columns(attn.w_v, kv)?,
-            ],
-            1,
-        )?;
         let biases = [(attn.b_q, h), (attn.b_k, kv), (attn.b_v, kv)];
         let b_qkv = if biases.iter().any(|(b, _)| b.is_some()) {
             let parts = biases

@@ -913,24 +913,76 @@ pub fn swap_middle(t: &Tensor, dims: (usize, usize, usize, usize)) -> Result<Ten
     let (a, b, c, inner) = dims;
     let t = t.reshape((a, b, c, inner))?;
     let done = cpu_slice(&t, |src| {
-        let mut out = vec![0f32; src.len()];
         // Each chunk is one output row `[ai, ci]`: `b` runs of `inner` values.
         let row = b * inner;
         if row == 0 {
-            return out;
+            return vec![0f32; src.len()];
         }
-        out.par_chunks_mut(row).enumerate().for_each(|(r, dst)| {
-            let (ai, ci) = (r / c, r % c);
-            for bi in 0..b {
-                let from = ((ai * b + bi) * c + ci) * inner;
-                dst[bi * inner..(bi + 1) * inner].copy_from_slice(&src[from..from + inner]);
-            }
-        });
-        out
+        // SAFETY: each output row is `b` runs of `inner` values, every one written.
+        unsafe {
+            filled_in_chunks(src.len(), row, |r, dst| {
+                let (ai, ci) = (r / c, r % c);
+                for bi in 0..b {
+                    let from = ((ai * b + bi) * c + ci) * inner;
+                    let runs = dst[bi * inner..(bi + 1) * inner].iter_mut();
+                    for (d, &s) in runs.zip(&src[from..from + inner]) {
+                        d.write(s);
+                    }
+                }
+            })
+        }
     });
     match done {
         Some(v) => Ok(Tensor::from_vec(v, (a, c, b, inner), t.device())?),
         None => Ok(t.transpose(1, 2)?.contiguous()?),
+    }
+}
+
+/// Per-head matrices `[heads_i, d, dh]` (contiguous CPU f32) side by side as the column blocks
+/// of one `[d, Σ heads_i · dh]` matrix: block `i`'s head `hh` is columns `hh·dh..(hh+1)·dh`
+/// of block `i`. One pass over the output, where a relayout per block and a concatenation
+/// made four (the fused q/k/v projection of every layer, in every streamed pass). `None` for
+/// other inputs.
+pub fn fused_columns(blocks: &[&Tensor]) -> Result<Option<Tensor>> {
+    let mut shapes = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        shapes.push(b.dims3()?);
+    }
+    let Some(&(_, d, dh)) = shapes.first() else {
+        return Ok(None);
+    };
+    if shapes.iter().any(|&(_, di, dhi)| (di, dhi) != (d, dh)) {
+        return Err(crate::Error::Shape {
+            op: "fused_columns",
+            expected: format!("blocks of [heads, {d}, {dh}]"),
+            found: format!("{shapes:?}"),
+        });
+    }
+    let width: usize = shapes.iter().map(|s| s.0 * dh).sum();
+    let device = blocks[0].device().clone();
+    let done = cpu_slices(blocks, |srcs| {
+        if width == 0 {
+            return Vec::new();
+        }
+        // SAFETY: each output row is every block's heads in turn, `dh` values each: `width`.
+        unsafe {
+            filled_in_chunks(d * width, width, |i, row| {
+                let mut at = 0;
+                for (src, &(heads, _, _)) in srcs.iter().zip(&shapes) {
+                    for hh in 0..heads {
+                        let from = (hh * d + i) * dh;
+                        for (o, &x) in row[at..at + dh].iter_mut().zip(&src[from..from + dh]) {
+                            o.write(x);
+                        }
+                        at += dh;
+                    }
+                }
+            })
+        }
+    });
+    match done {
+        Some(v) => Ok(Some(Tensor::from_vec(v, (d, width), &device)?)),
+        None => Ok(None),
     }
 }
 
@@ -2099,6 +2151,33 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The one-pass fused columns equal each block's heads laid side by side (candle's
+    /// transpose and concatenation), with blocks of different head counts (grouped keys and
+    /// values), and shapes that disagree are an error.
+    #[test]
+    fn fused_columns_lay_every_head_side_by_side() {
+        let (d, dh) = (10, 3);
+        let blocks = [
+            randn(&[4, d, dh], 1),
+            randn(&[2, d, dh], 2),
+            randn(&[2, d, dh], 3),
+        ];
+        let refs: Vec<&Tensor> = blocks.iter().collect();
+        let fused = fused_columns(&refs).unwrap().unwrap();
+        let parts: Vec<Tensor> = blocks
+            .iter()
+            .map(|b| {
+                let heads = b.dims3().unwrap().0;
+                b.transpose(0, 1).unwrap().reshape((d, heads * dh)).unwrap()
+            })
+            .collect();
+        let want = Tensor::cat(&parts, 1).unwrap();
+        assert_eq!(fused.dims(), &[d, 8 * dh]);
+        assert_eq!(max_diff(&fused, &want), 0.0);
+        let odd = randn(&[2, d, dh + 1], 4);
+        assert!(fused_columns(&[&blocks[0], &odd]).is_err());
     }
 
     #[test]
