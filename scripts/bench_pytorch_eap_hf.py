@@ -16,7 +16,7 @@ H*dh..(H+1)*dh of each), causal softmax with attn.scaling (1/sqrt(dh)), attn.c_p
 mlp.c_fc -> mlp.act (gelu_new) -> mlp.c_proj.
 
     scripts/.venv/bin/python scripts/bench_pytorch_eap_hf.py --like qwen2.5-0.5b \
-        [--layers N] [--batch 32 --seq 16 --threads 2 --reps 3] [--save-scores FILE]
+        [--layers N] [--batch 32 --seq 16 --threads 2 --reps 3] [--save-scores FILE] [--dtype bfloat16]
     scripts/.venv/bin/python scripts/bench_pytorch_eap_hf.py --like gpt2 [--layers N] ...
     scripts/.venv/bin/python scripts/bench_pytorch_eap_hf.py --model DIR ...   # Llama family or GPT-2
     scripts/.venv/bin/python scripts/bench_pytorch_eap_hf.py --check-fixture tests/fixtures/models/qwen2_bias
@@ -270,7 +270,7 @@ def build_model(a):
     import transformers
     if a.model or a.check_fixture:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            a.model or a.check_fixture, attn_implementation="eager", dtype=torch.float32)
+            a.model or a.check_fixture, attn_implementation="eager", dtype=getattr(torch, a.dtype))
     else:
         cls, kw = LIKE[a.like]
         config = getattr(transformers, cls)(**kw)
@@ -278,7 +278,7 @@ def build_model(a):
             config.num_hidden_layers = a.layers  # n_layer for GPT-2 (attribute_map)
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(
-            config, attn_implementation="eager", dtype=torch.float32)
+            config, attn_implementation="eager", dtype=getattr(torch, a.dtype))
     model.eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -297,6 +297,10 @@ def main():
     ap.add_argument("--all-logits", action="store_true",
                     help="unembed every position, as EAP-IG does (default: last position only)")
     ap.add_argument("--save-scores", default=None, help="write the score matrix (key `scores`)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the model's dtype: bfloat16 runs every op in bf16 (weights, activations, "
+                         "Delta, scores), as PyTorch users run EAP on GPUs; compare with "
+                         "`eap attribute --products bf16`")
     ap.add_argument("--check-fixture", default=None,
                     help="a fixture dir: compare with its reference.safetensors eap_scores")
     a = ap.parse_args()
@@ -344,7 +348,7 @@ def main():
         "heads": cfg.num_attention_heads, "kv_heads": hooks.KV,
         "d_mlp": hooks.d_mlp, "vocab": cfg.vocab_size,
         "batch": a.batch, "seq": a.seq, "threads": torch.get_num_threads(),
-        "all_logits": a.all_logits,
+        "all_logits": a.all_logits, "dtype": a.dtype,
         "n_writers": hooks.n_writers, "n_readers": hooks.n_readers, "n_edges": int(mask.sum()),
         "eap_s_best": min(times[1:]), "eap_s_mean": sum(times[1:]) / a.reps,
         "eap_s_first": times[0], "reps": a.reps, "metric": m,
