@@ -513,47 +513,68 @@ fn stream_weights_flag_gives_the_resident_scores() {
     }
 }
 
-/// `--products bf16` scores every family fixture, resident or streamed, to bf16's precision
-/// of the f32 scores (the inputs of the weight products rounded to 2⁻⁹), records itself in
-/// the scores' `meta`, and is not the f32 run under another name.
-#[test]
-fn bf16_products_flag_scores_near_the_f32_scores() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d.jsonl");
-    write_jsonl(&dataset(24), &data);
+/// `--products bf16` on `model`: scores to bf16's precision of the f32 scores (the inputs of
+/// the weight products rounded to 2⁻⁹), not the f32 run under another name, recorded in the
+/// scores' `meta`. The streamed run (one chunk) keeps a bf16 checkpoint's MLP matrices as
+/// stored, the resident one (`--batch-size 1`: a chunk per example) rounds their f32 copies:
+/// both give the same numbers, since the backward's gradients have the same scale in every
+/// chunking.
+fn check_bf16_products(dir: &Path, name: &str, model: &Path) {
     let runs: [&[&str]; 3] = [
         &[],
         &["--products", "bf16"],
         &["--products", "bf16", "--batch-size", "1"],
     ];
+    let mut files = Vec::new();
+    for (i, extra) in runs.iter().enumerate() {
+        let out = format!("{name}.{i}.safetensors");
+        let args = [
+            "-q",
+            "attribute",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            "d.jsonl",
+            "--out",
+            &out,
+        ];
+        let (ok, _, stderr) = eap(dir, &[&args[..], extra].concat());
+        assert!(ok, "{name}: {stderr}");
+        files.push(CircuitFile::read(dir.join(&out)).unwrap());
+    }
+    assert_eq!(files[0].meta["products"], "f32", "{name}");
+    for file in &files[1..] {
+        assert_eq!(file.meta["products"], "bf16", "{name}");
+        let (err, scale) = max_diff(&files[0].scores.values, &file.scores.values);
+        assert!(
+            scale > 0.0 && err > 0.0 && err <= 3e-2 * scale,
+            "{name}: bf16 scores off by {err} of {scale}"
+        );
+    }
+    assert_eq!(files[1].meta["layers"], "streamed", "{name}");
+    assert_eq!(files[2].meta["layers"], "resident", "{name}");
+    let (err, scale) = max_diff(&files[1].scores.values, &files[2].scores.values);
+    assert!(
+        err <= 1e-5 * scale,
+        "{name}: one chunk and three differ by {err} of {scale}"
+    );
+}
+
+/// [`check_bf16_products`] on every family fixture (f32, f16 and bf16 checkpoints) and on a
+/// tiny bf16 checkpoint of every preset's layout (GPT-2's `Conv1D`, Llama, Gemma-2, NeoX); a
+/// precision that does not exist is refused by name.
+#[test]
+fn bf16_products_flag_scores_near_the_f32_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    write_jsonl(&dataset(24), &dir.path().join("d.jsonl"));
     for name in FAMILY_FIXTURES {
-        let model = fixture_dir(name);
-        let mut files = Vec::new();
-        for (i, extra) in runs.iter().enumerate() {
-            let out = format!("{name}.{i}.safetensors");
-            let args = [
-                "-q",
-                "attribute",
-                "--model",
-                model.to_str().unwrap(),
-                "--data",
-                "d.jsonl",
-                "--out",
-                &out,
-            ];
-            let (ok, _, stderr) = eap(dir.path(), &[&args[..], extra].concat());
-            assert!(ok, "{name}: {stderr}");
-            files.push(CircuitFile::read(dir.path().join(&out)).unwrap());
-        }
-        assert_eq!(files[0].meta["products"], "f32", "{name}");
-        for file in &files[1..] {
-            assert_eq!(file.meta["products"], "bf16", "{name}");
-            let (err, scale) = max_diff(&files[0].scores.values, &file.scores.values);
-            assert!(
-                scale > 0.0 && err > 0.0 && err <= 3e-2 * scale,
-                "{name}: bf16 scores off by {err} of {scale}"
-            );
-        }
+        check_bf16_products(dir.path(), name, &fixture_dir(name));
+    }
+    for preset in PRESETS {
+        let model = dir.path().join(preset);
+        std::fs::create_dir(&model).unwrap();
+        write(tiny_config(preset), StoredDtype::Bf16, &model);
+        check_bf16_products(dir.path(), preset, &model);
     }
     let (ok, _, stderr) = eap(
         dir.path(),

@@ -432,6 +432,13 @@ fn attribute_chunk(
         let mut tracked = 0f64;
         let rows = logits_rows(logits)?;
         let grad = metric_gradient(metric, &rows, vocab, &targets, Some(&clean_rows))?;
+        // The backward runs on the gradient of the chunk's sum rather than its mean, and
+        // `weight` takes the mean back: every example's gradients then have one scale whatever
+        // `--batch-size` makes of the chunks, so bf16 products round them alike in every
+        // chunking (a third of a gradient rounds to other bf16 numbers than the gradient).
+        let examples = chunk.indices.len() as f32;
+        let grad: Vec<f32> = grad.into_iter().map(|g| g * examples).collect();
+        let weight = weight / examples as f64;
         let dlogits = Tensor::from_vec(grad, logits.shape().clone(), &model.device)?;
         let nr = graph.n_readers();
         // Reader gradients wait here until they hold half of Δ's bytes (at least one layer),

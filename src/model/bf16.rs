@@ -109,17 +109,22 @@ fn bf16_bits(x: f32) -> u32 {
     half::bf16::from_f32(x).to_bits() as u32
 }
 
-/// Calls `f` with `t`'s f32 CPU data, its start offset and its two strides.
-fn with_strided<R>(t: &Tensor, f: impl FnOnce(&[f32], usize, [usize; 2]) -> R) -> Result<R> {
+/// Calls `f` with `t`'s CPU data (`T`: f32, or bf16 for matrices kept as stored), its start
+/// offset and its two strides.
+fn with_strided<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T], usize, [usize; 2]) -> R,
+) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let strides = layout.stride();
     match (&*storage, strides) {
-        (Storage::Cpu(cpu), &[s0, s1]) if t.dtype() == DType::F32 => {
-            let data = cpu.as_slice::<f32>()?;
+        (Storage::Cpu(cpu), &[s0, s1]) if t.dtype() == T::DTYPE => {
+            let data = cpu.as_slice::<T>()?;
             Ok(f(data, layout.start_offset(), [s0, s1]))
         }
         _ => Err(Error::invalid(format!(
-            "bf16 products need a two-dimensional f32 CPU tensor, got {:?} {:?} on {:?}",
+            "bf16 products need a two-dimensional {:?} CPU tensor, got {:?} {:?} on {:?}",
+            T::DTYPE,
             t.dtype(),
             t.dims(),
             t.device().location()
@@ -149,7 +154,60 @@ fn pack_for(w: &Tensor, panels: bool) -> Result<PackedWeight> {
     let pairs = k.div_ceil(2);
     let panels = n.div_ceil(NR);
     let mut data = vec![0u32; panels * pairs * NR];
-    with_strided(w, |src, start, [sk, sn]| {
+    if w.dtype() == DType::BF16 {
+        // Stored bf16: the panels take its bits as they are.
+        with_strided(w, |src: &[half::bf16], start, [sk, sn]| {
+            let at = |i: usize, j: usize| src[start + i * sk + j * sn].to_bits() as u32;
+            data.par_chunks_mut(pairs * NR)
+                .enumerate()
+                .for_each(|(panel, out)| {
+                    let j0 = panel * NR;
+                    let cols = NR.min(n - j0);
+                    if sk == 1 && k % 2 == 0 {
+                        // Columns contiguous along k: each pair of a column is one word.
+                        for c in 0..cols {
+                            let col = &src[start + (j0 + c) * sn..][..k];
+                            for (p, pair) in col.chunks_exact(2).enumerate() {
+                                out[p * NR + c] =
+                                    pair[0].to_bits() as u32 | (pair[1].to_bits() as u32) << 16;
+                            }
+                        }
+                    } else if sn == 1 {
+                        // Row-major: two rows' columns interleaved (vectorises).
+                        for p in 0..k / 2 {
+                            let r0 = &src[start + 2 * p * sk + j0..][..cols];
+                            let r1 = &src[start + (2 * p + 1) * sk + j0..][..cols];
+                            let row = &mut out[p * NR..p * NR + cols];
+                            for ((o, a), b) in row.iter_mut().zip(r0).zip(r1) {
+                                *o = a.to_bits() as u32 | (b.to_bits() as u32) << 16;
+                            }
+                        }
+                        if k % 2 == 1 {
+                            for c in 0..cols {
+                                out[(pairs - 1) * NR + c] = at(k - 1, j0 + c);
+                            }
+                        }
+                    } else {
+                        for p in 0..pairs {
+                            for c in 0..cols {
+                                let hi = if 2 * p + 1 < k {
+                                    at(2 * p + 1, j0 + c)
+                                } else {
+                                    0
+                                };
+                                out[p * NR + c] = at(2 * p, j0 + c) | (hi << 16);
+                            }
+                        }
+                    }
+                });
+        })?;
+        return Ok(PackedWeight {
+            k,
+            n,
+            repr: Repr::Panels(data),
+        });
+    }
+    with_strided(w, |src: &[f32], start, [sk, sn]| {
         let at = |i: usize, j: usize| bf16_bits(src[start + i * sk + j * sn]);
         data.par_chunks_mut(pairs * NR)
             .enumerate()
@@ -224,7 +282,7 @@ pub fn product(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
         Repr::Panels(p) => p,
     };
     let x = x.contiguous()?;
-    let a = with_strided(&x, |src, start, _| {
+    let a = with_strided(&x, |src: &[f32], start, _| {
         pack_rows(&src[start..start + m * k], m, k)
     })?;
     let mut out = vec![0f32; m * w.n];

@@ -277,7 +277,7 @@ impl Model {
 
     /// Layer `i` converted from the mapped checkpoint, set to this model's products.
     fn load_layer(&self, loader: &WeightLoader, i: usize) -> Result<Block> {
-        let mut layer = loader.layer(i)?;
+        let mut layer = loader.layer_with(i, self.products == Products::Bf16)?;
         layer.set_products(self.products);
         Ok(layer)
     }

@@ -170,6 +170,27 @@ impl SafetensorsFile {
         Ok(Tensor::from_vec(values, out_shape, device)?)
     }
 
+    /// `name` as a bf16 tensor of its stored layout when it is stored in bf16 (`None` for
+    /// another dtype): a copy of its bytes, without conversion, for bf16 products.
+    pub fn load_bf16(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        let (dtype, bytes, start) = self.checked(name, shape)?;
+        if dtype != safetensors::Dtype::BF16 {
+            return Ok(None);
+        }
+        let t = Tensor::from_raw_buffer(bytes, candle_core::DType::BF16, shape, device)?;
+        // SAFETY: as in `load_as`: DONTNEED only drops this process's page table entries.
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, bytes.len())
+        };
+        Ok(Some(t))
+    }
+
     /// Rows `ids` of the matrix `name` (`shape` `[rows, cols]`) as f32 `[ids.len(), cols]`,
     /// reading only those rows (an embedding lookup, or a block of the unembedding).
     pub fn load_rows(
@@ -755,6 +776,25 @@ impl Checkpoint {
         }
     }
 
+    /// [`SafetensorsFile::load_bf16`] from the file holding `name`; `None` for a `.pth` file.
+    pub fn load_bf16(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        match self.location.get(name) {
+            Some(&i) => match &self.files[i] {
+                TensorFile::Safetensors(f) => f.load_bf16(name, shape, device),
+                TensorFile::Pth(_) => Ok(None),
+            },
+            None => Err(Error::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            }),
+        }
+    }
+
     /// [`SafetensorsFile::load_as`] from the file holding `name`, or only its checks
     /// ([`SafetensorsFile::check_as`]) when `check_only`.
     pub fn load_as(
@@ -841,6 +881,10 @@ fn layer_of(name: &str) -> Option<usize> {
 }
 
 /// Knows the tensor names and layouts of one checkpoint format and loads layers from it.
+/// The two ways an MLP matrix is read ([`WeightLoader::mlp_matrix`]).
+const NO: Transpose = Transpose::No;
+const ROWS: Transpose = Transpose::Rows { batch: 1 };
+
 pub struct WeightLoader {
     ckpt: Checkpoint,
     format: WeightFormat,
@@ -908,23 +952,39 @@ impl WeightLoader {
             .load_as(&full, shape, transpose, check_only, &self.device)
     }
 
+    /// An MLP matrix as [`get_as`](Self::get_as) gives it — `Transpose::Rows` decodes the
+    /// transpose, so that the `[in, out]` input projections of GPT-2's `Conv1D` and of
+    /// TransformerLens' `W_in` read as a transposed view of `[out, in]` data, and Hugging Face
+    /// `Linear` weights (`[out, in]`) as a view of their stored layout: the layouts
+    /// `block::Mlp::new` keeps — or, with `stored_bf16` and a bf16
+    /// checkpoint, as a bf16 view of its stored data (`Transpose::Rows` of one matrix becomes
+    /// a transposed view): bf16 products pack it as it is, so it is never converted to f32.
+    fn mlp_matrix(
+        &self,
+        stored_bf16: bool,
+        name: &str,
+        shape: &[usize],
+        transpose: Transpose,
+    ) -> Result<Tensor> {
+        let check_only = self.check_only.load(std::sync::atomic::Ordering::Relaxed);
+        if stored_bf16
+            && !check_only
+            && matches!(transpose, Transpose::No | Transpose::Rows { batch: 1 })
+        {
+            let full = format!("{}{name}", self.prefix);
+            if let Some(t) = self.ckpt.load_bf16(&full, shape, &self.device)? {
+                self.mark(&full);
+                return match transpose {
+                    Transpose::No => Ok(t),
+                    Transpose::Rows { .. } => Ok(t.t()?),
+                };
+            }
+        }
+        self.get_as(name, shape, transpose)
+    }
+
     fn get_opt(&self, on: bool, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
         on.then(|| self.get(name, shape)).transpose()
-    }
-
-    /// A stored `[in, out]` MLP input projection (GPT-2's `Conv1D`, TransformerLens' `W_in`) as
-    /// the `[in, out]` view of `[out, in]` data, transposed while it is decoded: the layout the
-    /// MLP keeps (`block::Mlp::new`), without a second copy.
-    fn input_projection(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        Ok(self
-            .get_as(name, shape, Transpose::Rows { batch: 1 })?
-            .t()?)
-    }
-
-    /// A Hugging Face `Linear` weight (`[out, in]`) as the `[in, out]` transposed view of its
-    /// stored layout, which is the one the MLP's input projections keep (`block::Mlp::new`).
-    fn linear_view(&self, name: &str, out: usize, inp: usize) -> Result<Tensor> {
-        Ok(self.get(name, &[out, inp])?.t()?)
     }
 
     /// A Hugging Face `Linear` weight (`[out, in]`) as `[in, out]`, for `x · W`.
@@ -1156,6 +1216,13 @@ impl WeightLoader {
     }
 
     pub fn layer(&self, i: usize) -> Result<Block> {
+        self.layer_with(i, false)
+    }
+
+    /// Layer `i`; with `stored_bf16` its MLP matrices stay in bf16 as a bf16 checkpoint stores
+    /// them ([`Self::mlp_matrix`]), for a layer whose products are bf16.
+    pub fn layer_with(&self, i: usize, stored_bf16: bool) -> Result<Block> {
+        let bf = stored_bf16;
         let c = &self.cfg;
         let (d, h, dh) = (c.d_model, c.n_heads, c.d_head);
         match self.format {
@@ -1189,9 +1256,11 @@ impl WeightLoader {
                         norm: None,
                         w_gate: None,
                         post_norm: None,
-                        w_in: self.input_projection(&p("mlp.c_fc.weight"), &[d, d_mlp])?,
+                        w_in: self
+                            .mlp_matrix(bf, &p("mlp.c_fc.weight"), &[d, d_mlp], ROWS)?
+                            .t()?,
                         b_in: Some(self.get(&p("mlp.c_fc.bias"), &[d_mlp])?),
-                        w_out: self.get(&p("mlp.c_proj.weight"), &[d_mlp, d])?,
+                        w_out: self.mlp_matrix(bf, &p("mlp.c_proj.weight"), &[d_mlp, d], NO)?,
                         b_out: Some(self.get(&p("mlp.c_proj.bias"), &[d])?),
                     }),
                 )
@@ -1203,9 +1272,9 @@ impl WeightLoader {
                         norm: None,
                         w_gate: None,
                         post_norm: None,
-                        w_in: self.input_projection(&p("mlp.W_in"), &[d, m])?,
+                        w_in: self.mlp_matrix(bf, &p("mlp.W_in"), &[d, m], ROWS)?.t()?,
                         b_in: Some(self.get(&p("mlp.b_in"), &[m])?),
-                        w_out: self.get(&p("mlp.W_out"), &[m, d])?,
+                        w_out: self.mlp_matrix(bf, &p("mlp.W_out"), &[m, d], NO)?,
                         b_out: Some(self.get(&p("mlp.b_out"), &[d])?),
                     }),
                     None => None,
@@ -1259,10 +1328,15 @@ impl WeightLoader {
                         true => "pre_feedforward_layernorm",
                         false => "post_attention_layernorm",
                     }))?,
-                    w_in: self.linear_view(&n("mlp.up_proj.weight"), m, d)?,
+                    w_in: self
+                        .mlp_matrix(bf, &n("mlp.up_proj.weight"), &[m, d], NO)?
+                        .t()?,
                     b_in: None,
-                    w_gate: Some(self.linear_view(&n("mlp.gate_proj.weight"), m, d)?),
-                    w_out: self.linear_t(&n("mlp.down_proj.weight"), d, m)?,
+                    w_gate: Some(
+                        self.mlp_matrix(bf, &n("mlp.gate_proj.weight"), &[m, d], NO)?
+                            .t()?,
+                    ),
+                    w_out: self.mlp_matrix(bf, &n("mlp.down_proj.weight"), &[d, m], ROWS)?,
                     b_out: None,
                     post_norm: match post {
                         true => self.hf_norm(&n("post_feedforward_layernorm"))?,
@@ -1315,10 +1389,12 @@ impl WeightLoader {
                     // With the parallel residual the MLP applies this norm to the stream
                     // entering the layer; sequentially, to the stream after attention.
                     norm: self.hf_norm(&p("post_attention_layernorm"))?,
-                    w_in: self.linear_view(&p("mlp.dense_h_to_4h.weight"), m, d)?,
+                    w_in: self
+                        .mlp_matrix(bf, &p("mlp.dense_h_to_4h.weight"), &[m, d], NO)?
+                        .t()?,
                     b_in: self.get_opt(l.mlp_bias, &p("mlp.dense_h_to_4h.bias"), &[m])?,
                     w_gate: None,
-                    w_out: self.linear_t(&p("mlp.dense_4h_to_h.weight"), d, m)?,
+                    w_out: self.mlp_matrix(bf, &p("mlp.dense_4h_to_h.weight"), &[d, m], ROWS)?,
                     b_out: self.get_opt(l.mlp_bias, &p("mlp.dense_4h_to_h.bias"), &[d])?,
                     post_norm: None,
                 };
