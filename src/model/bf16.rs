@@ -137,8 +137,9 @@ pub fn pack(w: &Tensor) -> Result<PackedWeight> {
     pack_for(w, hardware_bf16())
 }
 
-/// [`pack`] into panels for the AVX512-BF16 kernel when `panels`, else as rounded f32.
-fn pack_for(w: &Tensor, panels: bool) -> Result<PackedWeight> {
+/// [`pack`] into panels for the AVX512-BF16 kernel when `panels`, else as rounded f32 (what
+/// `pack` makes on CPUs without the instruction; tests use it on any CPU).
+pub(crate) fn pack_for(w: &Tensor, panels: bool) -> Result<PackedWeight> {
     let (k, n) = w.dims2()?;
     if !panels {
         let rounded = w
@@ -297,21 +298,66 @@ pub fn product(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
 /// `p`, row `r` is the `u32` of `(x[t·MR + r, 2p], x[t·MR + r, 2p + 1])`; zero past `m`, `k`.
 fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u32> {
     let pairs = k.div_ceil(2);
-    let tiles = m.div_ceil(MR);
-    let mut out = vec![0u32; tiles * pairs * MR];
+    let mut out = vec![0u32; m.div_ceil(MR) * pairs * MR];
     out.par_chunks_mut(pairs * MR)
         .enumerate()
-        .for_each(|(t, tile)| {
-            let mut words = vec![0u32; pairs];
-            for r in 0..MR.min(m - t * MR) {
-                let row = &x[(t * MR + r) * k..(t * MR + r + 1) * k];
-                round_pairs(row, &mut words);
-                for (p, &w) in words.iter().enumerate() {
-                    tile[p * MR + r] = w;
-                }
-            }
-        });
+        .for_each(|(t, tile)| pack_tile(x, m, k, t, tile));
     out
+}
+
+/// Row tile `t` of [`pack_rows`].
+fn pack_tile(x: &[f32], m: usize, k: usize, t: usize, tile: &mut [u32]) {
+    let mut words = vec![0u32; k.div_ceil(2)];
+    for r in 0..MR.min(m - t * MR) {
+        let row = &x[(t * MR + r) * k..(t * MR + r + 1) * k];
+        round_pairs(row, &mut words);
+        for (p, &w) in words.iter().enumerate() {
+            tile[p * MR + r] = w;
+        }
+    }
+}
+
+/// `out = x · W[k0..k0 + kr, :]` on the calling thread, for `x` `[m, kr]` row-major and `out`
+/// `[m, n]` row-major, every element of which is written: one head's share of a product whose
+/// inner dimension runs over heads (the q/k/v input gradients, per head). `false`, with
+/// nothing written, unless `w` holds hardware panels and `k0`, `kr` are even (pair-aligned).
+pub(crate) fn product_rows_serial(
+    x: &[f32],
+    m: usize,
+    k0: usize,
+    kr: usize,
+    w: &PackedWeight,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) -> bool {
+    let Repr::Panels(panels) = &w.repr else {
+        return false;
+    };
+    if cfg!(not(target_arch = "x86_64")) {
+        return false;
+    }
+    if k0 % 2 == 1 || kr % 2 == 1 || k0 + kr > w.k || x.len() < m * kr || out.len() < m * w.n {
+        return false;
+    }
+    let pairs = kr / 2;
+    let mut a = vec![0u32; m.div_ceil(MR) * pairs * MR];
+    for (t, tile) in a.chunks_mut(pairs * MR).enumerate() {
+        pack_tile(x, m, kr, t, tile);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let c = OutPtr(out.as_mut_ptr() as *mut f32);
+        let all = 0..w.n.div_ceil(NR);
+        multiply_panels(&a, pairs, panels, w.k.div_ceil(2), k0 / 2, m, w.n, all, c);
+    }
+    true
+}
+
+/// The rounded `[k, n]` f32 values of a packing made for a CPU without AVX512-BF16.
+pub(crate) fn rounded_values(w: &PackedWeight) -> Option<&Tensor> {
+    match &w.repr {
+        Repr::Rounded(t) => Some(t),
+        Repr::Panels(_) => None,
+    }
 }
 
 /// `row` rounded to bf16 as pairs: `words[p]` holds `row[2p]` low and `row[2p + 1]` high.
@@ -395,7 +441,6 @@ impl OutPtr {
 #[cfg(target_arch = "x86_64")]
 fn multiply(a: &[u32], b: &[u32], m: usize, pairs: usize, n: usize, out: &mut [f32]) {
     let panels = n.div_ceil(NR);
-    let tiles = m.div_ceil(MR);
     let tasks = (rayon::current_num_threads() * 2).min(panels).max(1);
     let per_task = panels.div_ceil(tasks);
     let c = OutPtr(out.as_mut_ptr());
@@ -403,33 +448,54 @@ fn multiply(a: &[u32], b: &[u32], m: usize, pairs: usize, n: usize, out: &mut [f
         .into_par_iter()
         .for_each(|task| {
             let js = task * per_task..((task + 1) * per_task).min(panels);
-            for p0 in (0..pairs).step_by(KC) {
-                let len = KC.min(pairs - p0);
-                for j in js.clone() {
-                    let cols = NR.min(n - j * NR);
-                    let panel = &b[j * pairs * NR + p0 * NR..];
-                    for t in 0..tiles {
-                        let rows = MR.min(m - t * MR);
-                        let tile = &a[t * pairs * MR + p0 * MR..];
-                        // SAFETY: `multiply` is only reached with packed panels, which `pack`
-                        // makes only on CPUs with AVX512-BF16; the tile reads `len` pairs of
-                        // both packings and writes `rows × cols` of `out` at (t·MR, j·NR).
-                        unsafe {
-                            tile_bf16(
-                                len,
-                                tile.as_ptr(),
-                                panel.as_ptr(),
-                                c.at(t * MR * n + j * NR),
-                                n,
-                                rows,
-                                cols,
-                                p0 > 0,
-                            )
-                        }
-                    }
+            multiply_panels(a, pairs, b, pairs, 0, m, n, js, c);
+        });
+}
+
+/// Panels `js` of `out = A · B[first..first + pairs]` (in pairs of k): `a` holds `pairs` per
+/// row tile, each panel of `b` `b_pairs`; `out` (`m × n`, row-major) is written in full over
+/// those panels' columns.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn multiply_panels(
+    a: &[u32],
+    pairs: usize,
+    b: &[u32],
+    b_pairs: usize,
+    first: usize,
+    m: usize,
+    n: usize,
+    js: std::ops::Range<usize>,
+    c: OutPtr,
+) {
+    let tiles = m.div_ceil(MR);
+    for p0 in (0..pairs).step_by(KC) {
+        let len = KC.min(pairs - p0);
+        for j in js.clone() {
+            let cols = NR.min(n - j * NR);
+            let panel = &b[j * b_pairs * NR + (first + p0) * NR..];
+            for t in 0..tiles {
+                let rows = MR.min(m - t * MR);
+                let tile = &a[t * pairs * MR + p0 * MR..];
+                assert!(tile.len() >= len * MR && panel.len() >= len * NR);
+                // SAFETY: packed panels exist only on CPUs with AVX512-BF16 (`pack`); the
+                // assertion keeps the `len` pairs read inside both packings, and the tile
+                // writes `rows × cols` of the `m × n` output at (t·MR, j·NR).
+                unsafe {
+                    tile_bf16(
+                        len,
+                        tile.as_ptr(),
+                        panel.as_ptr(),
+                        c.at(t * MR * n + j * NR),
+                        n,
+                        rows,
+                        cols,
+                        p0 > 0,
+                    )
                 }
             }
-        });
+        }
+    }
 }
 
 /// One `MR × NR` tile: `len` pairs of a row tile (`MR` words per pair) against a panel (`NR`

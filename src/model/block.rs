@@ -50,6 +50,8 @@ fn times(x: &Tensor, w: &Tensor, packed: Option<&LazyPacked>) -> Result<Tensor> 
 #[derive(Debug, Clone, Default)]
 struct AttentionPacks {
     qkv: LazyPacked,
+    /// `w_qkvᵀ`: the backward's per-head q/k/v input gradients.
+    qkv_t: LazyPacked,
     o: LazyPacked,
     o_t: LazyPacked,
 }
@@ -630,7 +632,12 @@ impl Attention {
         let columns = Qkv::ALL.map(|l| self.head_columns(l));
         let cols = [&columns[0][..], &columns[1][..], &columns[2][..]];
         let norm = cache.norm.as_ref().map(|c| (c, self.norm.gain()));
-        if let Some(grads) = ops::qkv_input_grads([&dq, &dk, &dv], &self.w_qkv, cols, norm)? {
+        let bf16_t = match &self.packs {
+            Some(p) if dq.device().is_cpu() => Some(p.qkv_t.get(&self.w_qkv.t()?)?),
+            _ => None,
+        };
+        let d_heads = [&dq, &dk, &dv];
+        if let Some(grads) = ops::qkv_input_grads(d_heads, &self.w_qkv, cols, norm, bf16_t)? {
             return Ok(grads);
         }
         let [wq, wk, wv] = Qkv::ALL.map(|l| self.per_query_head_weights(l));

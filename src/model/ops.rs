@@ -331,12 +331,15 @@ fn lane_dot(x: &[f32], y: &[f32]) -> f32 {
 /// own. The weights are the layer's fused `[d, columns]` projection: query head `h`'s
 /// `W_letter[h]` is the `dh` columns from `columns[letter][h]` (key and value heads repeat for
 /// the query heads that read them). `None` when the inputs are not contiguous CPU f32, and the
-/// caller composes the same maths from candle ops.
+/// caller composes the same maths from candle ops. With `bf16_t`, the bf16 packing of
+/// `w_qkvᵀ` (bf16 products), each head's product takes bf16 inputs: through its panels, or
+/// on a CPU without AVX512-BF16 as the f32 product of the rounded values.
 pub fn qkv_input_grads(
     d_heads: [&Tensor; 3],
     w_qkv: &Tensor,
     columns: [&[usize]; 3],
     norm: Option<(&NormCache, Option<&Tensor>)>,
+    bf16_t: Option<&super::bf16::PackedWeight>,
 ) -> Result<Option<([Tensor; 3], Tensor)>> {
     let (h, rows, dh) = d_heads[0].dims3()?;
     let (d, width) = w_qkv.dims2()?;
@@ -364,15 +367,32 @@ pub fn qkv_input_grads(
     };
     let centered = norm.is_none_or(|(c, _)| c.centered);
     let slot = rows * d;
-    let operands = [d_heads[0], d_heads[1], d_heads[2], w_qkv];
+    let rounded_t = bf16_t.and_then(super::bf16::rounded_values);
+    let mut operands = vec![d_heads[0], d_heads[1], d_heads[2], w_qkv];
+    operands.extend(rounded_t);
     let outs = cpu_slices(&operands, |data| {
         let (d_data, w_data) = (&data[..3], data[3]);
         let fill = |letter: usize, head: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
             let dsrc = &d_data[letter][head * rows * dh..(head + 1) * rows * dh];
             // dst [rows, d] = dsrc [rows, dh] · W[h]ᵀ: W[h]ᵀ's element (j, i) is the fused
-            // matrix's (i, column + j).
-            let wsrc = &w_data[columns[letter][head]..];
-            gemm_serial(rows, d, dh, dsrc, dh, (wsrc, 1, width), dst);
+            // matrix's (i, column + j), and the transposed packing's (column + j, i).
+            let column = columns[letter][head];
+            let panels = bf16_t
+                .is_some_and(|p| super::bf16::product_rows_serial(dsrc, rows, column, dh, p, dst));
+            match data.get(4) {
+                _ if panels => {}
+                Some(rounded) => {
+                    let xr: Vec<f32> = dsrc
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x).to_f32())
+                        .collect();
+                    gemm_serial(rows, d, dh, &xr, dh, (&rounded[column * d..], d, 1), dst);
+                }
+                None => {
+                    let wsrc = &w_data[column..];
+                    gemm_serial(rows, d, dh, dsrc, dh, (wsrc, 1, width), dst);
+                }
+            }
             // SAFETY: the GEMM has just written all of `dst`.
             let dst = unsafe { &mut *(dst as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
             if let (Some(xhat), Some(inv)) = (&xhat, &inv) {
@@ -2151,6 +2171,70 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The q/k/v input gradients with bf16 products follow the f32 ones to bf16's precision
+    /// and are not them; the hardware panels (where the CPU has AVX512-BF16) and the portable
+    /// rounded values give the same numbers, with and without a norm, grouped key/value
+    /// heads included.
+    #[test]
+    fn qkv_input_grads_in_bf16_follow_f32_on_either_path() {
+        use crate::model::bf16::{hardware_bf16, pack_for};
+        let (h, rows, d, dh) = (4, 13, 24, 6);
+        let d_heads = [
+            randn(&[h, rows, dh], 1),
+            randn(&[h, rows, dh], 2),
+            randn(&[h, rows, dh], 3),
+        ];
+        let width = (h + 2 + 2) * dh;
+        let w = randn(&[d, width], 4);
+        let q: Vec<usize> = (0..h).map(|i| i * dh).collect();
+        let kv = |first: usize| -> Vec<usize> { (0..h).map(|i| (first + i / 2) * dh).collect() };
+        let (k, v) = (kv(h), kv(h + 2));
+        let cols = [&q[..], &k[..], &v[..]];
+        let x = randn(&[rows, d], 5);
+        let gain = randn(&[d], 6);
+        let (_, cache) = layer_norm(&x, Some(&gain), None, 1e-5, false).unwrap();
+        for norm in [None, Some((&cache, Some(&gain)))] {
+            let dq = [&d_heads[0], &d_heads[1], &d_heads[2]];
+            let reference = qkv_input_grads(dq, &w, cols, norm, None).unwrap().unwrap();
+            let wt = w.t().unwrap();
+            let mut paths = vec![pack_for(&wt, false).unwrap()];
+            if hardware_bf16() {
+                paths.push(pack_for(&wt, true).unwrap());
+            }
+            let runs: Vec<_> = paths
+                .iter()
+                .map(|p| {
+                    qkv_input_grads(dq, &w, cols, norm, Some(p))
+                        .unwrap()
+                        .unwrap()
+                })
+                .collect();
+            for run in &runs {
+                for (a, b) in reference
+                    .0
+                    .iter()
+                    .zip(&run.0)
+                    .chain([(&reference.1, &run.1)])
+                {
+                    let scale = to_vec(a).unwrap().iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let err = max_diff(a, b);
+                    assert!(err > 0.0 && err <= 2e-2 * scale, "{err} of {scale}");
+                }
+            }
+            if let [rounded, panels] = &runs[..] {
+                for (a, b) in rounded
+                    .0
+                    .iter()
+                    .zip(&panels.0)
+                    .chain([(&rounded.1, &panels.1)])
+                {
+                    let scale = to_vec(a).unwrap().iter().fold(0f32, |m, x| m.max(x.abs()));
+                    assert!(max_diff(a, b) <= 1e-5 * scale);
+                }
+            }
+        }
     }
 
     /// The one-pass fused columns equal each block's heads laid side by side (candle's
