@@ -16,6 +16,7 @@ use candle_core::{Device, Tensor};
 use crate::acdc::{time_steps, AcdcOptions, StepTiming};
 use crate::attribution::{attribute, AttributionOptions, Phases};
 use crate::graph::{visit_order, Circuit};
+use crate::model::bf16::Products;
 use crate::model::{Batch, ForwardOptions, Model};
 use crate::runs::{prepare, Ablation, Runner, DEFAULT_MEMORY_BUDGET};
 use crate::tasks::{Dataset, Example, Metric, Target};
@@ -46,7 +47,7 @@ pub struct BenchOptions {
     /// Time only EAP, so that the process's peak memory is EAP's.
     pub eap_only: bool,
     /// The precision of the layers' weight products.
-    pub products: crate::model::bf16::Products,
+    pub products: Products,
 }
 
 macro_rules! say {
@@ -187,11 +188,16 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
             g.n_edges()
         );
         // Each phase against its floor: its FLOPs at the GEMM rate measured here and now.
-        let rate = gemm_rate(n_tok, &cfg, device)?;
+        let rate = gemm_rate(n_tok, &cfg, device, opts.products)?;
         let phases = best.map(|(_, p)| p).unwrap_or_default();
+        let how = match opts.products {
+            Products::F32 => "candle matmul",
+            // The contraction stays f32: its floor at this rate is a bound it cannot reach.
+            Products::Bf16 => "bf16::product, the contraction's floor too",
+        };
         say!(
             out,
-            "  GEMM rate {:.1} GFLOP/s (candle matmul [{n_tok}, {}] x [{}, {}], best of 20); per phase, floor = FLOPs at that rate:",
+            "  GEMM rate {:.1} GFLOP/s ({how} [{n_tok}, {}] x [{}, {}], best of 20); per phase, floor = FLOPs at that rate:",
             rate / 1e9,
             cfg.d_model,
             cfg.d_model,
@@ -225,18 +231,34 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
     Ok(())
 }
 
-/// The machine's f32 GEMM rate in FLOP/s for the MLP's shape, `[n_tok, d] × [d, d_mlp]`, as
-/// candle multiplies it (best of twenty after a warm-up: the rate of a 10 ms product on a shared
-/// machine varies by a third from one call to the next): the rate the floors are quoted at.
-fn gemm_rate(n_tok: usize, cfg: &crate::model::ModelConfig, device: &Device) -> Result<f64> {
+/// The machine's GEMM rate in FLOP/s for the MLP's shape, `[n_tok, d] × [d, d_mlp]`, as
+/// candle multiplies it in f32 or as [`crate::model::bf16::product`] does with bf16 products
+/// (best of twenty after a warm-up: the rate of a 10 ms product on a shared machine varies by
+/// a third from one call to the next): the rate the floors are quoted at.
+fn gemm_rate(
+    n_tok: usize,
+    cfg: &crate::model::ModelConfig,
+    device: &Device,
+    products: Products,
+) -> Result<f64> {
     let (d, m) = (cfg.d_model, cfg.d_mlp.unwrap_or(4 * cfg.d_model));
     let a = Tensor::randn(0f32, 1.0, (n_tok, d), device)?;
     let b = Tensor::randn(0f32, 1.0, (d, m), device)?;
-    a.matmul(&b)?;
+    let packed = match products {
+        Products::Bf16 if device.is_cpu() => Some(crate::model::bf16::pack(&b)?),
+        _ => None,
+    };
+    let product = || -> Result<Tensor> {
+        match &packed {
+            Some(p) => crate::model::bf16::product(&a, p),
+            None => Ok(a.matmul(&b)?),
+        }
+    };
+    product()?;
     let mut best = f64::INFINITY;
     for _ in 0..20 {
         let t = Instant::now();
-        a.matmul(&b)?;
+        product()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n_tok * d * m) as f64 / best)
