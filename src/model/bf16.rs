@@ -57,18 +57,26 @@ impl std::str::FromStr for Products {
     }
 }
 
-/// Whether this CPU multiplies bf16 pairs in hardware (AVX512-BF16, with AVX512-BW for packing).
+/// Whether this CPU multiplies bf16 pairs in hardware (AVX512-BF16, with AVX512-BW for packing),
+/// unless `EAP_PORTABLE_BF16` is set: then the portable path runs (the same numbers up to the
+/// order of f32 sums), to test it or to compare the two on one machine.
 pub fn hardware_bf16() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static HARDWARE: OnceLock<bool> = OnceLock::new();
+    *HARDWARE.get_or_init(|| {
+        if std::env::var_os("EAP_PORTABLE_BF16").is_some() {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 /// A `[k, n]` weight matrix ready for [`product`].
