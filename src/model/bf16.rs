@@ -191,22 +191,9 @@ pub(crate) fn pack_for(w: &Tensor, panels: bool) -> Result<PackedWeight> {
                                 *o = a.to_bits() as u32 | (b.to_bits() as u32) << 16;
                             }
                         }
-                        if k % 2 == 1 {
-                            for c in 0..cols {
-                                out[(pairs - 1) * NR + c] = at(k - 1, j0 + c);
-                            }
-                        }
+                        fill_pairs(out, j0, cols, k, k / 2..pairs, at);
                     } else {
-                        for p in 0..pairs {
-                            for c in 0..cols {
-                                let hi = if 2 * p + 1 < k {
-                                    at(2 * p + 1, j0 + c)
-                                } else {
-                                    0
-                                };
-                                out[p * NR + c] = at(2 * p, j0 + c) | (hi << 16);
-                            }
-                        }
+                        fill_pairs(out, j0, cols, k, 0..pairs, at);
                     }
                 });
         })?;
@@ -246,23 +233,10 @@ pub(crate) fn pack_for(w: &Tensor, panels: bool) -> Result<PackedWeight> {
                         // AVX512-BW; both rows and the output hold NR elements.
                         unsafe { interleave_rows(r0, r1, &mut out[p * NR..(p + 1) * NR]) };
                     }
-                    if k % 2 == 1 {
-                        let p = pairs - 1;
-                        for c in 0..cols {
-                            out[p * NR + c] = at(2 * p, j0 + c);
-                        }
-                    }
+                    fill_pairs(out, j0, cols, k, k / 2..pairs, at);
                     return;
                 }
-                for p in 0..pairs {
-                    let row = &mut out[p * NR..p * NR + cols];
-                    let (i0, i1) = (2 * p, 2 * p + 1);
-                    for (c, word) in row.iter_mut().enumerate() {
-                        let lo = at(i0, j0 + c);
-                        let hi = if i1 < k { at(i1, j0 + c) } else { 0 };
-                        *word = lo | (hi << 16);
-                    }
-                }
+                fill_pairs(out, j0, cols, k, 0..pairs, at);
             });
     })?;
     Ok(PackedWeight {
@@ -270,6 +244,28 @@ pub(crate) fn pack_for(w: &Tensor, panels: bool) -> Result<PackedWeight> {
         n,
         repr: Repr::Panels(data),
     })
+}
+
+/// Pairs `ps` of one panel (its columns `j0..j0 + cols`) from `at(i, j)`, the bf16 bits of
+/// `W[i, j]`, zero past `k`: any layout, and the last pair of an odd `k` in the fast ones.
+fn fill_pairs(
+    out: &mut [u32],
+    j0: usize,
+    cols: usize,
+    k: usize,
+    ps: std::ops::Range<usize>,
+    at: impl Fn(usize, usize) -> u32,
+) {
+    for p in ps {
+        for c in 0..cols {
+            let hi = if 2 * p + 1 < k {
+                at(2 * p + 1, j0 + c)
+            } else {
+                0
+            };
+            out[p * NR + c] = at(2 * p, j0 + c) | (hi << 16);
+        }
+    }
 }
 
 /// `x · W` (`x`: `[m, k]`, any layout) as a new `[m, n]` f32 tensor, with `x` and `W` rounded

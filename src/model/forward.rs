@@ -903,8 +903,8 @@ mod tests {
         ]
     }
 
-    /// Asserts two tensors of the same size agree to 1e-5 of the first's largest |value|.
-    fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
+    /// The largest |a − b| over the first's largest |value| (tensors of the same size).
+    fn relative_error(a: &Tensor, b: &Tensor, what: &str) -> f32 {
         let (a, b) = (ops::to_vec(a).unwrap(), ops::to_vec(b).unwrap());
         assert_eq!(a.len(), b.len(), "{what}");
         let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
@@ -912,7 +912,13 @@ mod tests {
             .iter()
             .zip(&b)
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(err <= 1e-5 * scale, "{what}: {err} of {scale}");
+        err / scale
+    }
+
+    /// Asserts two tensors of the same size agree to 1e-5 of the first's largest |value|.
+    fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
+        let err = relative_error(a, b, what);
+        assert!(err <= 1e-5, "{what}: {err} of the largest value");
     }
 
     fn targets() -> Vec<Target> {
@@ -952,17 +958,13 @@ mod tests {
                 (out.logits, grads.unwrap())
             };
             let ((logits, grads), (logits16, grads16)) = (run(&reference), run(&bf16));
-            let worst = |a: &Tensor, b: &Tensor| {
-                let (a, b) = (ops::to_vec(a).unwrap(), ops::to_vec(b).unwrap());
-                let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let err = a
+            let mut errs = vec![relative_error(&logits, &logits16, name)];
+            errs.extend(
+                grads
                     .iter()
-                    .zip(&b)
-                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-                err / scale
-            };
-            let mut errs = vec![worst(&logits, &logits16)];
-            errs.extend(grads.iter().zip(&grads16).map(|(a, b)| worst(a, b)));
+                    .zip(&grads16)
+                    .map(|(a, b)| relative_error(a, b, name)),
+            );
             let max = errs.iter().fold(0f32, |m, &e| m.max(e));
             assert!(
                 max <= 2e-2,

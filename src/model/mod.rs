@@ -260,7 +260,8 @@ impl Model {
 
     /// Makes the layers' weight products f32 (the default) or bf16 ([`Products`]). Resident
     /// layers keep their bf16 packings from their first use on; streamed layers pack theirs in
-    /// each pass, in place of nothing (the f32 conversion is made either way).
+    /// each pass, and from a bf16 checkpoint take their MLP matrices as stored, without the
+    /// f32 conversion ([`WeightLoader::layer_with`]).
     pub fn set_products(&mut self, products: Products) {
         self.products = products;
         if let LayerStore::Resident(layers) = &mut self.layers {
@@ -282,7 +283,8 @@ impl Model {
         Ok(layer)
     }
 
-    /// Layer `i`, its weights converted to f32 (a shared handle when resident).
+    /// Layer `i` (a shared handle when resident), its weights converted to f32 but for the MLP
+    /// matrices a bf16 checkpoint keeps as stored when streamed with bf16 products.
     pub fn layer(&self, i: usize) -> Result<Arc<Block>> {
         match &self.layers {
             LayerStore::Resident(layers) => Ok(layers[i].clone()),

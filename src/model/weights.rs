@@ -161,13 +161,19 @@ impl SafetensorsFile {
                 (transpose_f32(dtype, bytes, batch, rows, cols), out_shape)
             }
         };
+        self.release(start, bytes.len());
+        Ok(Tensor::from_vec(values, out_shape, device)?)
+    }
+
+    /// Drops this process's mapping of `len` bytes from `start` once they have been copied, so
+    /// that a streamed model's resident set does not keep the file's pages.
+    fn release(&self, start: usize, len: usize) {
         // SAFETY: DONTNEED on a read-only private file mapping only drops this process's page
         // table entries; a later read faults the same file contents back in.
         let _ = unsafe {
             self.mmap
-                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, bytes.len())
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len)
         };
-        Ok(Tensor::from_vec(values, out_shape, device)?)
     }
 
     /// `name` as a bf16 tensor of its stored layout when it is stored in bf16 (`None` for
@@ -183,11 +189,7 @@ impl SafetensorsFile {
             return Ok(None);
         }
         let t = Tensor::from_raw_buffer(bytes, candle_core::DType::BF16, shape, device)?;
-        // SAFETY: as in `load_as`: DONTNEED only drops this process's page table entries.
-        let _ = unsafe {
-            self.mmap
-                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, bytes.len())
-        };
+        self.release(start, bytes.len());
         Ok(Some(t))
     }
 
@@ -229,14 +231,8 @@ impl SafetensorsFile {
                 .collect()
         };
         if hi > lo {
-            // As in `load_as`: the rows are copied; their pages may go.
-            let _ = unsafe {
-                self.mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start + lo * cols * size,
-                    (hi - lo) * cols * size,
-                )
-            };
+            // The rows are copied; their pages may go.
+            self.release(start + lo * cols * size, (hi - lo) * cols * size);
         }
         Ok(Tensor::from_vec(out, (ids.len(), cols), device)?)
     }
@@ -767,8 +763,13 @@ impl Checkpoint {
         ids: &mut dyn Iterator<Item = usize>,
         device: &Device,
     ) -> Result<Tensor> {
+        self.holding(name)?.load_rows(name, shape, ids, device)
+    }
+
+    /// The file holding `name`.
+    fn holding(&self, name: &str) -> Result<&TensorFile> {
         match self.location.get(name) {
-            Some(&i) => self.files[i].load_rows(name, shape, ids, device),
+            Some(&i) => Ok(&self.files[i]),
             None => Err(Error::MissingTensor {
                 path: self.path.clone(),
                 name: name.to_string(),
@@ -783,15 +784,9 @@ impl Checkpoint {
         shape: &[usize],
         device: &Device,
     ) -> Result<Option<Tensor>> {
-        match self.location.get(name) {
-            Some(&i) => match &self.files[i] {
-                TensorFile::Safetensors(f) => f.load_bf16(name, shape, device),
-                TensorFile::Pth(_) => Ok(None),
-            },
-            None => Err(Error::MissingTensor {
-                path: self.path.clone(),
-                name: name.to_string(),
-            }),
+        match self.holding(name)? {
+            TensorFile::Safetensors(f) => f.load_bf16(name, shape, device),
+            TensorFile::Pth(_) => Ok(None),
         }
     }
 
@@ -805,13 +800,10 @@ impl Checkpoint {
         check_only: bool,
         device: &Device,
     ) -> Result<Tensor> {
-        match self.location.get(name) {
-            Some(&i) if check_only => self.files[i].check_as(name, shape, transpose, device),
-            Some(&i) => self.files[i].load_as(name, shape, transpose, device),
-            None => Err(Error::MissingTensor {
-                path: self.path.clone(),
-                name: name.to_string(),
-            }),
+        let file = self.holding(name)?;
+        match check_only {
+            true => file.check_as(name, shape, transpose, device),
+            false => file.load_as(name, shape, transpose, device),
         }
     }
 }
@@ -880,11 +872,11 @@ fn layer_of(name: &str) -> Option<usize> {
         .and_then(|w| w[1].parse().ok())
 }
 
-/// Knows the tensor names and layouts of one checkpoint format and loads layers from it.
 /// The two ways an MLP matrix is read ([`WeightLoader::mlp_matrix`]).
 const NO: Transpose = Transpose::No;
 const ROWS: Transpose = Transpose::Rows { batch: 1 };
 
+/// Knows the tensor names and layouts of one checkpoint format and loads layers from it.
 pub struct WeightLoader {
     ckpt: Checkpoint,
     format: WeightFormat,
@@ -952,13 +944,12 @@ impl WeightLoader {
             .load_as(&full, shape, transpose, check_only, &self.device)
     }
 
-    /// An MLP matrix as [`get_as`](Self::get_as) gives it — `Transpose::Rows` decodes the
-    /// transpose, so that the `[in, out]` input projections of GPT-2's `Conv1D` and of
-    /// TransformerLens' `W_in` read as a transposed view of `[out, in]` data, and Hugging Face
-    /// `Linear` weights (`[out, in]`) as a view of their stored layout: the layouts
-    /// `block::Mlp::new` keeps — or, with `stored_bf16` and a bf16
-    /// checkpoint, as a bf16 view of its stored data (`Transpose::Rows` of one matrix becomes
-    /// a transposed view): bf16 products pack it as it is, so it is never converted to f32.
+    /// An MLP matrix as [`get_as`](Self::get_as) decodes it to f32 (`Transpose::Rows` transposes
+    /// while decoding; callers take GPT-2's `Conv1D` and TransformerLens' `W_in` as a transposed
+    /// view of that, Hugging Face `Linear` weights as a view of their stored layout: the layouts
+    /// `block::Mlp::new` keeps). With `stored_bf16` and a bf16 checkpoint it is instead a bf16
+    /// copy of the stored data, `Transpose::Rows` becoming a transposed view: bf16 products pack
+    /// it as it is, and it is never converted to f32.
     fn mlp_matrix(
         &self,
         stored_bf16: bool,
