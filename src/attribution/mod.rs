@@ -41,6 +41,7 @@ use crate::model::ops::to_vec;
 use std::cell::{Cell, RefCell};
 
 use crate::graph::Writer;
+use crate::model::bf16::{PairRows, Products};
 use crate::model::ops::cpu_slice;
 use crate::model::{ForwardOptions, ForwardOutput, Model, SublayerOverride, WriterSink};
 use crate::runs::{logits_rows, Ablation, Chunk, Runner, DEFAULT_MEMORY_BUDGET};
@@ -417,7 +418,11 @@ fn attribute_chunk(
         writers: clean_writers,
         ..
     } = clean;
-    let delta = delta_buf.into_tensor(&model.device)?;
+    // bf16 products take Δ and the reader gradients in bf16 too, but IG on activations reads
+    // Δ's values for its paths.
+    let bf16 = model.products() == Products::Bf16
+        && !matches!(opts.method, Method::EapIgActivations { .. });
+    let delta = delta_buf.into_rows(bf16, &model.device)?;
 
     // Runs one backward from `logits` (whose forward kept `cache`) and adds weight · Δ·g.
     let mut backward_passes = 0;
@@ -443,24 +448,22 @@ fn attribute_chunk(
         let nr = graph.n_readers();
         // Reader gradients wait here until they hold half of Δ's bytes (at least one layer),
         // then are contracted together: each pass over Δ then serves several layers.
-        let mut pending: Vec<crate::model::ReaderGrads> = Vec::new();
-        let pending_limit = delta.elem_count() / 2;
-        let mut contract = |pending: &mut Vec<crate::model::ReaderGrads>| -> Result<()> {
+        let mut pending: Vec<(std::ops::Range<usize>, Grads)> = Vec::new();
+        let pending_limit = delta.values() / 2;
+        let mut contract = |pending: &mut Vec<(std::ops::Range<usize>, Grads)>| -> Result<()> {
             let start = Instant::now();
-            let groups = pending
+            let refs: Vec<(&Grads, usize)> = pending
                 .iter()
-                .map(|rg| -> Result<(Tensor, usize)> {
-                    let f_max = rg.readers.clone().map(|r| graph.n_upstream(r)).max();
-                    let g = rg.grads.reshape((rg.readers.len(), n * d))?;
-                    Ok((g, f_max.unwrap_or(0)))
+                .map(|(readers, g)| {
+                    let f_max = readers.clone().map(|r| graph.n_upstream(r)).max();
+                    (g, f_max.unwrap_or(0))
                 })
-                .collect::<Result<Vec<_>>>()?;
-            let refs: Vec<(&Tensor, usize)> = groups.iter().map(|(g, f)| (g, *f)).collect();
-            let blocks = crate::model::ops::matmul_nt_many(&delta, n * d, &refs)?;
-            for (rg, block) in pending.iter().zip(blocks) {
+                .collect();
+            let blocks = delta.contract(n * d, &refs)?;
+            for ((readers, _), block) in pending.iter().zip(blocks) {
                 let block = to_vec(&block)?; // [f_max, count]
-                let count = rg.readers.len();
-                for (i, r) in rg.readers.clone().enumerate() {
+                let count = readers.len();
+                for (i, r) in readers.clone().enumerate() {
                     for u in 0..graph.n_upstream(r) {
                         let add = weight * block[u * count + i] as f64;
                         scores.values[u * nr + r] += add as f32;
@@ -476,8 +479,11 @@ fn attribute_chunk(
         };
         let backward_start = Instant::now();
         model.backward(cache, &dlogits, &mut |rg| {
-            pending.push(rg);
-            if pending.iter().map(|p| p.grads.elem_count()).sum::<usize>() >= pending_limit {
+            let start = Instant::now();
+            let g = rg.grads.reshape((rg.readers.len(), n * d))?;
+            pending.push((rg.readers, delta.grads(g)?));
+            contraction_s.set(contraction_s.get() + start.elapsed().as_secs_f64());
+            if pending.iter().map(|(_, g)| g.values()).sum::<usize>() >= pending_limit {
                 contract(&mut pending)?;
             }
             Ok(())
@@ -549,7 +555,7 @@ fn attribute_chunk(
             // Each writer on the path from its baseline (k = 0) to its clean value (k = steps):
             // clean + (1 − k/steps)·Δ, Δ = baseline − clean.
             let point = |u: usize, alpha: f64| -> Result<Tensor> {
-                let du = delta.get(u)?.narrow(0, 0, n * d)?.reshape((n, d))?;
+                let du = delta.f32()?.get(u)?.narrow(0, 0, n * d)?.reshape((n, d))?;
                 Ok((&clean_writers[u] + (du * (1.0 - alpha))?)?)
             };
             // The input, then per layer its attention (`Some(true)`) and MLP (`Some(false)`).
@@ -676,20 +682,123 @@ impl DeltaBuffer {
         }
     }
 
-    /// `[n_writers, row_len]`: each row's first `row` values are Δ, the rest zero.
-    fn into_tensor(self, device: &candle_core::Device) -> Result<Tensor> {
+    /// Δ's `[n_writers, row_len]` rows for the contraction (each row's first `row` values are
+    /// Δ, the rest zero): f32, or with `bf16` rounded to bf16 in place (as pairs where the CPU
+    /// multiplies them in hardware).
+    fn into_rows(self, bf16: bool, device: &candle_core::Device) -> Result<DeltaRows> {
         if let Some(first) = self.baseline_mixed.borrow().keys().min() {
             return Err(Error::invalid(format!(
                 "EAP's Δ: the clean run never took the heads from writer {first} on, whose \
                  baseline values were kept for it"
             )));
         }
-        let n_writers = self.data.borrow().len() / self.row_len;
-        Ok(Tensor::from_vec(
-            self.data.into_inner(),
-            (n_writers, self.row_len),
-            device,
-        )?)
+        let mut data = self.data.into_inner();
+        let values = data.len();
+        let shape = (values / self.row_len, self.row_len);
+        Ok(match (bf16, crate::model::bf16::hardware_bf16()) {
+            (false, _) => DeltaRows::F32(Tensor::from_vec(data, shape, device)?),
+            (true, true) => DeltaRows::Pairs {
+                rows: PairRows::round_rows(data, self.row_len, self.row)?,
+                values,
+            },
+            (true, false) => {
+                crate::model::bf16::round_in_place(&mut data);
+                DeltaRows::Rounded(Tensor::from_vec(data, shape, device)?)
+            }
+        })
+    }
+}
+
+/// Δ as the contraction reads it.
+enum DeltaRows {
+    F32(Tensor),
+    /// bf16 products: Δ's values rounded to bf16 as f32, on CPUs without AVX512-BF16; the
+    /// gradients are rounded alike and the f32 contraction multiplies them.
+    Rounded(Tensor),
+    /// bf16 products on CPUs with AVX512-BF16: bf16 pairs in Δ's own allocation.
+    Pairs {
+        rows: PairRows,
+        values: usize,
+    },
+}
+
+impl DeltaRows {
+    /// The floats Δ's allocation holds.
+    fn values(&self) -> usize {
+        match self {
+            DeltaRows::F32(t) | DeltaRows::Rounded(t) => t.elem_count(),
+            DeltaRows::Pairs { values, .. } => *values,
+        }
+    }
+
+    /// Δ's f32 values (IG on activations, which builds its paths from them).
+    fn f32(&self) -> Result<&Tensor> {
+        match self {
+            DeltaRows::F32(t) => Ok(t),
+            _ => Err(Error::invalid(
+                "EAP's Δ was rounded to bf16 for the contraction",
+            )),
+        }
+    }
+
+    /// Reader gradients `[readers, k]` as [`contract`](Self::contract) multiplies them with
+    /// this Δ: rounded alike, and as bf16 pairs (half the bytes while they wait) with Δ's.
+    fn grads(&self, g: Tensor) -> Result<Grads> {
+        Ok(match self {
+            DeltaRows::F32(_) => Grads::F32(g),
+            DeltaRows::Rounded(_) => {
+                let mut v = to_vec(&g.flatten_all()?)?;
+                crate::model::bf16::round_in_place(&mut v);
+                Grads::F32(Tensor::from_vec(v, g.shape().clone(), g.device())?)
+            }
+            DeltaRows::Pairs { .. } => Grads::Pairs(PairRows::from_tensor(&g)?),
+        })
+    }
+
+    /// `Δ[..rows] · gᵀ` over the first `k` columns for each `(g, rows)`: `[rows, n_g]` each.
+    fn contract(&self, k: usize, grads: &[(&Grads, usize)]) -> Result<Vec<Tensor>> {
+        let f32s = || -> Result<Vec<(&Tensor, usize)>> {
+            grads
+                .iter()
+                .map(|(g, rows)| match g {
+                    Grads::F32(t) => Ok((t, *rows)),
+                    Grads::Pairs(_) => Err(Error::invalid("bf16 gradients against f32 Δ")),
+                })
+                .collect()
+        };
+        match self {
+            DeltaRows::F32(t) | DeltaRows::Rounded(t) => {
+                crate::model::ops::matmul_nt_many(t, k, &f32s()?)
+            }
+            DeltaRows::Pairs { rows, .. } => {
+                let pairs = grads
+                    .iter()
+                    .map(|(g, r)| match g {
+                        Grads::Pairs(p) if p.k() == k => Ok((p, *r)),
+                        _ => Err(Error::invalid(format!(
+                            "the bf16 contraction needs bf16 gradients of {k} values a row"
+                        ))),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                crate::model::bf16::contract_many(rows, &pairs)
+            }
+        }
+    }
+}
+
+/// One layer's reader gradients waiting for the contraction, `[readers, k]`.
+enum Grads {
+    F32(Tensor),
+    Pairs(PairRows),
+}
+
+impl Grads {
+    /// The f32 values they stand for (what the wait is bounded by).
+    fn values(&self) -> usize {
+        match self {
+            Grads::F32(t) => t.elem_count(),
+            Grads::Pairs(p) => p.rows() * p.k(),
+        }
     }
 }
 
@@ -801,7 +910,7 @@ mod tests {
                     };
                     model.forward(batch, &opts).unwrap();
                 }
-                to_vec(&buf.into_tensor(&dev).unwrap()).unwrap()
+                to_vec(buf.into_rows(false, &dev).unwrap().f32().unwrap()).unwrap()
             };
             let (taken, sent) = (delta(true), delta(false));
             let scale = sent.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -817,7 +926,7 @@ mod tests {
                 ..Default::default()
             };
             model.forward(&corrupted, &opts).unwrap();
-            assert!(buf.into_tensor(&dev).is_err());
+            assert!(buf.into_rows(false, &dev).is_err());
         }
     }
 

@@ -549,6 +549,289 @@ unsafe fn tile_bf16(
     }
 }
 
+/// Words (bf16 pairs) of `k` per block of the contraction: 8 KiB of each row, so a block of the
+/// rows of Δ and of the gradients stays in L2 while the tiles pass over it.
+const CONTRACT_BLOCK: usize = 2048;
+/// Rows of Δ and of the gradients in a contraction tile: 24 accumulators, 10 loads per 24
+/// `vdpbf16ps` (the f32 contraction's 6 × 4 tile, at twice the multiply-adds per instruction).
+const CM: usize = 6;
+const CN: usize = 4;
+
+/// Rows of bf16 pairs for the EAP contraction (`Σ Δ·g` over examples, positions and `d`): pair
+/// `p` of row `i` is word `i·stride + p`, low half the value at `2p`, high half `2p + 1`.
+#[derive(Debug)]
+pub struct PairRows {
+    words: Vec<u32>,
+    rows: usize,
+    stride: usize,
+    k: usize,
+}
+
+impl PairRows {
+    /// `data`'s rows of `stride` floats, their first `k` values rounded to bf16 pairs in place:
+    /// Δ's own allocation is reused (no second copy at its peak) and the contraction then reads
+    /// half the bytes. Only for CPUs with AVX512-BF16 ([`hardware_bf16`]); elsewhere
+    /// [`round_in_place`] rounds the values and the f32 contraction multiplies them.
+    pub fn round_rows(data: Vec<f32>, stride: usize, k: usize) -> Result<PairRows> {
+        if stride == 0 || k > stride || !data.len().is_multiple_of(stride) {
+            return Err(Error::invalid(format!(
+                "bf16 rows: {} values are not rows of {stride} holding {k} each",
+                data.len()
+            )));
+        }
+        let rows = data.len() / stride;
+        let mut data = std::mem::ManuallyDrop::new(data);
+        let (ptr, len, cap) = (data.as_mut_ptr(), data.len(), data.capacity());
+        // SAFETY: the allocation passes from `data` (never dropped) to `words`; f32 and u32 have
+        // one size and alignment, and every bit pattern is a valid u32.
+        let mut words = unsafe { Vec::from_raw_parts(ptr as *mut u32, len, cap) };
+        words
+            .par_chunks_mut(stride)
+            .for_each(|row| compact_row(row, k));
+        Ok(PairRows {
+            words,
+            rows,
+            stride,
+            k,
+        })
+    }
+
+    /// `t`'s rows (`[n, k]` f32, or any shape whose last dimension is `k`) rounded to bf16
+    /// pairs, `⌈k/2⌉` words per row.
+    pub fn from_tensor(t: &Tensor) -> Result<PairRows> {
+        let k = t.dims().last().copied().unwrap_or(1).max(1);
+        let t = t.flatten_all()?.contiguous()?;
+        let rows = t.elem_count() / k;
+        let pairs = k.div_ceil(2);
+        let words = with_values(&t, |src: &[f32]| {
+            let mut words = vec![0u32; rows * pairs];
+            words
+                .par_chunks_mut(pairs)
+                .zip(src.par_chunks(k))
+                .for_each(|(w, row)| round_pairs(row, w));
+            words
+        })?;
+        Ok(PairRows {
+            words,
+            rows,
+            stride: pairs,
+            k,
+        })
+    }
+
+    /// Rows of `k` values.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Values per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+}
+
+/// Calls `f` with the values of `t`, a contiguous one-dimensional f32 CPU tensor.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) if t.dtype() == DType::F32 && layout.is_contiguous() => {
+            let data = cpu.as_slice::<f32>()?;
+            let start = layout.start_offset();
+            Ok(f(&data[start..start + t.elem_count()]))
+        }
+        _ => Err(Error::invalid(format!(
+            "bf16 rows need a contiguous f32 CPU tensor, got {:?} {:?} on {:?}",
+            t.dtype(),
+            t.dims(),
+            t.device().location()
+        ))),
+    }
+}
+
+/// Rounds every value of `data` to the nearest bf16 (even on ties), keeping it f32: the
+/// operands [`contract_many`] multiplies, on CPUs without AVX512-BF16.
+pub fn round_in_place(data: &mut [f32]) {
+    data.par_chunks_mut(1 << 16).for_each(|c| {
+        c.iter_mut()
+            .for_each(|x| *x = half::bf16::from_f32(*x).to_f32())
+    });
+}
+
+/// The row's first `k` values (f32 bits) as bf16 pairs in its first `⌈k/2⌉` words. Word `p` is
+/// written only after words `2p` and `2p + 1` were read, so one pass from the front runs in
+/// place.
+fn compact_row(row: &mut [u32], k: usize) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if hardware_bf16() {
+        // SAFETY: the CPU has AVX512-BF16 (checked above); the kernel reads whole blocks of 32
+        // of the row's first k ≤ row.len() words.
+        done = unsafe { compact_row_avx512(row.as_mut_ptr(), k) };
+    }
+    for p in done..k.div_ceil(2) {
+        let lo = bf16_bits(f32::from_bits(row[2 * p]));
+        let hi = match 2 * p + 1 < k {
+            true => bf16_bits(f32::from_bits(row[2 * p + 1])),
+            false => 0,
+        };
+        row[p] = lo | (hi << 16);
+    }
+}
+
+/// The whole 32-value blocks of [`compact_row`] (block `b` read before words `16b..16b + 16`,
+/// all below `32b + 32`, are written); returns the pairs written.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn compact_row_avx512(row: *mut u32, k: usize) -> usize {
+    use std::arch::x86_64::*;
+    let blocks = k / 32;
+    for b in 0..blocks {
+        let lo = _mm512_loadu_ps(row.add(32 * b) as *const f32);
+        let hi = _mm512_loadu_ps(row.add(32 * b + 16) as *const f32);
+        let bf = _mm512_cvtne2ps_pbh(hi, lo);
+        _mm512_storeu_si512(
+            row.add(16 * b) as *mut _,
+            std::mem::transmute::<__m512bh, __m512i>(bf),
+        );
+    }
+    blocks * 16
+}
+
+/// The EAP contraction with bf16 inputs and f32 sums: for each `(b, rows)`, `a[..rows] · bᵀ`
+/// as a `[rows, b.rows()]` f32 tensor. Each block of `a`'s words is read once for all the `b`s.
+pub fn contract_many(a: &PairRows, bs: &[(&PairRows, usize)]) -> Result<Vec<Tensor>> {
+    for &(b, rows) in bs {
+        if b.k != a.k || rows > a.rows {
+            return Err(Error::Shape {
+                op: "bf16 contraction",
+                expected: format!("rows of {} values and at most {} rows", a.k, a.rows),
+                found: format!("rows of {} values against {rows} rows", b.k),
+            });
+        }
+    }
+    if !hardware_bf16() {
+        return Err(Error::invalid(
+            "the bf16 contraction needs AVX512-BF16; elsewhere Δ and the gradients are \
+             rounded in place (round_in_place) and the f32 contraction runs",
+        ));
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let outs = contract_pairs(a, bs);
+        outs.into_iter()
+            .zip(bs)
+            .map(|(c, (b, rows))| Ok(Tensor::from_vec(c, (*rows, b.rows), &Device::Cpu)?))
+            .collect()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("hardware_bf16 is false off x86-64")
+}
+
+/// [`contract_many`]'s sums: blocks of [`CONTRACT_BLOCK`] words in parallel, each thread's
+/// partial sums added at the end.
+#[cfg(target_arch = "x86_64")]
+fn contract_pairs(a: &PairRows, groups: &[(&PairRows, usize)]) -> Vec<Vec<f32>> {
+    let pairs = a.k.div_ceil(2);
+    let zeros = || -> Vec<Vec<f32>> {
+        groups
+            .iter()
+            .map(|&(b, rows)| vec![0f32; rows * b.rows])
+            .collect()
+    };
+    (0..pairs.div_ceil(CONTRACT_BLOCK))
+        .into_par_iter()
+        .fold(zeros, |mut cs, blk| {
+            let w0 = blk * CONTRACT_BLOCK;
+            let len = CONTRACT_BLOCK.min(pairs - w0);
+            for (&(b, rows), c) in groups.iter().zip(cs.iter_mut()) {
+                let n = b.rows;
+                assert!(b.words.len() >= n * b.stride && a.words.len() >= rows * a.stride);
+                for i in (0..rows).step_by(CM) {
+                    for j in (0..n).step_by(CN) {
+                        let tile = Tile {
+                            a: a.words.as_ptr(),
+                            lda: a.stride,
+                            b: b.words.as_ptr(),
+                            ldb: b.stride,
+                            rows: (i, CM.min(rows - i)),
+                            cols: (j, CN.min(n - j)),
+                            words: (w0, len),
+                        };
+                        // SAFETY: `contract_many` runs this only with AVX512-BF16; the tile
+                        // reads words w0..w0 + len ≤ pairs, within both strides, of rows
+                        // below `rows` of `a` and below `n` of `b` (asserted above) and adds
+                        // to its own elements of the [rows, n] `c`.
+                        unsafe {
+                            match tile.rows.1 == CM && tile.cols.1 == CN {
+                                true => contract_tile::<true>(&tile, c, n),
+                                false => contract_tile::<false>(&tile, c, n),
+                            }
+                        }
+                    }
+                }
+            }
+            cs
+        })
+        .reduce(zeros, |mut x, y| {
+            for (x, y) in x.iter_mut().zip(y) {
+                x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+            }
+            x
+        })
+}
+
+/// One tile of the contraction: rows `rows.0..` of `a` (`rows.1` of them) against rows
+/// `cols.0..` of `b`, over words `words.0..words.0 + words.1`.
+#[cfg(target_arch = "x86_64")]
+struct Tile {
+    a: *const u32,
+    lda: usize,
+    b: *const u32,
+    ldb: usize,
+    rows: (usize, usize),
+    cols: (usize, usize),
+    words: (usize, usize),
+}
+
+/// Adds [`Tile`]'s sums into `c` (`[_, n]`); a `FULL` tile has constant bounds and unrolls.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[allow(clippy::needless_range_loop)] // tiles indexed by (r, s)
+unsafe fn contract_tile<const FULL: bool>(t: &Tile, c: &mut [f32], n: usize) {
+    use std::arch::x86_64::*;
+    let (i, j, (w0, len)) = (t.rows.0, t.cols.0, t.words);
+    let (mi, nj) = if FULL { (CM, CN) } else { (t.rows.1, t.cols.1) };
+    let zero: __m512bh = std::mem::transmute(_mm512_setzero_si512());
+    let mut acc = [[_mm512_setzero_ps(); CN]; CM];
+    let mut w = 0;
+    while w < len {
+        // The last block's words past `len` read as zero.
+        let mask: u16 = match len - w {
+            r if r >= 16 => u16::MAX,
+            r => (1u16 << r) - 1,
+        };
+        let load = |p: *const u32| -> __m512bh {
+            std::mem::transmute(_mm512_maskz_loadu_epi32(mask, p as *const i32))
+        };
+        let mut bv = [zero; CN];
+        for s in 0..nj {
+            bv[s] = load(t.b.add((j + s) * t.ldb + w0 + w));
+        }
+        for r in 0..mi {
+            let av = load(t.a.add((i + r) * t.lda + w0 + w));
+            for s in 0..nj {
+                acc[r][s] = _mm512_dpbf16_ps(acc[r][s], av, bv[s]);
+            }
+        }
+        w += 16;
+    }
+    for r in 0..mi {
+        for s in 0..nj {
+            c[(i + r) * n + j + s] += _mm512_reduce_add_ps(acc[r][s]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,6 +919,71 @@ mod tests {
                 y.to_vec2::<f32>().unwrap()[0][0],
                 33.0 * (1.0 + 2.0 / 256.0)
             );
+        }
+    }
+
+    /// The contraction of Δ-like rows (padded, rounded in place) against several groups of
+    /// gradient rows equals the f64 sums of the rounded values: odd k, k past two blocks,
+    /// tiles cut at both edges, fewer rows of Δ than it holds; the in-place rounding gives the
+    /// same pairs as rounding a copy, and a group of another k is an error.
+    #[test]
+    fn the_contraction_equals_the_sums_of_the_rounded_values() {
+        if !hardware_bf16() {
+            // The portable path is the f32 contraction of values rounded by round_in_place.
+            let mut v = vec![1.0f32 + 1.0 / 256.0 + 1.0 / 512.0, 0.1];
+            round_in_place(&mut v);
+            assert_eq!(v, [1.0 + 2.0 / 256.0, half::bf16::from_f32(0.1).to_f32()]);
+            return;
+        }
+        for &(m, k, stride) in &[
+            (7, 5, 8),
+            (13, 2 * CONTRACT_BLOCK * 2 + 37, 8300),
+            (6, 64, 64),
+        ] {
+            let delta = values(m * stride, 3);
+            let rows = PairRows::round_rows(delta.clone(), stride, k).unwrap();
+            for i in 0..m {
+                let mut want = vec![0u32; k.div_ceil(2)];
+                round_pairs(&delta[i * stride..i * stride + k], &mut want);
+                assert_eq!(&rows.words[i * stride..i * stride + want.len()], &want[..]);
+            }
+            let groups: Vec<(PairRows, usize)> = [(5, m), (1, m - 1), (9, 2)]
+                .iter()
+                .enumerate()
+                .map(|(g, &(n, r))| {
+                    let t = Tensor::from_vec(values(n * k, 11 + g as u32), (n, k), &Device::Cpu);
+                    (PairRows::from_tensor(&t.unwrap()).unwrap(), r)
+                })
+                .collect();
+            let refs: Vec<(&PairRows, usize)> = groups.iter().map(|(p, r)| (p, *r)).collect();
+            let got = contract_many(&rows, &refs).unwrap();
+            for (g, ((b, r), out)) in groups.iter().zip(&got).enumerate() {
+                let bv = values(b.rows * k, 11 + g as u32);
+                let out = out.to_vec2::<f32>().unwrap();
+                assert_eq!((out.len(), out[0].len()), (*r, b.rows));
+                for (i, row) in out.iter().enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        let (mut want, mut scale) = (0f64, 0f64);
+                        for l in 0..k {
+                            let t = rounded(delta[i * stride + l]) * rounded(bv[j * k + l]);
+                            want += t;
+                            scale += t.abs();
+                        }
+                        let err = (v as f64 - want).abs();
+                        assert!(
+                            err <= 1e-6 * scale,
+                            "k={k} group {g} ({i}, {j}): {v} vs {want}"
+                        );
+                    }
+                }
+            }
+            let other = PairRows::from_tensor(
+                &Tensor::zeros((2, k + 1), DType::F32, &Device::Cpu).unwrap(),
+            );
+            let e = contract_many(&rows, &[(&other.unwrap(), 1)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("rows of {} values", k + 1)), "{e}");
         }
     }
 
