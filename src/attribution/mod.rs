@@ -42,7 +42,7 @@ use std::cell::{Cell, RefCell};
 
 use crate::graph::Writer;
 use crate::model::bf16::{PairRows, Products};
-use crate::model::ops::cpu_slice;
+use crate::model::ops::{cpu_slice, cpu_slices};
 use crate::model::{ForwardOptions, ForwardOutput, Model, SublayerOverride, WriterSink};
 use crate::runs::{logits_rows, Ablation, Chunk, Runner, DEFAULT_MEMORY_BUDGET};
 use crate::tasks::{metric_gradient, metric_value, target_columns, Dataset, Metric};
@@ -346,45 +346,56 @@ fn attribute_chunk(
     // Δ = baseline − clean, accumulated straight into one [n_writers, N·d] buffer as the two
     // forwards produce each writer's output: no copy of either run's activations is kept.
     let heads_from_mixed = !matches!(opts.method, Method::EapIgActivations { .. });
-    let delta_buf = DeltaBuffer::new(graph.n_writers(), n * d, heads_from_mixed);
-    let corrupted_logits = match opts.ablation {
+    // bf16 products take Δ and the reader gradients in bf16 too, but IG on activations reads
+    // Δ's values for its paths.
+    let bf16 = model.products() == Products::Bf16
+        && !matches!(opts.method, Method::EapIgActivations { .. });
+    let pairs = bf16 && crate::model::bf16::hardware_bf16();
+    let zero_baseline = opts.ablation == Ablation::Zero;
+    let delta_buf = DeltaBuffer::new(
+        graph.n_writers(),
+        n * d,
+        heads_from_mixed,
+        pairs,
+        zero_baseline,
+    );
+    let (baseline_side, clean_side) = (delta_buf.side(false), delta_buf.side(true));
+    let clean_opts = ForwardOptions {
+        logit_columns: columns.clone(),
+        writer_sink: Some(&clean_side),
+        keep_cache: matches!(opts.method, Method::Eap | Method::CleanCorrupted),
+        keep_writers: matches!(opts.method, Method::EapIgActivations { .. }),
+        ..Default::default()
+    };
+    // The corrupted and the clean run go through the layers together: one fetch of each layer
+    // (one conversion when streamed) serves both, and Δ's rows are complete layer by layer.
+    let (corrupted_logits, clean) = match opts.ablation {
         Ablation::Corrupted => {
-            let out = timed(&forward_s, || {
-                model.forward(
-                    &chunk.corrupted,
-                    &ForwardOptions {
-                        logit_columns: columns.clone(),
-                        writer_sink: Some(&delta_buf),
-                        ..Default::default()
-                    },
+            let corrupted_opts = ForwardOptions {
+                logit_columns: columns.clone(),
+                writer_sink: Some(&baseline_side),
+                ..Default::default()
+            };
+            let (corrupted, clean) = timed(&forward_s, || {
+                model.forward_pair(
+                    (&chunk.corrupted, &corrupted_opts),
+                    (&chunk.clean, &clean_opts),
                 )
             })?;
-            Some(out.logits)
+            (Some(corrupted.logits), clean)
         }
-        Ablation::Zero => None,
-        Ablation::Mean | Ablation::MeanPositional => {
-            let baseline = runner.baseline(chunk)?;
-            for (u, t) in baseline.iter().enumerate() {
-                delta_buf.write(u, t)?;
+        Ablation::Zero | Ablation::Mean | Ablation::MeanPositional => {
+            if opts.ablation != Ablation::Zero {
+                let baseline = runner.baseline(chunk)?;
+                for (u, t) in baseline.iter().enumerate() {
+                    delta_buf.write(u, t, false)?;
+                }
             }
-            None
+            let clean = timed(&forward_s, || model.forward(&chunk.clean, &clean_opts))?;
+            (None, clean)
         }
     };
-    let mut forward_passes = usize::from(opts.ablation == Ablation::Corrupted);
-    delta_buf.subtract.set(true);
-    let clean = timed(&forward_s, || {
-        model.forward(
-            &chunk.clean,
-            &ForwardOptions {
-                logit_columns: columns.clone(),
-                writer_sink: Some(&delta_buf),
-                keep_cache: matches!(opts.method, Method::Eap | Method::CleanCorrupted),
-                keep_writers: matches!(opts.method, Method::EapIgActivations { .. }),
-                ..Default::default()
-            },
-        )
-    })?;
-    forward_passes += 1;
+    let mut forward_passes = 1 + usize::from(opts.ablation == Ablation::Corrupted);
     let clean_rows = logits_rows(&clean.logits)?;
     let check = |v: f32, what: &str| -> Result<f64> {
         if v.is_finite() {
@@ -418,10 +429,6 @@ fn attribute_chunk(
         writers: clean_writers,
         ..
     } = clean;
-    // bf16 products take Δ and the reader gradients in bf16 too, but IG on activations reads
-    // Δ's values for its paths.
-    let bf16 = model.products() == Products::Bf16
-        && !matches!(opts.method, Method::EapIgActivations { .. });
     let delta = delta_buf.into_rows(bf16, &model.device)?;
 
     // Runs one backward from `logits` (whose forward kept `cache`) and adds weight · Δ·g.
@@ -647,10 +654,15 @@ fn timed<T>(seconds: &Cell<f64>, f: impl FnOnce() -> T) -> T {
     out
 }
 
-/// The `[n_writers, N·d]` activation difference, filled by a forward's [`WriterSink`] calls:
-/// first the baseline run sets each row, then the clean run subtracts from it. Rows are
-/// [`padded_row_len`](crate::model::ops::padded_row_len) floats apart, so that the
-/// contraction's blocks of every row do not share cache sets.
+/// The `[n_writers, N·d]` activation difference, filled by two runs' [`WriterSink`]s
+/// ([`DeltaSide`]): the baseline run's outputs set each row, the clean run's are subtracted.
+///
+/// In f32, the rows are [`padded_row_len`](crate::model::ops::padded_row_len) floats apart, so
+/// that the contraction's blocks of every row do not share cache sets. In bf16 pairs (bf16
+/// products on a CPU with AVX512-BF16) a baseline output waits until the clean run's arrives
+/// and their f32 difference is rounded into its row: with the two runs stepped through the
+/// layers together ([`Model::forward_pair`]) one layer of baseline outputs waits at a time, and
+/// Δ takes half the memory of f32 rows.
 ///
 /// With `heads_from_mixed`, the heads' rows are not built from their outputs: the baseline run
 /// leaves its mixed values `z` per layer (`[N, h·d_head]`, 1.5 MB per GPT-2 layer at 32 × 16
@@ -658,33 +670,85 @@ fn timed<T>(seconds: &Cell<f64>, f: impl FnOnce() -> T) -> T {
 /// rows. Neither run then computes, sums or copies the `[h, N, d]` head outputs (19 MB per
 /// layer and run); this costs one more per-head product per layer than the two runs' own.
 struct DeltaBuffer {
-    data: RefCell<Vec<f32>>,
+    store: RefCell<DeltaStore>,
+    /// Values per row: N·d.
     row: usize,
-    row_len: usize,
-    subtract: Cell<bool>,
     heads_from_mixed: bool,
+    /// The baseline is zero (zero ablation): nothing is set, Δ = −clean.
+    zero_baseline: bool,
     /// The baseline run's mixed values, by the layer's first head writer.
     baseline_mixed: RefCell<HashMap<usize, Tensor>>,
+}
+
+enum DeltaStore {
+    F32 {
+        data: Vec<f32>,
+        row_len: usize,
+    },
+    Pairs {
+        rows: PairRows,
+        /// Baseline outputs waiting for the clean run's, by writer.
+        staged: HashMap<usize, Tensor>,
+        /// f32 rows of one layer's heads (or one writer) before rounding, reused so that each
+        /// layer does not touch fresh pages.
+        scratch: Vec<f32>,
+    },
+}
+
+/// One run's side of a [`DeltaBuffer`]: the baseline run sets, the clean run subtracts.
+struct DeltaSide<'a> {
+    buf: &'a DeltaBuffer,
+    subtract: bool,
 }
 
 impl DeltaBuffer {
     /// `heads_from_mixed` only where the clean run takes the heads from `z` as well (keeps no
     /// writer outputs): a head row taken in one run and sent in the other would be wrong.
-    fn new(n_writers: usize, row: usize, heads_from_mixed: bool) -> Self {
-        let row_len = crate::model::ops::padded_row_len(row);
+    /// `pairs`: bf16 pairs rather than f32 rows; `zero_baseline`: no baseline run sets them.
+    fn new(
+        n_writers: usize,
+        row: usize,
+        heads_from_mixed: bool,
+        pairs: bool,
+        zero_baseline: bool,
+    ) -> Self {
+        let store = match pairs {
+            true => DeltaStore::Pairs {
+                rows: PairRows::zeros(
+                    n_writers,
+                    row,
+                    crate::model::ops::padded_row_len(row.div_ceil(2)),
+                ),
+                staged: HashMap::new(),
+                scratch: Vec::new(),
+            },
+            false => {
+                let row_len = crate::model::ops::padded_row_len(row);
+                DeltaStore::F32 {
+                    data: vec![0f32; n_writers * row_len],
+                    row_len,
+                }
+            }
+        };
         DeltaBuffer {
-            data: RefCell::new(vec![0f32; n_writers * row_len]),
+            store: RefCell::new(store),
             row,
-            row_len,
-            subtract: Cell::new(false),
             heads_from_mixed,
+            zero_baseline,
             baseline_mixed: RefCell::new(HashMap::new()),
         }
     }
 
-    /// Δ's `[n_writers, row_len]` rows for the contraction (each row's first `row` values are
-    /// Δ, the rest zero): f32, or with `bf16` rounded to bf16 in place (as pairs where the CPU
-    /// multiplies them in hardware).
+    /// The side a run writes through.
+    fn side(&self, subtract: bool) -> DeltaSide<'_> {
+        DeltaSide {
+            buf: self,
+            subtract,
+        }
+    }
+
+    /// Δ's rows for the contraction (each f32 row's first `row` values are Δ, the rest zero);
+    /// f32 rows with `bf16` are rounded to bf16 values (CPUs without AVX512-BF16).
     fn into_rows(self, bf16: bool, device: &candle_core::Device) -> Result<DeltaRows> {
         if let Some(first) = self.baseline_mixed.borrow().keys().min() {
             return Err(Error::invalid(format!(
@@ -692,20 +756,136 @@ impl DeltaBuffer {
                  baseline values were kept for it"
             )));
         }
-        let mut data = self.data.into_inner();
-        let values = data.len();
-        let shape = (values / self.row_len, self.row_len);
-        Ok(match (bf16, crate::model::bf16::hardware_bf16()) {
-            (false, _) => DeltaRows::F32(Tensor::from_vec(data, shape, device)?),
-            (true, true) => DeltaRows::Pairs {
-                rows: PairRows::round_rows(data, self.row_len, self.row)?,
-                values,
-            },
-            (true, false) => {
-                crate::model::bf16::round_in_place(&mut data);
-                DeltaRows::Rounded(Tensor::from_vec(data, shape, device)?)
+        Ok(match self.store.into_inner() {
+            DeltaStore::F32 { mut data, row_len } => {
+                let shape = (data.len() / row_len, row_len);
+                match bf16 {
+                    false => DeltaRows::F32(Tensor::from_vec(data, shape, device)?),
+                    true => {
+                        crate::model::bf16::round_in_place(&mut data);
+                        DeltaRows::Rounded(Tensor::from_vec(data, shape, device)?)
+                    }
+                }
+            }
+            DeltaStore::Pairs { rows, staged, .. } => {
+                if let Some(first) = staged.keys().min() {
+                    return Err(Error::invalid(format!(
+                        "EAP's Δ: the clean run never wrote writer {first}, whose baseline \
+                         output was kept for it"
+                    )));
+                }
+                let values = rows.rows() * self.row;
+                DeltaRows::Pairs { rows, values }
             }
         })
+    }
+
+    /// Sets (or with `subtract`, subtracts from) writer `writer`'s row.
+    fn write(&self, writer: usize, output: &Tensor, subtract: bool) -> Result<()> {
+        let output = output.contiguous()?;
+        let mut store = self.store.borrow_mut();
+        match &mut *store {
+            DeltaStore::F32 { data, row_len } => {
+                let start = writer * *row_len;
+                let dst = &mut data[start..start + self.row];
+                let apply = |src: &[f32], dst: &mut [f32]| {
+                    if subtract {
+                        dst.iter_mut().zip(src).for_each(|(o, x)| *o -= x);
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
+                };
+                if cpu_slice(&output, |src| apply(src, &mut *dst)).is_none() {
+                    apply(&to_vec(&output)?, dst);
+                }
+            }
+            DeltaStore::Pairs {
+                rows,
+                staged,
+                scratch,
+            } => {
+                if !subtract {
+                    staged.insert(writer, output);
+                    return Ok(());
+                }
+                scratch.clear();
+                let Some(baseline) = staged.remove(&writer) else {
+                    if !self.zero_baseline {
+                        return Err(Error::invalid(format!(
+                            "EAP's Δ: the clean run wrote writer {writer} before the baseline run"
+                        )));
+                    }
+                    let mut negate = |c: &[f32]| scratch.extend(c.iter().map(|c| -c));
+                    if cpu_slice(&output, &mut negate).is_none() {
+                        negate(&to_vec(&output)?);
+                    }
+                    return rows.set_row(writer, scratch);
+                };
+                let baseline = baseline.contiguous()?;
+                let mut difference = |s: &[&[f32]]| {
+                    scratch.extend(s[0].iter().zip(s[1]).map(|(b, c)| b - c));
+                };
+                if cpu_slices(&[&baseline, &output], &mut difference).is_none() {
+                    difference(&[&to_vec(&baseline)?, &to_vec(&output)?]);
+                }
+                rows.set_row(writer, scratch)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn take_heads(
+        &self,
+        first_writer: usize,
+        z: &Tensor,
+        w_o: &Tensor,
+        subtract: bool,
+    ) -> Result<bool> {
+        if !self.heads_from_mixed {
+            return Ok(false);
+        }
+        if !subtract {
+            self.baseline_mixed
+                .borrow_mut()
+                .insert(first_writer, z.clone());
+            return Ok(true);
+        }
+        let Some(baseline) = self.baseline_mixed.borrow_mut().remove(&first_writer) else {
+            // A baseline set row by row (mean or zero ablation): subtract the heads' outputs.
+            return Ok(false);
+        };
+        let dz = (baseline - z)?;
+        let heads = w_o.dim(0)?;
+        let mut store = self.store.borrow_mut();
+        match &mut *store {
+            DeltaStore::F32 { data, row_len } => {
+                let (start, end) = (first_writer * *row_len, (first_writer + heads) * *row_len);
+                crate::model::ops::per_head_products_into(
+                    &dz,
+                    w_o,
+                    &mut data[start..end],
+                    *row_len,
+                )?;
+            }
+            DeltaStore::Pairs { rows, scratch, .. } => {
+                scratch.resize(heads * self.row, 0.0);
+                crate::model::ops::per_head_products_into(&dz, w_o, scratch, self.row)?;
+                for (hh, values) in scratch.chunks(self.row).enumerate() {
+                    rows.set_row(first_writer + hh, values)?;
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl WriterSink for DeltaSide<'_> {
+    fn write(&self, writer: usize, output: &Tensor) -> Result<()> {
+        self.buf.write(writer, output, self.subtract)
+    }
+
+    fn take_heads(&self, first_writer: usize, z: &Tensor, w_o: &Tensor) -> Result<bool> {
+        self.buf.take_heads(first_writer, z, w_o, self.subtract)
     }
 }
 
@@ -802,52 +982,6 @@ impl Grads {
     }
 }
 
-impl WriterSink for DeltaBuffer {
-    fn write(&self, writer: usize, output: &Tensor) -> Result<()> {
-        let output = output.contiguous()?;
-        let mut data = self.data.borrow_mut();
-        let start = writer * self.row_len;
-        let dst = &mut data[start..start + self.row];
-        let subtract = self.subtract.get();
-        let apply = |src: &[f32], dst: &mut [f32]| {
-            if subtract {
-                dst.iter_mut().zip(src).for_each(|(o, x)| *o -= x);
-            } else {
-                dst.copy_from_slice(src);
-            }
-        };
-        if cpu_slice(&output, |src| apply(src, &mut *dst)).is_none() {
-            apply(&to_vec(&output)?, dst);
-        }
-        Ok(())
-    }
-
-    fn take_heads(&self, first_writer: usize, z: &Tensor, w_o: &Tensor) -> Result<bool> {
-        if !self.heads_from_mixed {
-            return Ok(false);
-        }
-        if !self.subtract.get() {
-            self.baseline_mixed
-                .borrow_mut()
-                .insert(first_writer, z.clone());
-            return Ok(true);
-        }
-        let Some(baseline) = self.baseline_mixed.borrow_mut().remove(&first_writer) else {
-            // A baseline set row by row (mean or zero ablation): subtract the heads' outputs.
-            return Ok(false);
-        };
-        let dz = (baseline - z)?;
-        let heads = w_o.dim(0)?;
-        let (start, end) = (
-            first_writer * self.row_len,
-            (first_writer + heads) * self.row_len,
-        );
-        let mut data = self.data.borrow_mut();
-        crate::model::ops::per_head_products_into(&dz, w_o, &mut data[start..end], self.row_len)?;
-        Ok(true)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -899,34 +1033,85 @@ mod tests {
         for cfg in [base, llama, gemma] {
             let model = random_model(&cfg, 5, &dev).unwrap();
             let graph = model.graph();
-            let delta = |from_mixed: bool| {
-                let buf = DeltaBuffer::new(graph.n_writers(), 18 * cfg.d_model, from_mixed);
-                for (batch, subtract) in [(&corrupted, false), (&clean, true)] {
-                    buf.subtract.set(subtract);
-                    let opts = ForwardOptions {
-                        writer_sink: Some(&buf),
-                        keep_cache: subtract,
-                        ..Default::default()
-                    };
-                    model.forward(batch, &opts).unwrap();
+            let row = 18 * cfg.d_model;
+            // Δ's values, row by row: the runs one after the other, or (`paired`) stepped
+            // through the layers together; `pairs` stores bf16 pairs.
+            let delta = |from_mixed: bool, paired: bool, pairs: bool| -> Vec<f32> {
+                let buf = DeltaBuffer::new(graph.n_writers(), row, from_mixed, pairs, false);
+                let (base, sub) = (buf.side(false), buf.side(true));
+                let base_opts = ForwardOptions {
+                    writer_sink: Some(&base),
+                    ..Default::default()
+                };
+                let clean_opts = ForwardOptions {
+                    writer_sink: Some(&sub),
+                    keep_cache: true,
+                    ..Default::default()
+                };
+                if paired {
+                    model
+                        .forward_pair((&corrupted, &base_opts), (&clean, &clean_opts))
+                        .unwrap();
+                } else {
+                    model.forward(&corrupted, &base_opts).unwrap();
+                    model.forward(&clean, &clean_opts).unwrap();
                 }
-                to_vec(buf.into_rows(false, &dev).unwrap().f32().unwrap()).unwrap()
+                match buf.into_rows(false, &dev).unwrap() {
+                    DeltaRows::F32(t) => {
+                        let v = t.to_vec2::<f32>().unwrap();
+                        v.iter().flat_map(|r| r[..row].to_vec()).collect()
+                    }
+                    DeltaRows::Pairs { rows, .. } => {
+                        (0..rows.rows()).flat_map(|i| rows.row_values(i)).collect()
+                    }
+                    DeltaRows::Rounded(_) => unreachable!("only with bf16"),
+                }
             };
-            let (taken, sent) = (delta(true), delta(false));
+            let sent = delta(false, false, false);
             let scale = sent.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let worst = taken
-                .iter()
-                .zip(&sent)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(scale > 0.0 && worst <= 1e-5 * scale, "{worst} of {scale}");
-
-            let buf = DeltaBuffer::new(graph.n_writers(), 18 * cfg.d_model, true);
-            let opts = ForwardOptions {
-                writer_sink: Some(&buf),
-                ..Default::default()
+            let worst = |got: &[f32]| {
+                assert_eq!(got.len(), sent.len());
+                got.iter()
+                    .zip(&sent)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
             };
-            model.forward(&corrupted, &opts).unwrap();
-            assert!(buf.into_rows(false, &dev).is_err());
+            for paired in [false, true] {
+                let taken = delta(true, paired, false);
+                assert!(
+                    scale > 0.0 && worst(&taken) <= 1e-5 * scale,
+                    "{} of {scale}",
+                    worst(&taken)
+                );
+                // bf16 pairs hold the f32 Δ rounded: within half a bf16 step of each value.
+                let rounded = delta(true, paired, true);
+                for (r, s) in rounded.iter().zip(&sent) {
+                    assert!(
+                        (r - s).abs() <= s.abs() / 256.0 + 1e-5 * scale,
+                        "{r} vs {s}"
+                    );
+                }
+            }
+
+            for pairs in [false, true] {
+                let buf = DeltaBuffer::new(graph.n_writers(), row, true, pairs, false);
+                let side = buf.side(false);
+                let opts = ForwardOptions {
+                    writer_sink: Some(&side),
+                    ..Default::default()
+                };
+                model.forward(&corrupted, &opts).unwrap();
+                assert!(buf.into_rows(false, &dev).is_err());
+            }
+            // A clean output with no baseline is an error, unless the baseline is zero.
+            let buf = DeltaBuffer::new(graph.n_writers(), row, false, true, false);
+            let out = Tensor::ones(row, candle_core::DType::F32, &dev).unwrap();
+            assert!(buf.write(0, &out, true).is_err());
+            let buf = DeltaBuffer::new(graph.n_writers(), row, false, true, true);
+            buf.write(0, &out, true).unwrap();
+            let DeltaRows::Pairs { rows, .. } = buf.into_rows(true, &dev).unwrap() else {
+                panic!("pairs")
+            };
+            assert_eq!(rows.row_values(0), vec![-1.0; row]);
         }
     }
 

@@ -568,32 +568,44 @@ pub struct PairRows {
 }
 
 impl PairRows {
-    /// `data`'s rows of `stride` floats, their first `k` values rounded to bf16 pairs in place:
-    /// Δ's own allocation is reused (no second copy at its peak) and the contraction then reads
-    /// half the bytes. Only for CPUs with AVX512-BF16 ([`hardware_bf16`]); elsewhere
-    /// [`round_in_place`] rounds the values and the f32 contraction multiplies them.
-    pub fn round_rows(data: Vec<f32>, stride: usize, k: usize) -> Result<PairRows> {
-        if stride == 0 || k > stride || !data.len().is_multiple_of(stride) {
-            return Err(Error::invalid(format!(
-                "bf16 rows: {} values are not rows of {stride} holding {k} each",
-                data.len()
-            )));
-        }
-        let rows = data.len() / stride;
-        let mut data = std::mem::ManuallyDrop::new(data);
-        let (ptr, len, cap) = (data.as_mut_ptr(), data.len(), data.capacity());
-        // SAFETY: the allocation passes from `data` (never dropped) to `words`; f32 and u32 have
-        // one size and alignment, and every bit pattern is a valid u32.
-        let mut words = unsafe { Vec::from_raw_parts(ptr as *mut u32, len, cap) };
-        words
-            .par_chunks_mut(stride)
-            .for_each(|row| compact_row(row, k));
-        Ok(PairRows {
-            words,
+    /// `rows` rows of `k` zeros, `stride` words apart (at least `⌈k/2⌉`; more keeps the
+    /// contraction's blocks of different rows off the same cache sets).
+    pub fn zeros(rows: usize, k: usize, stride: usize) -> PairRows {
+        let stride = stride.max(k.div_ceil(2));
+        PairRows {
+            words: vec![0u32; rows * stride],
             rows,
             stride,
             k,
-        })
+        }
+    }
+
+    /// Sets row `i` to `values` (`k` of them) rounded to bf16.
+    pub fn set_row(&mut self, i: usize, values: &[f32]) -> Result<()> {
+        if i >= self.rows || values.len() != self.k {
+            return Err(Error::Shape {
+                op: "bf16 row",
+                expected: format!("one of {} rows of {} values", self.rows, self.k),
+                found: format!("row {i} of {} values", values.len()),
+            });
+        }
+        let pairs = self.k.div_ceil(2);
+        round_pairs(
+            values,
+            &mut self.words[i * self.stride..i * self.stride + pairs],
+        );
+        Ok(())
+    }
+
+    /// Row `i`'s values (as f32), for tests and checks.
+    pub fn row_values(&self, i: usize) -> Vec<f32> {
+        let words = &self.words[i * self.stride..];
+        (0..self.k)
+            .map(|e| {
+                let half = (words[e / 2] >> (16 * (e % 2))) as u16;
+                half::bf16::from_bits(half).to_f32()
+            })
+            .collect()
     }
 
     /// `t`'s rows (`[n, k]` f32, or any shape whose last dimension is `k`) rounded to bf16
@@ -655,46 +667,6 @@ pub fn round_in_place(data: &mut [f32]) {
         c.iter_mut()
             .for_each(|x| *x = half::bf16::from_f32(*x).to_f32())
     });
-}
-
-/// The row's first `k` values (f32 bits) as bf16 pairs in its first `⌈k/2⌉` words. Word `p` is
-/// written only after words `2p` and `2p + 1` were read, so one pass from the front runs in
-/// place.
-fn compact_row(row: &mut [u32], k: usize) {
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if hardware_bf16() {
-        // SAFETY: the CPU has AVX512-BF16 (checked above); the kernel reads whole blocks of 32
-        // of the row's first k ≤ row.len() words.
-        done = unsafe { compact_row_avx512(row.as_mut_ptr(), k) };
-    }
-    for p in done..k.div_ceil(2) {
-        let lo = bf16_bits(f32::from_bits(row[2 * p]));
-        let hi = match 2 * p + 1 < k {
-            true => bf16_bits(f32::from_bits(row[2 * p + 1])),
-            false => 0,
-        };
-        row[p] = lo | (hi << 16);
-    }
-}
-
-/// The whole 32-value blocks of [`compact_row`] (block `b` read before words `16b..16b + 16`,
-/// all below `32b + 32`, are written); returns the pairs written.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn compact_row_avx512(row: *mut u32, k: usize) -> usize {
-    use std::arch::x86_64::*;
-    let blocks = k / 32;
-    for b in 0..blocks {
-        let lo = _mm512_loadu_ps(row.add(32 * b) as *const f32);
-        let hi = _mm512_loadu_ps(row.add(32 * b + 16) as *const f32);
-        let bf = _mm512_cvtne2ps_pbh(hi, lo);
-        _mm512_storeu_si512(
-            row.add(16 * b) as *mut _,
-            std::mem::transmute::<__m512bh, __m512i>(bf),
-        );
-    }
-    blocks * 16
 }
 
 /// The EAP contraction with bf16 inputs and f32 sums: for each `(b, rows)`, `a[..rows] · bᵀ`
@@ -922,10 +894,10 @@ mod tests {
         }
     }
 
-    /// The contraction of Δ-like rows (padded, rounded in place) against several groups of
-    /// gradient rows equals the f64 sums of the rounded values: odd k, k past two blocks,
-    /// tiles cut at both edges, fewer rows of Δ than it holds; the in-place rounding gives the
-    /// same pairs as rounding a copy, and a group of another k is an error.
+    /// The contraction of Δ-like rows (padded) against several groups of gradient rows equals
+    /// the f64 sums of the rounded values: odd k, k past two blocks, tiles cut at both edges,
+    /// fewer rows of Δ than it holds; rows read back as their rounded values, and a row out of
+    /// range, a row of another length and a group of another k are errors.
     #[test]
     fn the_contraction_equals_the_sums_of_the_rounded_values() {
         if !hardware_bf16() {
@@ -935,18 +907,18 @@ mod tests {
             assert_eq!(v, [1.0 + 2.0 / 256.0, half::bf16::from_f32(0.1).to_f32()]);
             return;
         }
-        for &(m, k, stride) in &[
-            (7, 5, 8),
-            (13, 2 * CONTRACT_BLOCK * 2 + 37, 8300),
-            (6, 64, 64),
-        ] {
+        for &(m, k) in &[(7, 5), (13, 2 * CONTRACT_BLOCK * 2 + 37), (6, 64)] {
+            let stride = k + 3;
             let delta = values(m * stride, 3);
-            let rows = PairRows::round_rows(delta.clone(), stride, k).unwrap();
+            let mut rows = PairRows::zeros(m, k, k.div_ceil(2) + 5);
             for i in 0..m {
-                let mut want = vec![0u32; k.div_ceil(2)];
-                round_pairs(&delta[i * stride..i * stride + k], &mut want);
-                assert_eq!(&rows.words[i * stride..i * stride + want.len()], &want[..]);
+                let row = &delta[i * stride..i * stride + k];
+                rows.set_row(i, row).unwrap();
+                let want: Vec<f32> = row.iter().map(|&x| rounded(x) as f32).collect();
+                assert_eq!(rows.row_values(i), want);
             }
+            assert!(rows.set_row(m, &delta[..k]).is_err());
+            assert!(rows.set_row(0, &delta[..k + 1]).is_err());
             let groups: Vec<(PairRows, usize)> = [(5, m), (1, m - 1), (9, 2)]
                 .iter()
                 .enumerate()

@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::block::{AttentionCache, MlpCache, RowPositions};
+use super::block::{AttentionCache, Block, MlpCache, RowPositions};
 use super::config::Positions;
 use super::ops::{self, NormCache};
 use super::Model;
@@ -407,300 +407,35 @@ impl Model {
 
     /// Runs the model on one batch (DESIGN §3).
     pub fn forward(&self, batch: &Batch, opts: &ForwardOptions) -> Result<ForwardOutput> {
-        self.check_batch(batch)?;
-        if opts.keep_cache && opts.intervention.is_some() {
-            return Err(Error::invalid(
-                "the backward needs an unpatched forward: keep_cache with an intervention",
-            ));
-        }
-        let cfg = &self.cfg;
-        let graph = self.graph();
-        let (b, p, d, h) = (batch.batch, batch.seq_len, cfg.d_model, cfg.n_heads);
-        let n = b * p;
-        let (mut x, mut writers, first_layer) = match opts.start {
-            Some(prefix) => {
-                if prefix.layer > cfg.n_layers
-                    || prefix.writers.len()
-                        != graph.n_upstream(prefix.layer * graph.readers_per_layer())
-                {
-                    return Err(Error::invalid(format!(
-                        "forward prefix for layer {} holds {} writer outputs",
-                        prefix.layer,
-                        prefix.writers.len()
-                    )));
-                }
-                if opts.keep_cache || opts.input_override.is_some() {
-                    return Err(Error::invalid("a forward that starts from a cached prefix keeps no backward cache and takes no input override"));
-                }
-                (prefix.x.clone(), prefix.writers.clone(), prefix.layer)
-            }
-            None => {
-                let x = match &opts.input_override {
-                    Some(t) => {
-                        if t.dims() != [n, d] {
-                            return Err(Error::Shape {
-                                op: "forward input override",
-                                expected: format!("[{n}, {d}]"),
-                                found: format!("{:?}", t.dims()),
-                            });
-                        }
-                        t.clone()
-                    }
-                    None => self.embed(batch)?,
-                };
-                (x.clone(), vec![x], 0)
-            }
-        };
-        let track_writers = opts.keep_writers || opts.intervention.is_some();
-        if !track_writers {
-            writers.clear();
-        }
-        let mut residuals = Vec::new();
-        let sink = |writer: Writer, t: &Tensor| -> Result<()> {
-            if let Some(s) = opts.writer_sink {
-                s.write(graph.writer_index(writer), t)?;
-            }
-            Ok(())
-        };
-        if first_layer == 0 {
-            sink(Writer::Input, &x)?;
-        }
-        // Unembed only the rows the metric reads.
-        let logit_positions = if opts.logit_positions.is_empty() {
-            vec![p - 1]
-        } else {
-            opts.logit_positions.clone()
-        };
-        if let Some(&bad) = logit_positions.iter().find(|&&q| q >= p) {
-            return Err(Error::Shape {
-                op: "forward logit positions",
-                expected: format!("positions below {p}"),
-                found: format!("position {bad}"),
-            });
-        }
-        let rows: Vec<u32> = (0..b)
-            .flat_map(|bi| logit_positions.iter().map(move |&q| (bi * p + q) as u32))
-            .collect();
-        let n_logit_rows = rows.len();
-        let logit_rows = Tensor::from_vec(rows, n_logit_rows, &self.device)?;
-        // The last layer's MLP output reaches nothing but the logits, so only its rows at
-        // the metric's positions matter: it runs on those alone (32 of 512 rows on GPT-2 at
-        // 32 × 16, ~5% of EAP's FLOPs), its other rows zero. Not where a caller sees the
-        // stream or the writers (residuals, kept writers, interventions, overrides).
-        let distinct = {
-            let mut sorted = logit_positions.clone();
-            sorted.sort_unstable();
-            sorted.windows(2).all(|w| w[0] != w[1])
-        };
-        let last_mlp_rows = (!opts.keep_residuals
-            && !track_writers
-            && opts.sublayer_override.is_none()
-            && distinct
-            && n_logit_rows < n)
-            .then(|| logit_rows.clone());
-        let positions = self.row_positions(&Self::batch_positions(b, p))?;
-        let mut masks: Vec<Option<Tensor>> = vec![None; 2];
-        let mut layer_caches = Vec::new();
-        for l in first_layer..cfg.n_layers {
-            if opts.keep_residuals {
-                residuals.push(x.clone());
-            }
+        let mut pass = Pass::new(self, batch, opts)?;
+        for l in pass.first_layer..self.cfg.n_layers {
             let block = self.layer(l)?;
-            let attn = &block.attn;
-            let first_reader = l * graph.readers_per_layer();
-            let deltas = match opts.intervention {
-                Some(iv) => iv.deltas(first_reader..first_reader + 3 * h, &writers)?,
-                None => vec![None; 3 * h],
-            };
-            // Two masks at most: the global one and the sliding one.
-            let sliding = cfg
-                .sliding_window
-                .as_ref()
-                .is_some_and(|s| s.layers.get(l).copied().unwrap_or(false));
-            let mask = match &masks[sliding as usize] {
-                Some(m) => m.clone(),
-                None => {
-                    let m = self.attention_mask(l, p)?;
-                    masks[sliding as usize] = Some(m.clone());
-                    m
-                }
-            };
-            let (xn, ln1) = match opts.keep_cache {
-                true => attn.norm.forward(&x)?,
-                false => (attn.norm.apply(&x)?, None),
-            };
-            let project = |letter: Qkv| -> Result<Tensor> {
-                let ds = &deltas[letter as usize * h..(letter as usize + 1) * h];
-                let pos = &positions;
-                if ds.iter().all(Option::is_none) {
-                    return attn.project_all(letter, &xn, pos, b, p);
-                }
-                // Each head reads its own residual stream.
-                let per_head = ds
-                    .iter()
-                    .map(|delta| match delta {
-                        Some(delta) => Ok((&x + delta)?),
-                        None => Ok(x.clone()),
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                attn.project_per_head(letter, &per_head, pos, b, p)
-            };
-            let [q, k, v] = if deltas.iter().all(Option::is_none) {
-                attn.project_qkv(&xn, &positions, b, p)?
-            } else {
-                [project(Qkv::Q)?, project(Qkv::K)?, project(Qkv::V)?]
-            };
-            let (z, pattern) = attn.attend(&q, &k, &v, &mask)?; // [n, h·dh]
-            let frozen_heads = match &opts.sublayer_override {
-                Some(SublayerOverride::Attention { layer, heads }) if *layer == l => {
-                    if heads.len() != h || heads.iter().any(|t| t.dims() != [n, d]) {
-                        return Err(Error::Shape {
-                            op: "attention override",
-                            expected: format!("{h} head outputs of shape [{n}, {d}]"),
-                            found: format!("{} tensors", heads.len()),
-                        });
-                    }
-                    Some(heads)
-                }
-                _ => None,
-            };
-            let attn_frozen = frozen_heads.is_some();
-            // Each head's own output ([h, n, d], 19 MB per GPT-2 layer at 32 × 16 tokens) is
-            // computed only to keep it, to replace it, or for a sink that does not take the
-            // heads from z; otherwise the attention output is one GEMM over the flat W_O.
-            let first_head = Writer::Head { layer: l, head: 0 };
-            let heads_taken = !track_writers
-                && !attn_frozen
-                && match opts.writer_sink {
-                    Some(s) => s.take_heads(graph.writer_index(first_head), &z, attn.w_o())?,
-                    None => true,
-                };
-            let (attn_out, post) = if heads_taken {
-                attn.output_from_mixed(&z)?
-            } else {
-                let head_out = match frozen_heads {
-                    Some(heads) => Tensor::stack(heads, 0)?,
-                    None => attn.head_outputs(&z)?,
-                };
-                for hh in 0..h {
-                    let out = head_out.get(hh)?;
-                    sink(Writer::Head { layer: l, head: hh }, &out)?;
-                    if track_writers {
-                        writers.push(out);
-                    }
-                }
-                attn.output(&head_out)?
-            };
-            let x_mid = (&x + attn_out)?;
-            // Parallel blocks: the MLP reads the stream entering the layer.
-            let mlp_site = if cfg.parallel_attn_mlp { &x } else { &x_mid };
-            let (mlp_cache, x_next) = match &block.mlp {
-                None => (None, x_mid),
-                Some(mlp) => {
-                    let mlp_reader = first_reader + 3 * h;
-                    let delta = match opts.intervention {
-                        Some(iv) => iv
-                            .deltas(mlp_reader..mlp_reader + 1, &writers)?
-                            .pop()
-                            .flatten(),
-                        None => None,
-                    };
-                    let inp = match &delta {
-                        Some(dlt) => (mlp_site + dlt)?,
-                        None => mlp_site.clone(),
-                    };
-                    let rows = last_mlp_rows.as_ref().filter(|_| l + 1 == cfg.n_layers);
-                    let inp = match rows {
-                        Some(r) => inp.index_select(r, 0)?,
-                        None => inp,
-                    };
-                    let (mut out, cache) = match opts.keep_cache {
-                        true => {
-                            let (out, cache) = mlp.forward(&inp)?;
-                            (out, Some(cache))
-                        }
-                        false => (mlp.output(&inp)?, None),
-                    };
-                    if let Some(r) = rows {
-                        out = Tensor::zeros((n, d), out.dtype(), out.device())?.index_add(
-                            r,
-                            &out.contiguous()?,
-                            0,
-                        )?;
-                    }
-                    if let Some(SublayerOverride::Mlp { layer, output }) = &opts.sublayer_override {
-                        if *layer == l {
-                            if output.dims() != [n, d] {
-                                return Err(Error::Shape {
-                                    op: "MLP override",
-                                    expected: format!("[{n}, {d}]"),
-                                    found: format!("{:?}", output.dims()),
-                                });
-                            }
-                            out = output.clone();
-                        }
-                    }
-                    let mut x_next = (&x_mid + &out)?;
-                    if let Some(bias) = mlp.output_bias() {
-                        x_next = ops::add_bias(&x_next, bias)?;
-                    }
-                    sink(Writer::Mlp { layer: l }, &out)?;
-                    if track_writers {
-                        writers.push(out);
-                    }
-                    (cache, x_next)
-                }
-            };
-            if opts.keep_cache {
-                let mlp_frozen = matches!(
-                    &opts.sublayer_override,
-                    Some(SublayerOverride::Mlp { layer, .. }) if *layer == l
-                );
-                layer_caches.push(LayerCache {
-                    attn: attn.cache(ln1, q, k, v, pattern, post, &positions),
-                    mlp_rows: last_mlp_rows
-                        .clone()
-                        .filter(|_| l + 1 == cfg.n_layers && mlp_cache.is_some()),
-                    mlp: mlp_cache,
-                    attn_frozen,
-                    mlp_frozen,
-                });
-            }
-            x = x_next;
+            pass.layer(l, &block)?;
         }
-        if opts.keep_residuals {
-            residuals.push(x.clone());
-        }
-        if let Some(iv) = opts.intervention {
-            let logits_reader = graph.n_readers() - 1;
-            if let Some(delta) = iv
-                .deltas(logits_reader..logits_reader + 1, &writers)?
-                .pop()
-                .flatten()
-            {
-                x = (x + delta)?;
+        pass.finish()
+    }
+
+    /// Two forwards stepped through the layers together, each layer fetched once for both: a
+    /// streamed model converts its weights once for the two runs instead of twice. At each
+    /// layer the first run's writer outputs reach its sink before the second run's, so a sink
+    /// shared by both (EAP's Δ of a corrupted and a clean run) holds one layer of the first
+    /// run's outputs at a time.
+    pub fn forward_pair(
+        &self,
+        first: (&Batch, &ForwardOptions),
+        second: (&Batch, &ForwardOptions),
+    ) -> Result<(ForwardOutput, ForwardOutput)> {
+        let mut a = Pass::new(self, first.0, first.1)?;
+        let mut b = Pass::new(self, second.0, second.1)?;
+        for l in a.first_layer.min(b.first_layer)..self.cfg.n_layers {
+            let block = self.layer(l)?;
+            for pass in [&mut a, &mut b] {
+                if l >= pass.first_layer {
+                    pass.layer(l, &block)?;
+                }
             }
         }
-        let xf = x.index_select(&logit_rows, 0)?;
-        let (logits, unembed) = self.unembed(&xf, opts.logit_columns.as_deref())?;
-        let width = logits.dim(1)?;
-        let logits = logits.reshape((b, logit_positions.len(), width))?;
-        let cache = opts.keep_cache.then(|| ForwardCache {
-            layers: layer_caches,
-            unembed,
-            logit_rows,
-            batch: b,
-            seq_len: p,
-        });
-        if !opts.keep_writers {
-            writers.clear();
-        }
-        Ok(ForwardOutput {
-            residuals,
-            logits,
-            writers,
-            cache,
-        })
+        Ok((a.finish()?, b.finish()?))
     }
 
     /// The activation-only backward: given `dM/dlogits` (`[batch, n_positions, width]`, the
@@ -838,6 +573,376 @@ impl Model {
             .into_iter()
             .map(|g| g.expect("backward visits every reader"))
             .collect())
+    }
+}
+
+/// One forward's state between layers: [`Model::forward`] steps it through every layer,
+/// [`Model::forward_pair`] steps two of them through each layer it fetches once.
+struct Pass<'a, 'o> {
+    model: &'a Model,
+    opts: &'a ForwardOptions<'o>,
+    b: usize,
+    p: usize,
+    /// The residual stream `[N, d]` entering the next layer.
+    x: Tensor,
+    writers: Vec<Tensor>,
+    residuals: Vec<Tensor>,
+    track_writers: bool,
+    first_layer: usize,
+    logit_positions: Vec<usize>,
+    logit_rows: Tensor,
+    last_mlp_rows: Option<Tensor>,
+    positions: RowPositions,
+    /// The global and the sliding attention mask, made on first use.
+    masks: Vec<Option<Tensor>>,
+    layer_caches: Vec<LayerCache>,
+}
+
+impl<'a, 'o> Pass<'a, 'o> {
+    fn new(model: &'a Model, batch: &Batch, opts: &'a ForwardOptions<'o>) -> Result<Self> {
+        model.check_batch(batch)?;
+        if opts.keep_cache && opts.intervention.is_some() {
+            return Err(Error::invalid(
+                "the backward needs an unpatched forward: keep_cache with an intervention",
+            ));
+        }
+        let cfg = &model.cfg;
+        let graph = model.graph();
+        let (b, p, d) = (batch.batch, batch.seq_len, cfg.d_model);
+        let n = b * p;
+        let (x, mut writers, first_layer) = match opts.start {
+            Some(prefix) => {
+                if prefix.layer > cfg.n_layers
+                    || prefix.writers.len()
+                        != graph.n_upstream(prefix.layer * graph.readers_per_layer())
+                {
+                    return Err(Error::invalid(format!(
+                        "forward prefix for layer {} holds {} writer outputs",
+                        prefix.layer,
+                        prefix.writers.len()
+                    )));
+                }
+                if opts.keep_cache || opts.input_override.is_some() {
+                    return Err(Error::invalid("a forward that starts from a cached prefix keeps no backward cache and takes no input override"));
+                }
+                (prefix.x.clone(), prefix.writers.clone(), prefix.layer)
+            }
+            None => {
+                let x = match &opts.input_override {
+                    Some(t) => {
+                        if t.dims() != [n, d] {
+                            return Err(Error::Shape {
+                                op: "forward input override",
+                                expected: format!("[{n}, {d}]"),
+                                found: format!("{:?}", t.dims()),
+                            });
+                        }
+                        t.clone()
+                    }
+                    None => model.embed(batch)?,
+                };
+                (x.clone(), vec![x], 0)
+            }
+        };
+        let track_writers = opts.keep_writers || opts.intervention.is_some();
+        if !track_writers {
+            writers.clear();
+        }
+        let residuals = Vec::new();
+        let sink = |writer: Writer, t: &Tensor| -> Result<()> {
+            if let Some(s) = opts.writer_sink {
+                s.write(graph.writer_index(writer), t)?;
+            }
+            Ok(())
+        };
+        if first_layer == 0 {
+            sink(Writer::Input, &x)?;
+        }
+        // Unembed only the rows the metric reads.
+        let logit_positions = if opts.logit_positions.is_empty() {
+            vec![p - 1]
+        } else {
+            opts.logit_positions.clone()
+        };
+        if let Some(&bad) = logit_positions.iter().find(|&&q| q >= p) {
+            return Err(Error::Shape {
+                op: "forward logit positions",
+                expected: format!("positions below {p}"),
+                found: format!("position {bad}"),
+            });
+        }
+        let rows: Vec<u32> = (0..b)
+            .flat_map(|bi| logit_positions.iter().map(move |&q| (bi * p + q) as u32))
+            .collect();
+        let n_logit_rows = rows.len();
+        let logit_rows = Tensor::from_vec(rows, n_logit_rows, &model.device)?;
+        // The last layer's MLP output reaches nothing but the logits, so only its rows at
+        // the metric's positions matter: it runs on those alone (32 of 512 rows on GPT-2 at
+        // 32 × 16, ~5% of EAP's FLOPs), its other rows zero. Not where a caller sees the
+        // stream or the writers (residuals, kept writers, interventions, overrides).
+        let distinct = {
+            let mut sorted = logit_positions.clone();
+            sorted.sort_unstable();
+            sorted.windows(2).all(|w| w[0] != w[1])
+        };
+        let last_mlp_rows = (!opts.keep_residuals
+            && !track_writers
+            && opts.sublayer_override.is_none()
+            && distinct
+            && n_logit_rows < n)
+            .then(|| logit_rows.clone());
+        let positions = model.row_positions(&Model::batch_positions(b, p))?;
+        Ok(Pass {
+            model,
+            opts,
+            b,
+            p,
+            x,
+            writers,
+            residuals,
+            track_writers,
+            first_layer,
+            logit_positions,
+            logit_rows,
+            last_mlp_rows,
+            positions,
+            masks: vec![None; 2],
+            layer_caches: Vec::new(),
+        })
+    }
+
+    /// Runs layer `l` (`block`) on the stream.
+    fn layer(&mut self, l: usize, block: &Block) -> Result<()> {
+        let (model, opts) = (self.model, self.opts);
+        let (cfg, graph) = (&model.cfg, model.graph());
+        let (b, p) = (self.b, self.p);
+        let (n, d, h) = (b * p, cfg.d_model, cfg.n_heads);
+        let track_writers = self.track_writers;
+        let sink = |writer: Writer, t: &Tensor| -> Result<()> {
+            if let Some(s) = opts.writer_sink {
+                s.write(graph.writer_index(writer), t)?;
+            }
+            Ok(())
+        };
+        let Pass {
+            x: x_slot,
+            writers,
+            residuals,
+            masks,
+            layer_caches,
+            positions,
+            last_mlp_rows,
+            ..
+        } = self;
+        let x = x_slot.clone();
+        if opts.keep_residuals {
+            residuals.push(x.clone());
+        }
+        let attn = &block.attn;
+        let first_reader = l * graph.readers_per_layer();
+        let deltas = match opts.intervention {
+            Some(iv) => iv.deltas(first_reader..first_reader + 3 * h, writers)?,
+            None => vec![None; 3 * h],
+        };
+        // Two masks at most: the global one and the sliding one.
+        let sliding = cfg
+            .sliding_window
+            .as_ref()
+            .is_some_and(|s| s.layers.get(l).copied().unwrap_or(false));
+        let mask = match &masks[sliding as usize] {
+            Some(m) => m.clone(),
+            None => {
+                let m = model.attention_mask(l, p)?;
+                masks[sliding as usize] = Some(m.clone());
+                m
+            }
+        };
+        let (xn, ln1) = match opts.keep_cache {
+            true => attn.norm.forward(&x)?,
+            false => (attn.norm.apply(&x)?, None),
+        };
+        let project = |letter: Qkv| -> Result<Tensor> {
+            let ds = &deltas[letter as usize * h..(letter as usize + 1) * h];
+            let pos = &positions;
+            if ds.iter().all(Option::is_none) {
+                return attn.project_all(letter, &xn, pos, b, p);
+            }
+            // Each head reads its own residual stream.
+            let per_head = ds
+                .iter()
+                .map(|delta| match delta {
+                    Some(delta) => Ok((&x + delta)?),
+                    None => Ok(x.clone()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            attn.project_per_head(letter, &per_head, pos, b, p)
+        };
+        let [q, k, v] = if deltas.iter().all(Option::is_none) {
+            attn.project_qkv(&xn, positions, b, p)?
+        } else {
+            [project(Qkv::Q)?, project(Qkv::K)?, project(Qkv::V)?]
+        };
+        let (z, pattern) = attn.attend(&q, &k, &v, &mask)?; // [n, h·dh]
+        let frozen_heads = match &opts.sublayer_override {
+            Some(SublayerOverride::Attention { layer, heads }) if *layer == l => {
+                if heads.len() != h || heads.iter().any(|t| t.dims() != [n, d]) {
+                    return Err(Error::Shape {
+                        op: "attention override",
+                        expected: format!("{h} head outputs of shape [{n}, {d}]"),
+                        found: format!("{} tensors", heads.len()),
+                    });
+                }
+                Some(heads)
+            }
+            _ => None,
+        };
+        let attn_frozen = frozen_heads.is_some();
+        // Each head's own output ([h, n, d], 19 MB per GPT-2 layer at 32 × 16 tokens) is
+        // computed only to keep it, to replace it, or for a sink that does not take the
+        // heads from z; otherwise the attention output is one GEMM over the flat W_O.
+        let first_head = Writer::Head { layer: l, head: 0 };
+        let heads_taken = !track_writers
+            && !attn_frozen
+            && match opts.writer_sink {
+                Some(s) => s.take_heads(graph.writer_index(first_head), &z, attn.w_o())?,
+                None => true,
+            };
+        let (attn_out, post) = if heads_taken {
+            attn.output_from_mixed(&z)?
+        } else {
+            let head_out = match frozen_heads {
+                Some(heads) => Tensor::stack(heads, 0)?,
+                None => attn.head_outputs(&z)?,
+            };
+            for hh in 0..h {
+                let out = head_out.get(hh)?;
+                sink(Writer::Head { layer: l, head: hh }, &out)?;
+                if track_writers {
+                    writers.push(out);
+                }
+            }
+            attn.output(&head_out)?
+        };
+        let x_mid = (&x + attn_out)?;
+        // Parallel blocks: the MLP reads the stream entering the layer.
+        let mlp_site = if cfg.parallel_attn_mlp { &x } else { &x_mid };
+        let (mlp_cache, x_next) = match &block.mlp {
+            None => (None, x_mid),
+            Some(mlp) => {
+                let mlp_reader = first_reader + 3 * h;
+                let delta = match opts.intervention {
+                    Some(iv) => iv
+                        .deltas(mlp_reader..mlp_reader + 1, writers)?
+                        .pop()
+                        .flatten(),
+                    None => None,
+                };
+                let inp = match &delta {
+                    Some(dlt) => (mlp_site + dlt)?,
+                    None => mlp_site.clone(),
+                };
+                let rows = last_mlp_rows.as_ref().filter(|_| l + 1 == cfg.n_layers);
+                let inp = match rows {
+                    Some(r) => inp.index_select(r, 0)?,
+                    None => inp,
+                };
+                let (mut out, cache) = match opts.keep_cache {
+                    true => {
+                        let (out, cache) = mlp.forward(&inp)?;
+                        (out, Some(cache))
+                    }
+                    false => (mlp.output(&inp)?, None),
+                };
+                if let Some(r) = rows {
+                    out = Tensor::zeros((n, d), out.dtype(), out.device())?.index_add(
+                        r,
+                        &out.contiguous()?,
+                        0,
+                    )?;
+                }
+                if let Some(SublayerOverride::Mlp { layer, output }) = &opts.sublayer_override {
+                    if *layer == l {
+                        if output.dims() != [n, d] {
+                            return Err(Error::Shape {
+                                op: "MLP override",
+                                expected: format!("[{n}, {d}]"),
+                                found: format!("{:?}", output.dims()),
+                            });
+                        }
+                        out = output.clone();
+                    }
+                }
+                let mut x_next = (&x_mid + &out)?;
+                if let Some(bias) = mlp.output_bias() {
+                    x_next = ops::add_bias(&x_next, bias)?;
+                }
+                sink(Writer::Mlp { layer: l }, &out)?;
+                if track_writers {
+                    writers.push(out);
+                }
+                (cache, x_next)
+            }
+        };
+        if opts.keep_cache {
+            let mlp_frozen = matches!(
+                &opts.sublayer_override,
+                Some(SublayerOverride::Mlp { layer, .. }) if *layer == l
+            );
+            layer_caches.push(LayerCache {
+                attn: attn.cache(ln1, q, k, v, pattern, post, positions),
+                mlp_rows: last_mlp_rows
+                    .clone()
+                    .filter(|_| l + 1 == cfg.n_layers && mlp_cache.is_some()),
+                mlp: mlp_cache,
+                attn_frozen,
+                mlp_frozen,
+            });
+        }
+        *x_slot = x_next;
+        Ok(())
+    }
+
+    /// The logits (and whatever the options keep) after the last layer.
+    fn finish(self) -> Result<ForwardOutput> {
+        let (model, opts) = (self.model, self.opts);
+        let (b, mut x, mut residuals, mut writers) = (self.b, self.x, self.residuals, self.writers);
+        let (logit_rows, logit_positions) = (self.logit_rows, self.logit_positions);
+        let layer_caches = self.layer_caches;
+        let p = self.p;
+        let graph = model.graph();
+        if opts.keep_residuals {
+            residuals.push(x.clone());
+        }
+        if let Some(iv) = opts.intervention {
+            let logits_reader = graph.n_readers() - 1;
+            if let Some(delta) = iv
+                .deltas(logits_reader..logits_reader + 1, &writers)?
+                .pop()
+                .flatten()
+            {
+                x = (x + delta)?;
+            }
+        }
+        let xf = x.index_select(&logit_rows, 0)?;
+        let (logits, unembed) = model.unembed(&xf, opts.logit_columns.as_deref())?;
+        let width = logits.dim(1)?;
+        let logits = logits.reshape((b, logit_positions.len(), width))?;
+        let cache = opts.keep_cache.then(|| ForwardCache {
+            layers: layer_caches,
+            unembed,
+            logit_rows,
+            batch: b,
+            seq_len: p,
+        });
+        if !opts.keep_writers {
+            writers.clear();
+        }
+        Ok(ForwardOutput {
+            residuals,
+            logits,
+            writers,
+            cache,
+        })
     }
 }
 
