@@ -90,6 +90,12 @@ pub struct AttentionWeights {
     pub b_o: Option<Tensor>,
     /// The norm on attention's output (Gemma-2's `post_attention_layernorm`).
     pub post_norm: Option<NormWeights>,
+    /// `w_q`, `w_k` and `w_v` as the checkpoint already stores them fused, `[d, (n_heads +
+    /// 2·n_kv_heads)·dh]` with every query head's columns, then the keys', then the values'
+    /// (GPT-2's `c_attn`), f32: then `w_q`, `w_k` and `w_v` are views of it, and the layer
+    /// keeps it as its fused projection instead of copying the heads into one (three copies of
+    /// the matrix per streamed GPT-2 layer).
+    pub fused_qkv: Option<Tensor>,
 }
 
 /// The normalisation applied to a sublayer's input (or output, or before the unembedding).
@@ -862,9 +868,11 @@ impl Mlp {
 /// against ~185 for the other layouts (2-core AVX-512 EPYC, measured).
 ///
 /// Matrices kept in bf16 as stored (bf16 products, [`super::bf16::pack`] reads any layout) are
-/// left as they are.
+/// left as they are, and so are broadcast views (the zeros a load-time check builds its layers
+/// from, [`super::weights::WeightLoader::check_layer`]): copying one would fill the whole
+/// matrix only for the check to drop it (0.36 s of Qwen2.5-0.5B's 24 checks).
 fn column_major(w: Tensor) -> Result<Tensor> {
-    if w.dtype() == DType::BF16 {
+    if w.dtype() == DType::BF16 || w.stride().iter().all(|&s| s == 0) {
         return Ok(w);
     }
     let wt = w.t()?;
@@ -911,18 +919,26 @@ impl Block {
         check("W_O", &attn.w_o, &[h, dh, d])?;
         // The fused projection: each letter's [heads, d, dh] as the column blocks of [d,
         // heads·dh], side by side; biases in the same order, zeros for a letter without one.
-        let [w_q, w_k, w_v] = [attn.w_q, attn.w_k, attn.w_v]
-            .map(|w| w.to_dtype(DType::F32).and_then(|w| w.contiguous()));
-        let (w_q, w_k, w_v) = (w_q?, w_k?, w_v?);
-        let w_qkv = match ops::fused_columns(&[&w_q, &w_k, &w_v])? {
-            Some(w) => w,
+        let w_qkv = match attn.fused_qkv {
+            Some(w) => {
+                check("the fused W_Q, W_K, W_V", &w, &[d, (h + 2 * kv) * dh])?;
+                w.to_dtype(DType::F32)?
+            }
             None => {
-                let columns = |w: &Tensor, heads: usize| -> Result<Tensor> {
-                    let w = ops::swap_middle(w, (1, heads, d, dh))?;
-                    Ok(w.reshape((d, heads * dh))?)
-                };
-                let parts = [columns(&w_q, h)?, columns(&w_k, kv)?, columns(&w_v, kv)?];
-                Tensor::cat(&parts, 1)?
+                let [w_q, w_k, w_v] = [attn.w_q, attn.w_k, attn.w_v]
+                    .map(|w| w.to_dtype(DType::F32).and_then(|w| w.contiguous()));
+                let (w_q, w_k, w_v) = (w_q?, w_k?, w_v?);
+                match ops::fused_columns(&[&w_q, &w_k, &w_v])? {
+                    Some(w) => w,
+                    None => {
+                        let columns = |w: &Tensor, heads: usize| -> Result<Tensor> {
+                            let w = ops::swap_middle(w, (1, heads, d, dh))?;
+                            Ok(w.reshape((d, heads * dh))?)
+                        };
+                        let parts = [columns(&w_q, h)?, columns(&w_k, kv)?, columns(&w_v, kv)?];
+                        Tensor::cat(&parts, 1)?
+                    }
+                }
             }
         };
         let biases = [(attn.b_q, h), (attn.b_k, kv), (attn.b_v, kv)];
@@ -1004,6 +1020,7 @@ impl Block {
             w_o,
             b_o: Some(b_o),
             post_norm: None,
+            fused_qkv: None,
         };
         Block::new(cfg, attn, mlp.map(|m| MlpWeights { norm: ln2, ..m }))
     }

@@ -233,6 +233,7 @@ fn random_general(
             w_o: u(&[h, dh, d], w)?,
             b_o: biased.then(|| u(&[d], 0.02)).transpose()?,
             post_norm: if cfg.post_norms { norm(&mut u)? } else { None },
+            fused_qkv: None,
         };
         let mlp = match cfg.d_mlp {
             Some(m) => Some(MlpWeights {

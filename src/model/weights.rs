@@ -1222,39 +1222,40 @@ impl WeightLoader {
                 let c_attn = self.get(&p("attn.c_attn.weight"), &[d, 3 * d])?;
                 let c_attn_b = self.get(&p("attn.c_attn.bias"), &[3 * d])?;
                 // Conv1D computes x @ W: columns [0, d) are the queries of all heads, head h in
-                // columns [h*dh, (h+1)*dh); then keys, then values.
-                let split = |k: usize| -> Result<Tensor> {
-                    let w = c_attn.narrow(1, k * d, d)?.contiguous()?;
-                    let heads = w.reshape((d, h, dh))?.permute((1, 0, 2))?.contiguous()?;
-                    Ok(heads)
+                // columns [h*dh, (h+1)*dh); then keys, then values: eap's fused layout, which
+                // the layer keeps as it is. The letters are views of it.
+                let by_letter = c_attn.reshape((d, 3, h, dh))?;
+                let letter = |k: usize| -> Result<Tensor> {
+                    Ok(by_letter.narrow(1, k, 1)?.squeeze(1)?.permute((1, 0, 2))?)
                 };
                 let wo = self.get(&p("attn.c_proj.weight"), &[d, d])?;
                 let d_mlp = c.d_mlp.expect("GPT-2 has MLPs");
                 let bias = |k: usize| c_attn_b.narrow(0, k * d, d)?.reshape((h, dh));
-                Block::from_heads(
-                    c,
-                    self.norm(&p("ln_1.weight"), &p("ln_1.bias"))?,
-                    split(0)?,
-                    split(1)?,
-                    split(2)?,
-                    bias(0)?,
-                    bias(1)?,
-                    bias(2)?,
-                    wo.reshape((h, dh, d))?,
-                    self.get(&p("attn.c_proj.bias"), &[d])?,
-                    self.norm(&p("ln_2.weight"), &p("ln_2.bias"))?,
-                    Some(MlpWeights {
-                        norm: None,
-                        w_gate: None,
-                        post_norm: None,
-                        w_in: self
-                            .mlp_matrix(bf, &p("mlp.c_fc.weight"), &[d, d_mlp], ROWS)?
-                            .t()?,
-                        b_in: Some(self.get(&p("mlp.c_fc.bias"), &[d_mlp])?),
-                        w_out: self.mlp_matrix(bf, &p("mlp.c_proj.weight"), &[d_mlp, d], NO)?,
-                        b_out: Some(self.get(&p("mlp.c_proj.bias"), &[d])?),
-                    }),
-                )
+                let attn = AttentionWeights {
+                    norm: self.norm(&p("ln_1.weight"), &p("ln_1.bias"))?,
+                    w_q: letter(0)?,
+                    w_k: letter(1)?,
+                    w_v: letter(2)?,
+                    b_q: Some(bias(0)?),
+                    b_k: Some(bias(1)?),
+                    b_v: Some(bias(2)?),
+                    w_o: wo.reshape((h, dh, d))?,
+                    b_o: Some(self.get(&p("attn.c_proj.bias"), &[d])?),
+                    post_norm: None,
+                    fused_qkv: Some(c_attn),
+                };
+                let mlp = MlpWeights {
+                    norm: self.norm(&p("ln_2.weight"), &p("ln_2.bias"))?,
+                    w_gate: None,
+                    post_norm: None,
+                    w_in: self
+                        .mlp_matrix(bf, &p("mlp.c_fc.weight"), &[d, d_mlp], ROWS)?
+                        .t()?,
+                    b_in: Some(self.get(&p("mlp.c_fc.bias"), &[d_mlp])?),
+                    w_out: self.mlp_matrix(bf, &p("mlp.c_proj.weight"), &[d_mlp, d], NO)?,
+                    b_out: Some(self.get(&p("mlp.c_proj.bias"), &[d])?),
+                };
+                Block::new(c, attn, Some(mlp))
             }
             WeightFormat::TransformerLens => {
                 let p = |s: &str| format!("blocks.{i}.{s}");
@@ -1313,6 +1314,7 @@ impl WeightLoader {
                         true => self.hf_norm(&n("post_attention_layernorm"))?,
                         false => None,
                     },
+                    fused_qkv: None,
                 };
                 let mlp = MlpWeights {
                     norm: self.hf_norm(&n(match post {
@@ -1375,6 +1377,7 @@ impl WeightLoader {
                     w_o: self.heads_out(&p("attention.dense.weight"))?,
                     b_o: self.get_opt(l.o_bias, &p("attention.dense.bias"), &[d])?,
                     post_norm: None,
+                    fused_qkv: None,
                 };
                 let mlp = MlpWeights {
                     // With the parallel residual the MLP applies this norm to the stream
