@@ -172,8 +172,18 @@ pub fn read_truth(path: &Path, graph: Graph) -> Result<Circuit> {
 pub fn load_job(spec: &JobSpec, device: &Device) -> Result<Job> {
     if let Some(name) = &spec.model {
         let model = load_model(name, device, spec.residency)?;
-        let tok = tokenizer_for(&model, spec.tokenizer.as_deref())?;
-        let (data, metric) = load_data(&spec.examples, None, tok.as_ref())?;
+        let ex = &spec.examples;
+        let (data, metric) = match (&ex.data, ex.task, ex.mib_task) {
+            // A file of token ids needs no tokenizer: it is made only for text.
+            (Some(path), None, None) => {
+                let tok = || tokenizer_for(&model, spec.tokenizer.as_deref());
+                (Dataset::from_jsonl_lazy(path, tok)?, Metric::LogitDiff)
+            }
+            _ => {
+                let tok = tokenizer_for(&model, spec.tokenizer.as_deref())?;
+                load_data(ex, None, tok.as_ref())?
+            }
+        };
         // Without --truth, an InterpBench case folder brings its own (`edges.pkl`).
         let truth = match spec.truth.as_deref() {
             Some(p) => Some(read_truth(p, model.graph())?),

@@ -66,6 +66,42 @@ pub struct Record {
     pub wrong: AnswerSpec,
 }
 
+impl Record {
+    /// Whether a prompt or an answer is text (needs a tokenizer).
+    pub fn has_text(&self) -> bool {
+        let text = |a: &AnswerSpec| match a {
+            AnswerSpec::One(t) => matches!(t, TokenSpec::Text(_)),
+            AnswerSpec::Many(ts) => ts.iter().any(|t| matches!(t, TokenSpec::Text(_))),
+        };
+        matches!(self.clean, PromptSpec::Text(_))
+            || matches!(self.corrupted, PromptSpec::Text(_))
+            || text(&self.answer)
+            || text(&self.wrong)
+    }
+}
+
+const JSONL_EMPTY: &str = "no examples (the file is empty)";
+
+/// The records of a JSONL file, each with the line it came from.
+fn jsonl_records(path: &Path) -> Result<Vec<(Origin<'_>, Record)>> {
+    let text = read_text(path)?;
+    let mut records = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let origin = Origin { path, line: i + 1 };
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| origin.parse(format!("malformed JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| origin.parse("expected a JSON object"))?;
+        let record = origin.record(obj)?;
+        records.push((origin, record));
+    }
+    Ok(records)
+}
+
 fn name_of(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -293,28 +329,23 @@ impl Dataset {
     /// tokenizes text prompts and answers; with `None` every prompt and answer must be token
     /// ids. The dataset is named after the file's stem.
     pub fn from_jsonl(path: &Path, tok: Option<&Tokenizer>) -> Result<Dataset> {
-        let text = read_text(path)?;
-        let mut records = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let origin = Origin { path, line: i + 1 };
-            let v: Value = serde_json::from_str(line)
-                .map_err(|e| origin.parse(format!("malformed JSON: {e}")))?;
-            let obj = v
-                .as_object()
-                .ok_or_else(|| origin.parse("expected a JSON object"))?;
-            let record = origin.record(obj)?;
-            records.push((origin, record));
-        }
-        Dataset::from_origins(
-            &name_of(path),
-            path,
-            records,
-            tok,
-            "no examples (the file is empty)",
-        )
+        let records = jsonl_records(path)?;
+        Dataset::from_origins(&name_of(path), path, records, tok, JSONL_EMPTY)
+    }
+
+    /// [`from_jsonl`](Self::from_jsonl) calling `tok` for the tokenizer only if some prompt or
+    /// answer is text: a file of token ids never builds one (GPT-2's takes ~50 ms). Without a
+    /// tokenizer, ids are checked against the model's vocabulary when it runs them.
+    pub fn from_jsonl_lazy(
+        path: &Path,
+        tok: impl FnOnce() -> Result<Option<Tokenizer>>,
+    ) -> Result<Dataset> {
+        let records = jsonl_records(path)?;
+        let tok = match records.iter().any(|(_, r)| r.has_text()) {
+            true => tok()?,
+            false => None,
+        };
+        Dataset::from_origins(&name_of(path), path, records, tok.as_ref(), JSONL_EMPTY)
     }
 
     /// Reads a CSV of EAP-IG (hannamw/EAP-IG). Two layouts, told apart by the header:
@@ -561,6 +592,30 @@ mod tests {
         );
         let d = Dataset::from_jsonl(&p, None).unwrap();
         assert_eq!(d.examples[0].target.wrongs, vec![6]);
+        // The lazy reader makes no tokenizer for ids, and one as soon as any field is text.
+        let lazy = |p: &Path| {
+            let made = std::cell::Cell::new(false);
+            let d = Dataset::from_jsonl_lazy(p, || {
+                made.set(true);
+                Ok(Some(gpt2().clone()))
+            });
+            (d.unwrap(), made.get())
+        };
+        let (d, made) = lazy(&p);
+        assert!(!made);
+        assert_eq!(d.examples[0].clean, vec![1, 2]);
+        let mixed = write(
+            &dir,
+            "mixed.jsonl",
+            "{\"clean\": [1, 2], \"corrupted\": [3, 4], \"answer\": 5, \"wrong\": 6}\n\
+             {\"clean\": [1, 2], \"corrupted\": [3, 4], \"answer\": \" Mary\", \"wrong\": 6}\n",
+        );
+        let (d, made) = lazy(&mixed);
+        assert!(made);
+        assert_eq!(
+            d.examples[1].target.answers,
+            vec![gpt2().token_id(" Mary").unwrap()]
+        );
     }
 
     fn jsonl_err(text: &str, tok: Option<&Tokenizer>) -> String {
