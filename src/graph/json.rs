@@ -138,15 +138,9 @@ impl CircuitFile {
         Ok(())
     }
 
-    /// The EAP-IG JSON value.
-    ///
-    /// # Panics
-    ///
-    /// When the parts disagree in size; [`CircuitFile::check`] (called by
-    /// [`CircuitFile::write`] and [`CircuitFile::new`]) reports that as an error instead.
-    pub fn to_json(&self) -> Value {
+    /// EAP-IG's `cfg` object: the graph's shape.
+    pub(crate) fn cfg_json(&self) -> Map<String, Value> {
         let g = self.graph;
-        let (nw, nr) = (g.n_writers(), g.n_readers());
         let d_model = self
             .meta
             .get("d_model")
@@ -158,6 +152,19 @@ impl CircuitFile {
         cfg.insert("parallel_attn_mlp".into(), g.parallel_attn_mlp.into());
         cfg.insert("d_model".into(), d_model.into());
         cfg.insert("attn_only".into(), (!g.has_mlp).into());
+        cfg
+    }
+
+    /// The EAP-IG JSON value.
+    ///
+    /// # Panics
+    ///
+    /// When the parts disagree in size; [`CircuitFile::check`] (called by
+    /// [`CircuitFile::write`] and [`CircuitFile::new`]) reports that as an error instead.
+    pub fn to_json(&self) -> Value {
+        let g = self.graph;
+        let (nw, nr) = (g.n_writers(), g.n_readers());
+        let cfg = self.cfg_json();
 
         // EAP-IG's node rule (`prune`, `apply_topn`): outgoing and incoming edges.
         let mut has_out = vec![false; nw];

@@ -44,13 +44,12 @@ impl CircuitFile {
             TensorView::new(dtype, shape.to_vec(), data)
                 .map_err(|e| Error::invalid(format!("score matrix: {e}")))
         }
-        let json = self.to_json();
         let names = |n: usize, name: &dyn Fn(usize) -> String| {
             Value::from((0..n).map(name).collect::<Vec<_>>()).to_string()
         };
         let metadata = std::collections::HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
-            ("cfg".to_string(), json["cfg"].to_string()),
+            ("cfg".to_string(), Value::Object(self.cfg_json()).to_string()),
             ("meta".to_string(), self.meta.to_string()),
             ("writers".to_string(), names(nw, &|w| g.writer_name(w))),
             ("readers".to_string(), names(nr, &|r| g.reader_name(r))),
