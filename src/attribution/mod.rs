@@ -713,21 +713,21 @@ impl DeltaBuffer {
         zero_baseline: bool,
     ) -> Self {
         let store = match pairs {
-            true => DeltaStore::Pairs {
-                rows: PairRows::zeros(
-                    n_writers,
-                    row,
-                    crate::model::ops::padded_row_len(row.div_ceil(2)),
-                ),
-                staged: HashMap::new(),
-                scratch: Vec::new(),
-            },
+            true => {
+                let stride = crate::model::ops::padded_row_len(row.div_ceil(2));
+                let mut rows = PairRows::zeros(n_writers, row, stride);
+                crate::model::ops::prefault(rows.words_mut());
+                DeltaStore::Pairs {
+                    rows,
+                    staged: HashMap::new(),
+                    scratch: Vec::new(),
+                }
+            }
             false => {
                 let row_len = crate::model::ops::padded_row_len(row);
-                DeltaStore::F32 {
-                    data: vec![0f32; n_writers * row_len],
-                    row_len,
-                }
+                let mut data = vec![0f32; n_writers * row_len];
+                crate::model::ops::prefault(&mut data);
+                DeltaStore::F32 { data, row_len }
             }
         };
         DeltaBuffer {

@@ -49,7 +49,10 @@ impl CircuitFile {
         };
         let metadata = std::collections::HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
-            ("cfg".to_string(), Value::Object(self.cfg_json()).to_string()),
+            (
+                "cfg".to_string(),
+                Value::Object(self.cfg_json()).to_string(),
+            ),
             ("meta".to_string(), self.meta.to_string()),
             ("writers".to_string(), names(nw, &|w| g.writer_name(w))),
             ("readers".to_string(), names(nr, &|r| g.reader_name(r))),

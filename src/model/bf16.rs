@@ -580,6 +580,11 @@ impl PairRows {
         }
     }
 
+    /// All rows' words (to prefault them, [`crate::model::ops::prefault`]).
+    pub fn words_mut(&mut self) -> &mut [u32] {
+        &mut self.words
+    }
+
     /// Sets row `i` to `values` (`k` of them) rounded to bf16.
     pub fn set_row(&mut self, i: usize, values: &[f32]) -> Result<()> {
         if i >= self.rows || values.len() != self.k {

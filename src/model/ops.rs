@@ -22,6 +22,32 @@ pub fn cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     cpu_slices(&[t], |s| f(s[0]))
 }
 
+/// Maps in the pages of a large fresh buffer in one call (`MADV_POPULATE_WRITE`, Linux 5.14+)
+/// instead of one page fault per 4 KiB as it is first written: EAP's Δ (123 MB for GPT-2 at
+/// 32 × 16 tokens in bf16) took 31-38 ms this way against ~3 µs per page faulted in on a
+/// 2-core KVM guest. Elsewhere, or when the kernel refuses, the pages fault in as before.
+pub fn prefault<T: Copy>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = (buf.as_mut_ptr() as usize).next_multiple_of(PAGE);
+        let end = (buf.as_mut_ptr() as usize + std::mem::size_of_val(buf)) & !(PAGE - 1);
+        if end > start + PAGE {
+            // SAFETY: the range lies inside `buf`, which is ours to write; populating only maps
+            // pages in (their contents stay what they were) and its result is advisory.
+            unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
 /// Copies a tensor's f32 data to a vector (any device, any layout).
 pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     if let Some(v) = cpu_slice(t, |s| s.to_vec()) {
