@@ -192,7 +192,6 @@ pub fn run(opts: &BenchOptions, device: &Device, out: &mut dyn Write) -> Result<
         let phases = best.map(|(_, p)| p).unwrap_or_default();
         let how = match opts.products {
             Products::F32 => "candle matmul",
-            // The contraction stays f32: its floor at this rate is a bound it cannot reach.
             Products::Bf16 => "bf16::product, the contraction's floor too",
         };
         say!(

@@ -188,6 +188,31 @@ fn streamed_models_match_resident_ones() {
                 .unwrap()
                 .logits
         };
+        // A streamed model's layers arrive in the order asked (each fetched ahead of its turn
+        // on a helper thread); an error in the caller's work stops the walk there.
+        let n = streamed.cfg.n_layers;
+        for backward in [false, true] {
+            let mut seen = Vec::new();
+            streamed
+                .for_each_layer((0..n).rev(), backward, |l, _| {
+                    seen.push(l);
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(seen, (0..n).rev().collect::<Vec<_>>());
+            let mut calls = 0;
+            let e = streamed
+                .for_each_layer(0..n, backward, |l, _| {
+                    calls += 1;
+                    match l {
+                        1 => Err(eap::Error::invalid("stop at layer 1")),
+                        _ => Ok(()),
+                    }
+                })
+                .unwrap_err();
+            assert!(e.to_string().contains("stop at layer 1"), "{e}");
+            assert_eq!(calls, 2);
+        }
         let a = logits(&resident);
         let others = [
             ("streamed", &streamed),

@@ -1,6 +1,7 @@
 //! Weight products with bf16 inputs and f32 accumulation: `x · W` for a layer's weight matrix
 //! `W`, packed once into bf16 column panels, and activations `x` rounded to bf16 (round to
-//! nearest even) as they are packed. Every product of two bf16 numbers is exact in f32, so
+//! nearest even) as they are packed; and the EAP contraction `Δ · gᵀ` of bf16 rows
+//! ([`PairRows`], [`contract_many`]). Every product of two bf16 numbers is exact in f32, so
 //! the only error is the rounding of the two inputs: a relative 2⁻⁹ per element.
 //!
 //! Why by hand: AVX512-BF16's `vdpbf16ps` does 32 multiply-adds per instruction against an f32
@@ -30,8 +31,9 @@ pub enum Products {
     #[default]
     F32,
     /// The forward's and backward's weight products (the fused q/k/v projection, the output
-    /// projection, the MLP's) take bf16 inputs with f32 accumulation; attention's own
-    /// products, the per-head and per-reader products, norms and the contraction stay f32.
+    /// projection, the MLP's, the per-head q/k/v input gradients) and the EAP contraction (Δ
+    /// and the reader gradients rounded, [`contract_many`]) take bf16 inputs with f32
+    /// accumulation; attention's own products, the per-head Δ products and norms stay f32.
     Bf16,
 }
 

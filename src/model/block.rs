@@ -978,6 +978,47 @@ impl Block {
         })
     }
 
+    /// Makes now the bf16 packings the forward (or, with `backward`, the backward) will use,
+    /// which otherwise are made at first use: a streamed layer fetched ahead of its turn
+    /// ([`super::Model::for_each_layer`]) arrives ready. Nothing for f32 products.
+    pub fn prepare(&self, backward: bool) -> Result<()> {
+        if let Some(p) = &self.attn.packs {
+            let a = &self.attn;
+            match backward {
+                false => {
+                    p.qkv.get(&a.w_qkv)?;
+                    p.o.get(&a.w_o_flat)?;
+                }
+                true => {
+                    p.qkv_t.get(&a.w_qkv.t()?)?;
+                    p.o_t.get(&a.w_o_flat.t()?)?;
+                }
+            }
+        }
+        if let Some(mlp) = &self.mlp {
+            if let Some(p) = &mlp.packs {
+                let w = &mlp.weights;
+                match backward {
+                    false => {
+                        p.w_in.get(&w.w_in)?;
+                        p.w_out.get(&w.w_out)?;
+                        if let Some(g) = &w.w_gate {
+                            p.w_gate.get(g)?;
+                        }
+                    }
+                    true => {
+                        p.w_in_t.get(&w.w_in.t()?)?;
+                        p.w_out_t.get(&w.w_out.t()?)?;
+                        if let Some(g) = &w.w_gate {
+                            p.w_gate_t.get(&g.t()?)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Which precision the layer's weight products take from now on. The bf16 packings are
     /// made on first use (the forward's and the backward's separately) and kept with the
     /// layer; `F32` drops them.

@@ -420,16 +420,22 @@ impl ModelConfig {
     /// unembedding counts even when tied, because it is kept as its own f32 copy.
     pub fn n_params(&self) -> usize {
         let d = self.d_model;
+        let pos = match self.positions {
+            Positions::Standard | Positions::Shortformer => self.n_ctx * d,
+            Positions::Rotary(_) => 0,
+        };
+        self.d_vocab * d + pos + self.n_layers * self.layer_params() + d * self.d_vocab_out
+    }
+
+    /// Parameters of one layer: attention, MLP, norms.
+    pub fn layer_params(&self) -> usize {
+        let d = self.d_model;
         let q = self.n_heads * self.d_head;
         let kv = self.n_kv_heads * self.d_head;
         let attn = 2 * d * q + 2 * d * kv + q + 2 * kv + d;
         let mats = if self.gated_mlp { 3 } else { 2 };
         let mlp = self.d_mlp.map_or(0, |m| mats * d * m + m + d);
-        let pos = match self.positions {
-            Positions::Standard | Positions::Shortformer => self.n_ctx * d,
-            Positions::Rotary(_) => 0,
-        };
-        self.d_vocab * d + pos + self.n_layers * (attn + mlp + 4 * d) + d * self.d_vocab_out
+        attn + mlp + 4 * d
     }
 
     /// Reads `config.json`, deciding between a Hugging Face and a TransformerLens config.

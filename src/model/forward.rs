@@ -408,10 +408,10 @@ impl Model {
     /// Runs the model on one batch (DESIGN §3).
     pub fn forward(&self, batch: &Batch, opts: &ForwardOptions) -> Result<ForwardOutput> {
         let mut pass = Pass::new(self, batch, opts)?;
-        for l in pass.first_layer..self.cfg.n_layers {
-            let block = self.layer(l)?;
-            pass.layer(l, &block)?;
-        }
+        let first = pass.first_layer;
+        self.for_each_layer(first..self.cfg.n_layers, false, |l, block| {
+            pass.layer(l, block)
+        })?;
         pass.finish()
     }
 
@@ -427,14 +427,15 @@ impl Model {
     ) -> Result<(ForwardOutput, ForwardOutput)> {
         let mut a = Pass::new(self, first.0, first.1)?;
         let mut b = Pass::new(self, second.0, second.1)?;
-        for l in a.first_layer.min(b.first_layer)..self.cfg.n_layers {
-            let block = self.layer(l)?;
+        let first = a.first_layer.min(b.first_layer);
+        self.for_each_layer(first..self.cfg.n_layers, false, |l, block| {
             for pass in [&mut a, &mut b] {
                 if l >= pass.first_layer {
-                    pass.layer(l, &block)?;
+                    pass.layer(l, block)?;
                 }
             }
-        }
+            Ok(())
+        })?;
         Ok((a.finish()?, b.finish()?))
     }
 
@@ -501,8 +502,7 @@ impl Model {
             readers: logits_reader..logits_reader + 1,
             grads: g.unsqueeze(0)?,
         })?;
-        for l in (0..cfg.n_layers).rev() {
-            let block = self.layer(l)?;
+        self.for_each_layer((0..cfg.n_layers).rev(), true, |l, block| {
             let lc = &cache.layers[l];
             let first_reader = l * graph.readers_per_layer();
             // Sequential blocks: attention's output reaches the MLP too, so the gradient at
@@ -554,9 +554,9 @@ impl Model {
                     grads: gm.unsqueeze(0)?,
                 })?;
             }
-            g = (g + g_qkv_sum)?;
-        }
-        Ok(())
+            g = (&g + g_qkv_sum)?;
+            Ok(())
+        })
     }
 
     /// Gradient of the metric with respect to every reader input, `[N, d]` each, in graph order.

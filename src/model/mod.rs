@@ -62,6 +62,9 @@ fn resident_bytes_limit() -> usize {
         .unwrap_or(DEFAULT_RESIDENT_BYTES)
 }
 
+/// The largest layer (in f32 bytes) that [`Model::for_each_layer`] fetches ahead of its turn.
+pub const PREFETCH_LAYER_BYTES: usize = 256 << 20;
+
 /// Where a loaded model's weights live.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Residency {
@@ -290,6 +293,59 @@ impl Model {
             LayerStore::Resident(layers) => Ok(layers[i].clone()),
             LayerStore::Streamed(loader) => Ok(Arc::new(self.load_layer(loader, i)?)),
         }
+    }
+
+    /// Calls `f` with each layer of `order` in turn. A streamed model fetches the next layer
+    /// on a helper thread, converted and packed for the forward (or with `backward`, the
+    /// backward), while `f` works on the current one: the conversion (5 ms per GPT-2 layer in
+    /// bf16, and as much again for its packing) fills the moments the computation leaves a
+    /// core idle instead of adding to them. One layer is fetched ahead at most, and only for
+    /// layers of at most [`PREFETCH_LAYER_BYTES`] in f32; larger ones (Llama-3.1-8B's 0.87 GB)
+    /// are fetched in turn, so that the peak memory stays near one layer.
+    pub fn for_each_layer(
+        &self,
+        order: impl Iterator<Item = usize>,
+        backward: bool,
+        mut f: impl FnMut(usize, &Block) -> Result<()>,
+    ) -> Result<()> {
+        let order: Vec<usize> = order.collect();
+        let prefetch = matches!(self.layers, LayerStore::Streamed(_))
+            && order.len() > 1
+            && self.cfg.layer_params().saturating_mul(4) <= PREFETCH_LAYER_BYTES;
+        if !prefetch {
+            for &l in &order {
+                let block = self.layer(l)?;
+                f(l, &block)?;
+            }
+            return Ok(());
+        }
+        std::thread::scope(|scope| {
+            // A rendezvous: the helper hands a layer over only when `f` asks for the next one,
+            // so at most one layer waits while another is in use.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(usize, Arc<Block>)>>(0);
+            let order = &order;
+            scope.spawn(move || {
+                for &l in order {
+                    let fetched = self.layer(l).and_then(|b| {
+                        b.prepare(backward)?;
+                        Ok((l, b))
+                    });
+                    let failed = fetched.is_err();
+                    // The receiver is gone once `f` failed: stop fetching.
+                    if tx.send(fetched).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            for _ in 0..order.len() {
+                let (l, block) = match rx.recv() {
+                    Ok(fetched) => fetched?,
+                    Err(_) => return Err(Error::invalid("the layer-fetching thread stopped")),
+                };
+                f(l, &block)?;
+            }
+            Ok(())
+        })
     }
 
     /// The embedding weights; in a streamed model whose vocabulary stays mapped, `w_e` and
