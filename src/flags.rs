@@ -216,8 +216,8 @@ pub struct DataArgs {
     pub source: SourceArgs,
     /// Keep the weights memory-mapped in their stored dtype and convert one layer at a time in
     /// each pass: the peak memory stays near one layer, not the whole model in f32. Each pass
-    /// pays the conversion: right for attribution's three passes, slow for evaluate's many
-    /// patched runs. `attribute` streams without it when EAP (or clean-corrupted) runs in one
+    /// pays the conversion: right for attribution's passes (EAP's corrupted and clean runs share
+    /// one, the backward another), slow for evaluate's many patched runs. `attribute` streams without it when EAP (or clean-corrupted) runs in one
     /// chunk; models over 8 GB in f32 always stream.
     #[arg(long)]
     pub stream_weights: bool,
@@ -512,8 +512,9 @@ impl JobArgs {
 
 impl AttributeArgs {
     /// The job, its metric and the method, with the layers where the run is fastest: loaded
-    /// streamed, and made resident unless EAP (or clean-corrupted) runs in one chunk. Those
-    /// three passes convert each layer three times, which costs less than converting it once
+    /// streamed, and made resident unless EAP (or clean-corrupted) runs in one chunk. Its
+    /// passes convert each layer twice (the two forwards in lockstep, then the backward; the
+    /// next layer on a helper thread), which costs less than converting it once
     /// into fresh f32 memory that stays resident: first touches of new pages dominate on the
     /// VMs measured (docs/performance.md, 2026-12-04). More chunks, or EAP-IG's passes per
     /// step, repay one conversion.
