@@ -1,7 +1,7 @@
 //! Weight products with bf16 inputs and f32 accumulation: `x · W` for a layer's weight matrix
 //! `W`, packed once into bf16 column panels, and activations `x` rounded to bf16 (round to
 //! nearest even) as they are packed; and the EAP contraction `Δ · gᵀ` of bf16 rows
-//! ([`PairRows`], [`contract_many`]). Every product of two bf16 numbers is exact in f32, so
+//! (`PairRows`, `contract_many`). Every product of two bf16 numbers is exact in f32, so
 //! the only error is the rounding of the two inputs: a relative 2⁻⁹ per element.
 //!
 //! Why by hand: AVX512-BF16's `vdpbf16ps` does 32 multiply-adds per instruction against an f32
@@ -32,7 +32,7 @@ pub enum Products {
     F32,
     /// The forward's and backward's weight products (the fused q/k/v projection, the output
     /// projection, the MLP's, the per-head q/k/v input gradients) and the EAP contraction (Δ
-    /// and the reader gradients rounded, [`contract_many`]) take bf16 inputs with f32
+    /// and the reader gradients rounded, `contract_many`) take bf16 inputs with f32
     /// accumulation; attention's own products, the per-head Δ products and norms stay f32.
     Bf16,
 }
@@ -562,7 +562,7 @@ const CN: usize = 4;
 /// Rows of bf16 pairs for the EAP contraction (`Σ Δ·g` over examples, positions and `d`): pair
 /// `p` of row `i` is word `i·stride + p`, low half the value at `2p`, high half `2p + 1`.
 #[derive(Debug)]
-pub struct PairRows {
+pub(crate) struct PairRows {
     words: Vec<u32>,
     rows: usize,
     stride: usize,
@@ -572,7 +572,7 @@ pub struct PairRows {
 impl PairRows {
     /// `rows` rows of `k` zeros, `stride` words apart (at least `⌈k/2⌉`; more keeps the
     /// contraction's blocks of different rows off the same cache sets).
-    pub fn zeros(rows: usize, k: usize, stride: usize) -> PairRows {
+    pub(crate) fn zeros(rows: usize, k: usize, stride: usize) -> PairRows {
         let stride = stride.max(k.div_ceil(2));
         PairRows {
             words: vec![0u32; rows * stride],
@@ -583,12 +583,12 @@ impl PairRows {
     }
 
     /// All rows' words (to prefault them, [`crate::model::ops::prefault`]).
-    pub fn words_mut(&mut self) -> &mut [u32] {
+    pub(crate) fn words_mut(&mut self) -> &mut [u32] {
         &mut self.words
     }
 
     /// Sets row `i` to `values` (`k` of them) rounded to bf16.
-    pub fn set_row(&mut self, i: usize, values: &[f32]) -> Result<()> {
+    pub(crate) fn set_row(&mut self, i: usize, values: &[f32]) -> Result<()> {
         if i >= self.rows || values.len() != self.k {
             return Err(Error::Shape {
                 op: "bf16 row",
@@ -604,8 +604,9 @@ impl PairRows {
         Ok(())
     }
 
-    /// Row `i`'s values (as f32), for tests and checks.
-    pub fn row_values(&self, i: usize) -> Vec<f32> {
+    /// Row `i`'s values (as f32), for tests.
+    #[cfg(test)]
+    pub(crate) fn row_values(&self, i: usize) -> Vec<f32> {
         let words = &self.words[i * self.stride..];
         (0..self.k)
             .map(|e| {
@@ -617,7 +618,7 @@ impl PairRows {
 
     /// `t`'s rows (`[n, k]` f32, or any shape whose last dimension is `k`) rounded to bf16
     /// pairs, `⌈k/2⌉` words per row.
-    pub fn from_tensor(t: &Tensor) -> Result<PairRows> {
+    pub(crate) fn from_tensor(t: &Tensor) -> Result<PairRows> {
         let k = t.dims().last().copied().unwrap_or(1).max(1);
         let t = t.flatten_all()?.contiguous()?;
         let rows = t.elem_count() / k;
@@ -639,12 +640,12 @@ impl PairRows {
     }
 
     /// Rows of `k` values.
-    pub fn rows(&self) -> usize {
+    pub(crate) fn rows(&self) -> usize {
         self.rows
     }
 
     /// Values per row.
-    pub fn k(&self) -> usize {
+    pub(crate) fn k(&self) -> usize {
         self.k
     }
 }
@@ -669,7 +670,7 @@ fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
 
 /// Rounds every value of `data` to the nearest bf16 (even on ties), keeping it f32: the
 /// operands [`contract_many`] multiplies, on CPUs without AVX512-BF16.
-pub fn round_in_place(data: &mut [f32]) {
+pub(crate) fn round_in_place(data: &mut [f32]) {
     data.par_chunks_mut(1 << 16).for_each(|c| {
         c.iter_mut()
             .for_each(|x| *x = half::bf16::from_f32(*x).to_f32())
@@ -678,7 +679,7 @@ pub fn round_in_place(data: &mut [f32]) {
 
 /// The EAP contraction with bf16 inputs and f32 sums: for each `(b, rows)`, `a[..rows] · bᵀ`
 /// as a `[rows, b.rows()]` f32 tensor. Each block of `a`'s words is read once for all the `b`s.
-pub fn contract_many(a: &PairRows, bs: &[(&PairRows, usize)]) -> Result<Vec<Tensor>> {
+pub(crate) fn contract_many(a: &PairRows, bs: &[(&PairRows, usize)]) -> Result<Vec<Tensor>> {
     for &(b, rows) in bs {
         if b.k != a.k || rows > a.rows {
             return Err(Error::Shape {

@@ -981,7 +981,7 @@ impl Block {
     /// Makes now the bf16 packings the forward (or, with `backward`, the backward) will use,
     /// which otherwise are made at first use: a streamed layer fetched ahead of its turn
     /// ([`super::Model::for_each_layer`]) arrives ready. Nothing for f32 products.
-    pub fn prepare(&self, backward: bool) -> Result<()> {
+    pub(crate) fn prepare(&self, backward: bool) -> Result<()> {
         if let Some(p) = &self.attn.packs {
             let a = &self.attn;
             match backward {

@@ -26,7 +26,7 @@ pub fn cpu_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
 /// instead of one page fault per 4 KiB as it is first written: EAP's Δ (123 MB for GPT-2 at
 /// 32 × 16 tokens in bf16) took 31-38 ms this way against ~3 µs per page faulted in on a
 /// 2-core KVM guest. Elsewhere, or when the kernel refuses, the pages fault in as before.
-pub fn prefault<T: Copy>(buf: &mut [T]) {
+pub(crate) fn prefault<T: Copy>(buf: &mut [T]) {
     #[cfg(target_os = "linux")]
     {
         const PAGE: usize = 4096;
