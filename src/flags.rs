@@ -260,8 +260,7 @@ pub struct AttributeArgs {
 #[derive(Args)]
 pub struct ProductsArg {
     /// Precision of the layers' weight products and of the contraction: f32, or bf16 (inputs
-    /// rounded to bf16, sums in f32; the norms, attention pattern and per-head Δ products stay
-    /// f32). bf16 runs those products at twice the f32 rate on CPUs with AVX512-BF16, keeps Δ
+    /// rounded to bf16, sums in f32; the norms and the attention pattern stay f32). bf16 runs those products at twice the f32 rate on CPUs with AVX512-BF16, keeps Δ
     /// in half the memory there, and gives the same numbers, slower, elsewhere; scores then
     /// differ from f32 by ~1% of the largest.
     #[arg(long, default_value = "f32")]

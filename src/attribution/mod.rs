@@ -43,7 +43,7 @@ use std::cell::{Cell, RefCell};
 use crate::graph::Writer;
 use crate::model::bf16::{PairRows, Products};
 use crate::model::ops::{cpu_slice, cpu_slices};
-use crate::model::{ForwardOptions, ForwardOutput, Model, SublayerOverride, WriterSink};
+use crate::model::{Attention, ForwardOptions, ForwardOutput, Model, SublayerOverride, WriterSink};
 use crate::runs::{logits_rows, Ablation, Chunk, Runner, DEFAULT_MEMORY_BUDGET};
 use crate::tasks::{metric_gradient, metric_value, target_columns, Dataset, Metric};
 use crate::{Error, Result};
@@ -838,7 +838,7 @@ impl DeltaBuffer {
         &self,
         first_writer: usize,
         z: &Tensor,
-        w_o: &Tensor,
+        attn: &Attention,
         subtract: bool,
     ) -> Result<bool> {
         if !self.heads_from_mixed {
@@ -855,21 +855,16 @@ impl DeltaBuffer {
             return Ok(false);
         };
         let dz = (baseline - z)?;
-        let heads = w_o.dim(0)?;
+        let heads = attn.n_heads();
         let mut store = self.store.borrow_mut();
         match &mut *store {
             DeltaStore::F32 { data, row_len } => {
                 let (start, end) = (first_writer * *row_len, (first_writer + heads) * *row_len);
-                crate::model::ops::per_head_products_into(
-                    &dz,
-                    w_o,
-                    &mut data[start..end],
-                    *row_len,
-                )?;
+                attn.head_outputs_into(&dz, &mut data[start..end], *row_len)?;
             }
             DeltaStore::Pairs { rows, scratch, .. } => {
                 scratch.resize(heads * self.row, 0.0);
-                crate::model::ops::per_head_products_into(&dz, w_o, scratch, self.row)?;
+                attn.head_outputs_into(&dz, scratch, self.row)?;
                 for (hh, values) in scratch.chunks(self.row).enumerate() {
                     rows.set_row(first_writer + hh, values)?;
                 }
@@ -884,8 +879,8 @@ impl WriterSink for DeltaSide<'_> {
         self.buf.write(writer, output, self.subtract)
     }
 
-    fn take_heads(&self, first_writer: usize, z: &Tensor, w_o: &Tensor) -> Result<bool> {
-        self.buf.take_heads(first_writer, z, w_o, self.subtract)
+    fn take_heads(&self, first_writer: usize, z: &Tensor, attn: &Attention) -> Result<bool> {
+        self.buf.take_heads(first_writer, z, attn, self.subtract)
     }
 }
 

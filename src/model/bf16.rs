@@ -31,9 +31,10 @@ pub enum Products {
     #[default]
     F32,
     /// The forward's and backward's weight products (the fused q/k/v projection, the output
-    /// projection, the MLP's, the per-head q/k/v input gradients) and the EAP contraction (Δ
-    /// and the reader gradients rounded, `contract_many`) take bf16 inputs with f32
-    /// accumulation; attention's own products, the per-head Δ products and norms stay f32.
+    /// projection and each head's share of it in Δ, the MLP's, the per-head q/k/v input
+    /// gradients) and the EAP contraction (Δ and the reader gradients rounded,
+    /// `contract_many`) take bf16 inputs with f32 accumulation; attention's own products and
+    /// the norms stay f32.
     Bf16,
 }
 
@@ -97,6 +98,18 @@ enum Repr {
     Panels(Vec<u32>),
     /// The rounded values as an f32 `[k, n]` tensor, for CPUs without AVX512-BF16.
     Rounded(Tensor),
+}
+
+impl PackedWeight {
+    /// Rows of the packed `[k, n]` matrix.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Columns of the packed matrix.
+    pub fn n(&self) -> usize {
+        self.n
+    }
 }
 
 /// A weight's packing, made on first use and kept with the layer.

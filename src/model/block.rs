@@ -504,6 +504,24 @@ impl Attention {
         &self.w_o
     }
 
+    /// Every head's output `z_h · W_O[h]` (without `b_O`) from the mixed values `z` (`[N,
+    /// heads · d_head]`) into `out`, head `h`'s `[N, d]` starting at `h · chunk`: in bf16 when
+    /// the layer's products are (through `W_O`'s packing, one head per thread), else f32.
+    pub fn head_outputs_into(&self, z: &Tensor, out: &mut [f32], chunk: usize) -> Result<()> {
+        if let Some(p) = &self.packs {
+            let packed = p.o.get(&self.w_o_flat)?;
+            if ops::per_head_products_bf16_into(z, packed, self.n_heads, out, chunk)? {
+                return Ok(());
+            }
+        }
+        ops::per_head_products_into(z, &self.w_o, out, chunk)
+    }
+
+    /// The number of query heads.
+    pub fn n_heads(&self) -> usize {
+        self.n_heads
+    }
+
     /// Every head's output `z_h · W_O[h]` (`[heads, N, d]`, without `b_O`) from the mixed
     /// values `[N, heads · d_head]`.
     pub fn head_outputs(&self, z: &Tensor) -> Result<Tensor> {

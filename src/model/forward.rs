@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::block::{AttentionCache, Block, MlpCache, RowPositions};
+use super::block::{Attention, AttentionCache, Block, MlpCache, RowPositions};
 use super::config::Positions;
 use super::ops::{self, NormCache};
 use super::Model;
@@ -124,13 +124,13 @@ impl ReaderIntervention for PatchPlan {
 pub trait WriterSink {
     fn write(&self, writer: usize, output: &Tensor) -> Result<()>;
 
-    /// Offered a layer's mixed values `z` (`[N, heads · d_head]`) and `W_O` (`[heads, d_head,
-    /// d_model]`) before its heads' outputs (writers `first_writer..first_writer + heads`)
-    /// exist: `true` when the sink takes what it needs of them from these and will not be sent
-    /// them, so the forward adds the attention output in one GEMM without computing each
-    /// head's. By default it takes nothing.
-    fn take_heads(&self, first_writer: usize, z: &Tensor, w_o: &Tensor) -> Result<bool> {
-        let _ = (first_writer, z, w_o);
+    /// Offered a layer's mixed values `z` (`[N, heads · d_head]`) and its attention (`W_O`,
+    /// [`Attention::head_outputs_into`]) before its heads' outputs (writers `first_writer..
+    /// first_writer + heads`) exist: `true` when the sink takes what it needs of them from these
+    /// and will not be sent them, so the forward adds the attention output in one GEMM without
+    /// computing each head's. By default it takes nothing.
+    fn take_heads(&self, first_writer: usize, z: &Tensor, attn: &Attention) -> Result<bool> {
+        let _ = (first_writer, z, attn);
         Ok(false)
     }
 }
@@ -804,7 +804,7 @@ impl<'a, 'o> Pass<'a, 'o> {
         let heads_taken = !track_writers
             && !attn_frozen
             && match opts.writer_sink {
-                Some(s) => s.take_heads(graph.writer_index(first_head), &z, attn.w_o())?,
+                Some(s) => s.take_heads(graph.writer_index(first_head), &z, attn)?,
                 None => true,
             };
         let (attn_out, post) = if heads_taken {

@@ -592,6 +592,61 @@ pub fn per_head_products(z: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// [`per_head_products`] written into `out`: head `h`'s `[rows, n]` product fills the first
 /// `rows · n` floats of `out`'s `h`-th chunk of `chunk` floats (Δ's padded rows).
+/// [`per_head_products_into`] with bf16 inputs through `w_o`, the packing of `W_O` as one
+/// `[heads · d_head, d]` matrix: head `h` multiplies its columns of `z` by rows `h·d_head..` of
+/// the panels, on one thread per head. `false`, with nothing written, where the packing is not
+/// in hardware panels (or `d_head` is odd, or `z` is not contiguous CPU f32).
+pub fn per_head_products_bf16_into(
+    z: &Tensor,
+    w_o: &crate::model::bf16::PackedWeight,
+    heads: usize,
+    out: &mut [f32],
+    chunk: usize,
+) -> Result<bool> {
+    let (rows, width) = z.dims2()?;
+    let n = w_o.n();
+    if heads == 0 || width % heads != 0 || width != w_o.k() || chunk < rows * n {
+        return Err(crate::Error::Shape {
+            op: "per_head_products_bf16_into",
+            expected: format!("[rows, {}] mixed values of {heads} heads", w_o.k()),
+            found: format!("{:?}, chunks of {chunk}", z.dims()),
+        });
+    }
+    let dh = width / heads;
+    if out.len() < heads * chunk {
+        return Err(crate::Error::Shape {
+            op: "per_head_products_bf16_into",
+            expected: format!("{heads} output chunks of {chunk} floats"),
+            found: format!("{} floats", out.len()),
+        });
+    }
+    let done = cpu_slice(z, |zs| {
+        out.par_chunks_mut(chunk)
+            .take(heads)
+            .enumerate()
+            .map(|(head, dst)| {
+                let x: Vec<f32> = zs
+                    .chunks(width)
+                    .flat_map(|row| &row[head * dh..(head + 1) * dh])
+                    .copied()
+                    .collect();
+                // SAFETY: a `MaybeUninit<f32>` has the layout of an `f32`; the product only
+                // writes (every element of the first `rows · n`).
+                let dst = unsafe {
+                    &mut *(&mut dst[..rows * n] as *mut [f32]
+                        as *mut [std::mem::MaybeUninit<f32>])
+                };
+                crate::model::bf16::product_rows_serial(&x, rows, head * dh, dh, w_o, dst)
+            })
+            .collect::<Vec<bool>>()
+    });
+    match done {
+        Some(heads_done) if heads_done.iter().all(|&d| d) => Ok(true),
+        // Some heads may have been written: the caller's f32 products overwrite them all.
+        _ => Ok(false),
+    }
+}
+
 pub fn per_head_products_into(z: &Tensor, w: &Tensor, out: &mut [f32], chunk: usize) -> Result<()> {
     let (rows, h, k, n) = interleaved_heads(z, w, "per_head_products_into")?;
     if chunk < rows * n || out.len() < h * chunk {
@@ -2203,6 +2258,58 @@ mod tests {
     /// and are not them; the hardware panels (where the CPU has AVX512-BF16) and the portable
     /// rounded values give the same numbers, with and without a norm, grouped key/value
     /// heads included.
+    /// Each head's output through `W_O`'s bf16 panels equals the f64 product of the rounded
+    /// mixed values and weights; a portable packing declines (nothing written) and a mismatched
+    /// width is an error.
+    #[test]
+    fn per_head_products_in_bf16_equal_the_rounded_products() {
+        use crate::model::bf16::{hardware_bf16, pack_for};
+        let (h, rows, dh, d) = (3, 14, 8, 40);
+        let z = randn(&[rows, h * dh], 7);
+        let w = randn(&[h * dh, d], 8);
+        let chunk = rows * d + 5;
+        let mut out = vec![f32::NAN; h * chunk];
+        assert!(!per_head_products_bf16_into(
+            &z,
+            &pack_for(&w, false).unwrap(),
+            h,
+            &mut out,
+            chunk
+        )
+        .unwrap());
+        assert!(out.iter().all(|x| x.is_nan()));
+        assert!(
+            per_head_products_bf16_into(&z, &pack_for(&w, false).unwrap(), 5, &mut out, chunk)
+                .is_err()
+        );
+        if !hardware_bf16() {
+            return;
+        }
+        assert!(
+            per_head_products_bf16_into(&z, &pack_for(&w, true).unwrap(), h, &mut out, chunk)
+                .unwrap()
+        );
+        let r = |x: f32| half::bf16::from_f32(x).to_f64();
+        let (zv, wv) = (to_vec(&z).unwrap(), to_vec(&w).unwrap());
+        for head in 0..h {
+            for i in 0..rows {
+                for j in 0..d {
+                    let (mut want, mut scale) = (0f64, 0f64);
+                    for e in 0..dh {
+                        let t = r(zv[i * h * dh + head * dh + e]) * r(wv[(head * dh + e) * d + j]);
+                        want += t;
+                        scale += t.abs();
+                    }
+                    let got = out[head * chunk + i * d + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-6 * scale + 1e-30,
+                        "head {head} ({i}, {j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn qkv_input_grads_in_bf16_follow_f32_on_either_path() {
         use crate::model::bf16::{hardware_bf16, pack_for};
