@@ -91,32 +91,33 @@ pub fn tokenizer_for(model: &Model, path: Option<&Path>) -> Result<Option<Tokeni
 }
 
 /// The examples and the metric: `metric`, else the task's (logit difference for a file). A
-/// generated task is named after the task.
+/// generated task is named after the task. `tok` gives the tokenizer for text, called only
+/// when something is text: a JSONL file of token ids builds none (GPT-2's takes ~50 ms).
 pub fn load_data(
     examples: &Examples,
     metric: Option<Metric>,
-    tok: Option<&Tokenizer>,
+    tok: impl FnOnce() -> Result<Option<Tokenizer>>,
 ) -> Result<(Dataset, Metric)> {
     match (&examples.data, examples.task) {
         (Some(path), None) => {
-            let data = match (examples.mib_task, tok) {
-                (None, _) => Dataset::from_jsonl(path, tok)?,
-                (Some(task), Some(tok)) => {
+            let data = match examples.mib_task {
+                None => Dataset::from_jsonl_lazy(path, tok)?,
+                Some(task) => {
+                    let Some(tok) = tok()? else {
+                        return Err(Error::invalid(format!(
+                            "{}: MIB rows are text and need the model's tokenizer.json",
+                            path.display()
+                        )));
+                    };
                     let cf = examples.counterfactual.as_deref();
-                    crate::tasks::read_mib_jsonl(path, task, tok, cf)?.dataset
-                }
-                (Some(_), None) => {
-                    return Err(Error::invalid(format!(
-                        "{}: MIB rows are text and need the model's tokenizer.json",
-                        path.display()
-                    )))
+                    crate::tasks::read_mib_jsonl(path, task, &tok, cf)?.dataset
                 }
             };
             Ok((data, metric.unwrap_or(Metric::LogitDiff)))
         }
         (None, Some(task)) => {
-            let tok = match tok {
-                Some(t) => t.clone(),
+            let tok = match tok()? {
+                Some(t) => t,
                 None => Tokenizer::gpt2()?,
             };
             let records = generate(task, examples.n, examples.seed, &tok)?;
@@ -172,18 +173,8 @@ pub fn read_truth(path: &Path, graph: Graph) -> Result<Circuit> {
 pub fn load_job(spec: &JobSpec, device: &Device) -> Result<Job> {
     if let Some(name) = &spec.model {
         let model = load_model(name, device, spec.residency)?;
-        let ex = &spec.examples;
-        let (data, metric) = match (&ex.data, ex.task, ex.mib_task) {
-            // A file of token ids needs no tokenizer: it is made only for text.
-            (Some(path), None, None) => {
-                let tok = || tokenizer_for(&model, spec.tokenizer.as_deref());
-                (Dataset::from_jsonl_lazy(path, tok)?, Metric::LogitDiff)
-            }
-            _ => {
-                let tok = tokenizer_for(&model, spec.tokenizer.as_deref())?;
-                load_data(ex, None, tok.as_ref())?
-            }
-        };
+        let tok = || tokenizer_for(&model, spec.tokenizer.as_deref());
+        let (data, metric) = load_data(&spec.examples, None, tok)?;
         // Without --truth, an InterpBench case folder brings its own (`edges.pkl`).
         let truth = match spec.truth.as_deref() {
             Some(p) => Some(read_truth(p, model.graph())?),

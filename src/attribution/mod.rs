@@ -345,11 +345,12 @@ fn attribute_chunk(
 
     // Δ = baseline − clean, accumulated straight into one [n_writers, N·d] buffer as the two
     // forwards produce each writer's output: no copy of either run's activations is kept.
-    let heads_from_mixed = !matches!(opts.method, Method::EapIgActivations { .. });
-    // bf16 products take Δ and the reader gradients in bf16 too, but IG on activations reads
-    // Δ's values for its paths.
-    let bf16 = model.products() == Products::Bf16
-        && !matches!(opts.method, Method::EapIgActivations { .. });
+    // IG on activations keeps the clean run's writers (so its heads are sent, not taken from
+    // z) and reads Δ's values for its paths (so Δ stays f32 whatever the products).
+    let ig_activations = matches!(opts.method, Method::EapIgActivations { .. });
+    let heads_from_mixed = !ig_activations;
+    // bf16 products take Δ and the reader gradients in bf16 too.
+    let bf16 = model.products() == Products::Bf16 && !ig_activations;
     let pairs = bf16 && crate::model::bf16::hardware_bf16();
     let zero_baseline = opts.ablation == Ablation::Zero;
     let delta_buf = DeltaBuffer::new(
@@ -364,7 +365,7 @@ fn attribute_chunk(
         logit_columns: columns.clone(),
         writer_sink: Some(&clean_side),
         keep_cache: matches!(opts.method, Method::Eap | Method::CleanCorrupted),
-        keep_writers: matches!(opts.method, Method::EapIgActivations { .. }),
+        keep_writers: ig_activations,
         ..Default::default()
     };
     // The corrupted and the clean run go through the layers together: one fetch of each layer
@@ -453,7 +454,7 @@ fn attribute_chunk(
         let weight = weight / examples as f64;
         let dlogits = Tensor::from_vec(grad, logits.shape().clone(), &model.device)?;
         let nr = graph.n_readers();
-        // Reader gradients wait here until they hold half of Δ's bytes (at least one layer),
+        // Reader gradients wait here until they hold half of Δ's values (at least one layer),
         // then are contracted together: each pass over Δ then serves several layers.
         let mut pending: Vec<(std::ops::Range<usize>, Grads)> = Vec::new();
         let pending_limit = delta.values() / 2;
@@ -774,8 +775,7 @@ impl DeltaBuffer {
                          output was kept for it"
                     )));
                 }
-                let values = rows.rows() * self.row;
-                DeltaRows::Pairs { rows, values }
+                DeltaRows::Pairs(rows)
             }
         })
     }
@@ -890,19 +890,16 @@ enum DeltaRows {
     /// bf16 products: Δ's values rounded to bf16 as f32, on CPUs without AVX512-BF16; the
     /// gradients are rounded alike and the f32 contraction multiplies them.
     Rounded(Tensor),
-    /// bf16 products on CPUs with AVX512-BF16: bf16 pairs in Δ's own allocation.
-    Pairs {
-        rows: PairRows,
-        values: usize,
-    },
+    /// bf16 products on CPUs with AVX512-BF16: bf16 pairs, half the bytes of f32 rows.
+    Pairs(PairRows),
 }
 
 impl DeltaRows {
-    /// The floats Δ's allocation holds.
+    /// The values Δ holds (with the f32 rows' padding).
     fn values(&self) -> usize {
         match self {
             DeltaRows::F32(t) | DeltaRows::Rounded(t) => t.elem_count(),
-            DeltaRows::Pairs { values, .. } => *values,
+            DeltaRows::Pairs(rows) => rows.rows() * rows.k(),
         }
     }
 
@@ -926,7 +923,7 @@ impl DeltaRows {
                 crate::model::bf16::round_in_place(&mut v);
                 Grads::F32(Tensor::from_vec(v, g.shape().clone(), g.device())?)
             }
-            DeltaRows::Pairs { .. } => Grads::Pairs(PairRows::from_tensor(&g)?),
+            DeltaRows::Pairs(_) => Grads::Pairs(PairRows::from_tensor(&g)?),
         })
     }
 
@@ -945,7 +942,7 @@ impl DeltaRows {
             DeltaRows::F32(t) | DeltaRows::Rounded(t) => {
                 crate::model::ops::matmul_nt_many(t, k, &f32s()?)
             }
-            DeltaRows::Pairs { rows, .. } => {
+            DeltaRows::Pairs(rows) => {
                 let pairs = grads
                     .iter()
                     .map(|(g, r)| match g {
@@ -1056,7 +1053,7 @@ mod tests {
                         let v = t.to_vec2::<f32>().unwrap();
                         v.iter().flat_map(|r| r[..row].to_vec()).collect()
                     }
-                    DeltaRows::Pairs { rows, .. } => {
+                    DeltaRows::Pairs(rows) => {
                         (0..rows.rows()).flat_map(|i| rows.row_values(i)).collect()
                     }
                     DeltaRows::Rounded(_) => unreachable!("only with bf16"),
@@ -1103,7 +1100,7 @@ mod tests {
             assert!(buf.write(0, &out, true).is_err());
             let buf = DeltaBuffer::new(graph.n_writers(), row, false, true, true);
             buf.write(0, &out, true).unwrap();
-            let DeltaRows::Pairs { rows, .. } = buf.into_rows(true, &dev).unwrap() else {
+            let DeltaRows::Pairs(rows) = buf.into_rows(true, &dev).unwrap() else {
                 panic!("pairs")
             };
             assert_eq!(rows.row_values(0), vec![-1.0; row]);

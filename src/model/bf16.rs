@@ -633,14 +633,14 @@ impl PairRows {
     /// pairs, `⌈k/2⌉` words per row.
     pub(crate) fn from_tensor(t: &Tensor) -> Result<PairRows> {
         let k = t.dims().last().copied().unwrap_or(1).max(1);
-        let t = t.flatten_all()?.contiguous()?;
         let rows = t.elem_count() / k;
+        let t = t.reshape((rows, k))?.contiguous()?;
         let pairs = k.div_ceil(2);
-        let words = with_values(&t, |src: &[f32]| {
+        let words = with_strided(&t, |src: &[f32], start, _| {
             let mut words = vec![0u32; rows * pairs];
             words
                 .par_chunks_mut(pairs)
-                .zip(src.par_chunks(k))
+                .zip(src[start..start + rows * k].par_chunks(k))
                 .for_each(|(w, row)| round_pairs(row, w));
             words
         })?;
@@ -660,24 +660,6 @@ impl PairRows {
     /// Values per row.
     pub(crate) fn k(&self) -> usize {
         self.k
-    }
-}
-
-/// Calls `f` with the values of `t`, a contiguous one-dimensional f32 CPU tensor.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(cpu) if t.dtype() == DType::F32 && layout.is_contiguous() => {
-            let data = cpu.as_slice::<f32>()?;
-            let start = layout.start_offset();
-            Ok(f(&data[start..start + t.elem_count()]))
-        }
-        _ => Err(Error::invalid(format!(
-            "bf16 rows need a contiguous f32 CPU tensor, got {:?} {:?} on {:?}",
-            t.dtype(),
-            t.dims(),
-            t.device().location()
-        ))),
     }
 }
 
