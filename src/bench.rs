@@ -249,7 +249,7 @@ fn gemm_rate(
     };
     let product = || -> Result<Tensor> {
         match &packed {
-            Some(p) => crate::model::bf16::product(&a, p),
+            Some(p) => crate::model::bf16::product(&a, p, None),
             None => Ok(a.matmul(&b)?),
         }
     };

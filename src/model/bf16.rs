@@ -283,9 +283,11 @@ fn fill_pairs(
     }
 }
 
-/// `x · W` (`x`: `[m, k]`, any layout) as a new `[m, n]` f32 tensor, with `x` and `W` rounded
-/// to bf16 and the sums in f32.
-pub fn product(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
+/// `x · W + bias` (`x`: `[m, k]`, any layout; `bias`: `[n]`) as a new `[m, n]` f32 tensor,
+/// with `x` and `W` rounded to bf16 and the sums in f32. The bias is added as each tile is
+/// first stored: a separate pass would read and write the whole output once more, into a
+/// second fresh buffer (on GPT-2, 14 MB per layer and forward).
+pub fn product(x: &Tensor, w: &PackedWeight, bias: Option<&Tensor>) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     if k != w.k {
         return Err(Error::Shape {
@@ -294,10 +296,23 @@ pub fn product(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
             found: format!("{:?}", x.dims()),
         });
     }
+    if let Some(b) = bias {
+        if b.dims() != [w.n] {
+            return Err(Error::Shape {
+                op: "bf16 product's bias",
+                expected: format!("[{}]", w.n),
+                found: format!("{:?}", b.dims()),
+            });
+        }
+    }
     let panels = match &w.repr {
         Repr::Rounded(rounded) => {
             let xr = x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
-            return Ok(xr.matmul(rounded)?);
+            let y = xr.matmul(rounded)?;
+            return Ok(match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
         }
         Repr::Panels(p) => p,
     };
@@ -305,11 +320,20 @@ pub fn product(x: &Tensor, w: &PackedWeight) -> Result<Tensor> {
     let a = with_strided(&x, |src: &[f32], start, _| {
         pack_rows(&src[start..start + m * k], m, k)
     })?;
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+        .transpose()?;
     let mut out = vec![0f32; m * w.n];
     #[cfg(target_arch = "x86_64")]
-    multiply(&a, panels, m, k.div_ceil(2), w.n, &mut out);
+    multiply(
+        &a,
+        panels,
+        (m, k.div_ceil(2), w.n),
+        bias.as_deref(),
+        &mut out,
+    );
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (a, panels);
+    let _ = (a, panels, bias);
     Ok(Tensor::from_vec(out, (m, w.n), &Device::Cpu)?)
 }
 
@@ -366,7 +390,8 @@ pub(crate) fn product_rows_serial(
     {
         let c = OutPtr(out.as_mut_ptr() as *mut f32);
         let all = 0..w.n.div_ceil(NR);
-        multiply_panels(&a, pairs, panels, w.k.div_ceil(2), k0 / 2, m, w.n, all, c);
+        let b = (panels.as_slice(), w.k.div_ceil(2), k0 / 2);
+        multiply_panels(&a, pairs, b, (m, w.n), all, None, c);
     }
     true
 }
@@ -458,7 +483,13 @@ impl OutPtr {
 
 /// `out = A · B` from packed rows and panels, the panels split over rayon's threads.
 #[cfg(target_arch = "x86_64")]
-fn multiply(a: &[u32], b: &[u32], m: usize, pairs: usize, n: usize, out: &mut [f32]) {
+fn multiply(
+    a: &[u32],
+    b: &[u32],
+    (m, pairs, n): (usize, usize, usize),
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     let panels = n.div_ceil(NR);
     let tasks = (rayon::current_num_threads() * 2).min(panels).max(1);
     let per_task = panels.div_ceil(tasks);
@@ -467,24 +498,21 @@ fn multiply(a: &[u32], b: &[u32], m: usize, pairs: usize, n: usize, out: &mut [f
         .into_par_iter()
         .for_each(|task| {
             let js = task * per_task..((task + 1) * per_task).min(panels);
-            multiply_panels(a, pairs, b, pairs, 0, m, n, js, c);
+            multiply_panels(a, pairs, (b, pairs, 0), (m, n), js, bias, c);
         });
 }
 
-/// Panels `js` of `out = A · B[first..first + pairs]` (in pairs of k): `a` holds `pairs` per
-/// row tile, each panel of `b` `b_pairs`; `out` (`m × n`, row-major) is written in full over
-/// those panels' columns.
+/// Panels `js` of `out = A · B[first..first + pairs] + bias` (in pairs of k): `a` holds `pairs`
+/// per row tile, each panel of `b` (`(b, b_pairs, first)`) `b_pairs`; `out` (`m × n`,
+/// row-major) is written in full over those panels' columns.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 fn multiply_panels(
     a: &[u32],
     pairs: usize,
-    b: &[u32],
-    b_pairs: usize,
-    first: usize,
-    m: usize,
-    n: usize,
+    (b, b_pairs, first): (&[u32], usize, usize),
+    (m, n): (usize, usize),
     js: std::ops::Range<usize>,
+    bias: Option<&[f32]>,
     c: OutPtr,
 ) {
     let tiles = m.div_ceil(MR);
@@ -497,9 +525,15 @@ fn multiply_panels(
                 let rows = MR.min(m - t * MR);
                 let tile = &a[t * pairs * MR + p0 * MR..];
                 assert!(tile.len() >= len * MR && panel.len() >= len * NR);
+                // The bias joins the first store of each tile, never an accumulation.
+                let bias = match bias {
+                    Some(b) if p0 == 0 => b[j * NR..j * NR + cols].as_ptr(),
+                    _ => std::ptr::null(),
+                };
                 // SAFETY: packed panels exist only on CPUs with AVX512-BF16 (`pack`); the
-                // assertion keeps the `len` pairs read inside both packings, and the tile
-                // writes `rows × cols` of the `m × n` output at (t·MR, j·NR).
+                // assertion keeps the `len` pairs read inside both packings, the tile writes
+                // `rows × cols` of the `m × n` output at (t·MR, j·NR), and `bias` (when not
+                // null) holds those `cols`.
                 unsafe {
                     tile_bf16(
                         len,
@@ -507,9 +541,9 @@ fn multiply_panels(
                         panel.as_ptr(),
                         c.at(t * MR * n + j * NR),
                         n,
-                        rows,
-                        cols,
+                        (rows, cols),
                         p0 > 0,
+                        bias,
                     )
                 }
             }
@@ -518,7 +552,8 @@ fn multiply_panels(
 }
 
 /// One `MR × NR` tile: `len` pairs of a row tile (`MR` words per pair) against a panel (`NR`
-/// words per pair), written (or with `accumulate`, added) to `rows × cols` of `c`.
+/// words per pair), written (or with `accumulate`, added) to `rows × cols` of `c`; a non-null
+/// `bias` (`cols` values) is added to every row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
@@ -528,9 +563,9 @@ unsafe fn tile_bf16(
     b: *const u32,
     c: *mut f32,
     ldc: usize,
-    rows: usize,
-    cols: usize,
+    (rows, cols): (usize, usize),
     accumulate: bool,
+    bias: *const f32,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
@@ -551,13 +586,22 @@ unsafe fn tile_bf16(
         }
     };
     let masks = [mask(cols), mask(cols.saturating_sub(16))];
+    let biases = match bias.is_null() {
+        true => [_mm512_setzero_ps(); 2],
+        false => [
+            _mm512_maskz_loadu_ps(masks[0], bias),
+            _mm512_maskz_loadu_ps(masks[1], bias.wrapping_add(16)),
+        ],
+    };
     for (r, acc) in acc.iter().enumerate().take(rows) {
         for (half, (&v, &mk)) in acc.iter().zip(&masks).enumerate() {
             let at = c.add(r * ldc + 16 * half);
             let v = if accumulate {
                 _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, at))
-            } else {
+            } else if bias.is_null() {
                 v
+            } else {
+                _mm512_add_ps(v, biases[half])
             };
             _mm512_mask_storeu_ps(at, mk, v);
         }
@@ -827,7 +871,8 @@ mod tests {
 
     /// Every shape edge: rows past a tile, columns past a panel, odd k, k past one block, and
     /// weights stored transposed; the product must equal the f64 product of the rounded inputs
-    /// to f32 summation error, on either path (hardware panels or rounded f32).
+    /// to f32 summation error, on either path (hardware panels or rounded f32), and a bias
+    /// must be added exactly once.
     #[test]
     fn products_equal_those_of_the_rounded_inputs() {
         for &(m, k, n) in &[
@@ -859,9 +904,22 @@ mod tests {
                 };
                 for panels in paths {
                     let packed = pack_for(&w, panels).unwrap();
-                    let got = product(&xt, &packed).unwrap().to_vec2::<f32>().unwrap();
+                    // With a bias (added once, even when k runs over several blocks) and without.
+                    let bias: Vec<f32> = (0..n).map(|j| (j as f32 * 0.37).sin()).collect();
+                    let bt = Tensor::from_vec(bias.clone(), n, &Device::Cpu).unwrap();
+                    let got = product(&xt, &packed, None)
+                        .unwrap()
+                        .to_vec2::<f32>()
+                        .unwrap();
+                    let biased = product(&xt, &packed, Some(&bt)).unwrap();
+                    let biased = biased.to_vec2::<f32>().unwrap();
                     for i in 0..m {
                         for j in 0..n {
+                            let diff = biased[i][j] - got[i][j] - bias[j];
+                            assert!(
+                                diff.abs() <= 1e-5 * (1.0 + got[i][j].abs()),
+                                "bias at ({i}, {j})"
+                            );
                             let (mut want, mut scale) = (0f64, 0f64);
                             for l in 0..k {
                                 let t = rounded(x[i * k + l]) * rounded(wv[l * n + j]);
@@ -889,7 +947,7 @@ mod tests {
         let xt = Tensor::from_vec(vec![x; 33], (1, 33), &Device::Cpu).unwrap();
         let w = Tensor::from_vec(vec![1.0f32; 33], (33, 1), &Device::Cpu).unwrap();
         for panels in [hardware_bf16(), false] {
-            let y = product(&xt, &pack_for(&w, panels).unwrap()).unwrap();
+            let y = product(&xt, &pack_for(&w, panels).unwrap(), None).unwrap();
             assert_eq!(
                 y.to_vec2::<f32>().unwrap()[0][0],
                 33.0 * (1.0 + 2.0 / 256.0)
@@ -966,7 +1024,9 @@ mod tests {
     fn a_wrong_inner_size_is_an_error() {
         let x = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
-        let e = product(&x, &pack(&w).unwrap()).unwrap_err().to_string();
+        let e = product(&x, &pack(&w).unwrap(), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("4 columns"), "{e}");
     }
 }

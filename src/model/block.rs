@@ -38,11 +38,27 @@ pub struct NormWeights {
 /// `x · w`, through `packed`'s bf16 panels when the layer computes its products in bf16 (and
 /// `x` is a CPU matrix), else candle's f32 matmul.
 fn times(x: &Tensor, w: &Tensor, packed: Option<&LazyPacked>) -> Result<Tensor> {
-    match packed {
-        Some(p) if x.device().is_cpu() && x.rank() == 2 => bf16::product(x, p.get(w)?),
+    times_plus(x, w, packed, None)
+}
+
+/// [`times`] plus a bias `[n]` on every row: the bf16 product adds it as it stores the tiles.
+fn times_plus(
+    x: &Tensor,
+    w: &Tensor,
+    packed: Option<&LazyPacked>,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let y = match packed {
+        Some(p) if x.device().is_cpu() && x.rank() == 2 => {
+            return bf16::product(x, p.get(w)?, bias);
+        }
         // An MLP matrix kept in bf16 as stored, multiplied in f32.
-        _ if w.dtype() != x.dtype() => Ok(x.matmul(&w.to_dtype(x.dtype())?)?),
-        _ => Ok(x.matmul(w)?),
+        _ if w.dtype() != x.dtype() => x.matmul(&w.to_dtype(x.dtype())?)?,
+        _ => x.matmul(w)?,
+    };
+    match bias {
+        Some(b) => ops::add_bias(&y, b),
+        None => Ok(y),
     }
 }
 
@@ -359,10 +375,8 @@ impl Attention {
             let [q, k, v] = Qkv::ALL.map(|l| self.project_all(l, xn, positions, batch, seq_len));
             return Ok([q?, k?, v?]);
         }
-        let mut y = times(xn, &self.w_qkv, self.packs.as_ref().map(|p| &p.qkv))?;
-        if let Some(b) = &self.b_qkv {
-            y = ops::add_bias(&y, b)?;
-        }
+        let packed = self.packs.as_ref().map(|p| &p.qkv);
+        let y = times_plus(xn, &self.w_qkv, packed, self.b_qkv.as_ref())?;
         let [q, k, v] = Qkv::ALL
             .map(|l| self.split_heads(l, &y, self.first_column(l), positions, (batch, seq_len)));
         Ok([q?, k?, v?])
@@ -564,21 +578,22 @@ impl Attention {
     /// The attention sublayer's contribution to the residual stream: the heads' sum plus `b_O`,
     /// through the output norm where there is one (with its statistics).
     pub fn output(&self, head_out: &Tensor) -> Result<(Tensor, Option<NormCache>)> {
-        self.finish_output(ops::sum_leading(head_out)?)
+        let mut sum = ops::sum_leading(head_out)?;
+        if let Some(b) = &self.b_o {
+            sum = ops::add_bias(&sum, b)?;
+        }
+        self.finish_output(sum)
     }
 
     /// [`Attention::output`] from the mixed values (`[N, heads · d_head]`) in one GEMM over
     /// the flat `W_O`, for a forward that needs no head's own output.
     pub fn output_from_mixed(&self, z: &Tensor) -> Result<(Tensor, Option<NormCache>)> {
         let packed = self.packs.as_ref().map(|p| &p.o);
-        self.finish_output(times(z, &self.w_o_flat, packed)?)
+        self.finish_output(times_plus(z, &self.w_o_flat, packed, self.b_o.as_ref())?)
     }
 
-    /// `b_O` and the output norm on the heads' sum.
-    fn finish_output(&self, mut sum: Tensor) -> Result<(Tensor, Option<NormCache>)> {
-        if let Some(b) = &self.b_o {
-            sum = ops::add_bias(&sum, b)?;
-        }
+    /// The output norm on the heads' sum plus `b_O`.
+    fn finish_output(&self, sum: Tensor) -> Result<(Tensor, Option<NormCache>)> {
         match &self.post_norm {
             Some(n) => n.forward(&sum),
             None => Ok((sum, None)),
@@ -817,10 +832,7 @@ impl Mlp {
             false => (self.norm.apply(input)?, None),
         };
         let packs = self.packs.as_ref();
-        let mut up = times(&xn, &w.w_in, packs.map(|p| &p.w_in))?;
-        if let Some(b) = &w.b_in {
-            up = ops::add_bias(&up, b)?;
-        }
+        let up = times_plus(&xn, &w.w_in, packs.map(|p| &p.w_in), w.b_in.as_ref())?;
         let out_packed = packs.map(|p| &p.w_out);
         let (out, pre, up) = match &w.w_gate {
             None => {
